@@ -1,0 +1,126 @@
+"""The base experiment config every ``configs/*.py`` starts from, and config helpers.
+
+Every hyperparameter lives here with its default; dataset configs change values, never
+add keys, and the config is locked so that a misspelt override fails.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""
+  c.data.format = "beir"          # beir | dpr | squad
+  c.data.root = ""                # beir root dir, or the SQuAD JSON for format=squad
+  c.data.corpus = ""              # dpr: passages tsv
+  c.data.splits = ml_collections.ConfigDict()  # dpr: split name -> file / dir / hf:NAME
+  c.data.train_split = "train"
+  c.data.eval_split = "test"
+  c.data.max_passages = 0         # 0 = whole corpus (positives are always kept)
+  c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
+  c.data.split_seed = 0           # format=squad: article split seed
+
+  c.model = ml_collections.ConfigDict()
+  c.model.query_encoder = "all-MiniLM-L6-v2"
+  c.model.passage_encoder = ""    # "" = the query encoder's checkpoint (shared init)
+  c.model.pooling = ""            # "" = architecture default (cls / mean / ance)
+  c.model.normalize = config_dict.placeholder(bool)  # None = architecture default
+  c.model.dtype = "float32"       # compute dtype: float32 | bfloat16
+  c.model.max_query_length = 64
+  c.model.max_passage_length = 256
+  c.model.passage_style = "concat"  # concat (title + text) | pair (DPR segments)
+  c.model.embed_batch_size = 32
+  c.model.length_bucket = 32
+
+  c.table = ml_collections.ConfigDict()
+  c.table.init = "encode"         # encode | npy | faiss
+  c.table.path = ""               # for init=npy|faiss
+  c.table.cache_dir = ""          # "" = {workdir}/cache
+  c.table.dtype = "float32"       # storage: float32 | bfloat16
+  c.table.normalize_rows = False  # re-project updated rows onto the unit sphere
+
+  c.index = ml_collections.ConfigDict()
+  c.index.factory = "IVF64,PQ48x8"
+  c.index.nprobe = 16
+  c.index.ef_search = 0           # 0 = FAISS default
+  c.index.train_size = 0          # rows sampled to train the quantizer; 0 = all
+  c.index.seed = 0
+  c.index.opq_niter = 10
+  c.index.threads = 0             # 0 = FAISS default
+  c.index.rebuild_every = 100
+
+  c.negatives = ml_collections.ConfigDict()
+  c.negatives.k = 100
+  c.negatives.pool_size = 0       # 0 = batch_size * k
+  c.negatives.max_positives = 4
+  c.negatives.fill_valid = True   # filler rows act as random negatives
+  c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.temperature = 0.05
+  c.loss.multi_positive = "mean"  # mean | marginal
+
+  c.quant = ml_collections.ConfigDict()
+  c.quant.learn_codebooks = False
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.encoder_lr = 2e-5
+  c.optim.row_lr = 1e-4
+  c.optim.codebook_lr = 1e-4
+  c.optim.row_optimizer = "adam"  # adam | sgd, state kept per row
+  c.optim.schedule = "cosine"     # cosine | linear | constant
+  c.optim.warmup_steps = 20
+  c.optim.end_lr_fraction = 0.0
+  c.optim.weight_decay = 0.01
+  c.optim.grad_clip = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+
+  c.train = ml_collections.ConfigDict()
+  c.train.mode = "dback"          # dback | dback_no_ste | jpq | query_only | posthoc
+  c.train.batch_size = 32
+  c.train.steps = 200
+  c.train.log_every = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0                # 0 = only before and after training
+  c.eval.depth = 1000
+  c.eval.index_seeds = (0, 1, 2)  # quantized metrics are averaged over these builds
+  c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100", "R@1000")
+  c.eval.answer_ks = (1, 5, 20, 100)
+  c.eval.batch_size = 64
+  c.eval.primary_metric = "nDCG@10"
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.num_devices = 1      # 0 = all visible devices
+  c.sharding.shard_table = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 0          # 0 = no checkpoints
+  c.checkpoint.keep = 2
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """``"a=1,b=x"`` -> ConfigDict of ``defaults`` updated with the parsed, re-typed values.
+
+  Lets a config take arguments (``--config=configs/compare.py:level=96``), as big_vision
+  configs do; unknown names fail.
+  """
+  values = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    if "=" not in item:
+      raise ValueError(f"config argument {item!r} is not name=value")
+    name, raw = item.split("=", 1)
+    if name not in defaults:
+      raise ValueError(f"unknown config argument {name!r}; expected one of {sorted(defaults)}")
+    kind = type(defaults[name])
+    values[name] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+  return values

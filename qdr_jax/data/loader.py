@@ -1,0 +1,142 @@
+"""Builds a RetrievalDataset from a data config, dispatching to the format readers."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qdr_jax.data.beir import read_beir
+from qdr_jax.data.dpr import read_dpr_passages, read_dpr_train_json, read_qa_csv
+from qdr_jax.data.hf import read_hf_split
+from qdr_jax.data.types import Corpus, RetrievalDataset, Split
+
+DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
+_DEMO_PREFIX = "demo:"
+_HUB_PREFIX = "hf:"
+_FORMATS = ("beir", "dpr")
+
+
+def resolve_path(path: str | os.PathLike) -> str:
+  """Resolves `demo:NAME` inside the bundled demo data; other paths against the cwd."""
+  path = os.fspath(path)
+  if path.startswith(_DEMO_PREFIX):
+    return str(DEMO_DATA_DIR / path[len(_DEMO_PREFIX):])
+  return os.path.abspath(os.path.expanduser(path))
+
+
+def _get(cfg: Any, key: str, default: Any = None, required: bool = False) -> Any:
+  value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+  if required and value in (None, ""):
+    raise ValueError(f"Data config key {key!r} is required (config: {sorted(_keys(cfg))}).")
+  return value
+
+
+def _keys(cfg: Any) -> list[str]:
+  return list(cfg.keys()) if hasattr(cfg, "keys") else []
+
+
+def _read_dpr_split(spec: str, corpus: Corpus, split_name: str,
+                    allow_missing_positives: bool) -> Split:
+  """Reads one DPR-format split; the kind of file follows from the path's form."""
+  if spec.startswith(_HUB_PREFIX):
+    name, _, hub_split = spec[len(_HUB_PREFIX):].partition(":")
+    return read_hf_split(name, corpus, split_name, hub_split=hub_split or None,
+                         allow_missing_positives=allow_missing_positives)
+  path = resolve_path(spec)
+  lower = path.lower()
+  if os.path.isdir(path):
+    return read_hf_split(path, corpus, split_name,
+                         allow_missing_positives=allow_missing_positives)
+  if lower.endswith((".json", ".json.gz")):
+    return read_dpr_train_json(path, corpus, split_name,
+                               allow_missing_positives=allow_missing_positives)
+  if lower.endswith((".csv", ".tsv", ".csv.gz", ".tsv.gz")):
+    return read_qa_csv(path, split_name)
+  raise ValueError(
+      f"Data config splits.{split_name}: cannot tell the kind of {spec!r}; expected a "
+      "*.json[.gz] DPR file, a *.csv/*.tsv QA file, a save_to_disk directory or hf:NAME[:SPLIT].")
+
+
+def truncate_corpus(dataset: RetrievalDataset, max_passages: int) -> RetrievalDataset:
+  """Keeps at most `max_passages` passages, but always every positive of every split.
+
+  Positives are kept first; the remaining budget is filled with the other passages
+  in corpus order, and the kept passages stay in corpus order. Qrels pointing to
+  dropped passages (only non-positive judgments can) are removed.
+  """
+  corpus = dataset.corpus
+  if max_passages <= 0 or len(corpus) <= max_passages:
+    return dataset
+  row_of = corpus.row_of
+  keep = np.zeros(len(corpus), dtype=bool)
+  positive_rows = [row_of[d] for split in dataset.splits.values()
+                   for judged in split.qrels.values() for d, rel in judged.items() if rel > 0]
+  keep[np.asarray(positive_rows, dtype=np.int64)] = True
+  budget = max_passages - int(keep.sum())
+  if budget > 0:
+    others = np.flatnonzero(~keep)[:budget]
+    keep[others] = True
+  rows = np.flatnonzero(keep)
+  new_corpus = Corpus(ids=[corpus.ids[r] for r in rows],
+                      titles=[corpus.titles[r] for r in rows],
+                      texts=[corpus.texts[r] for r in rows])
+  kept_ids = new_corpus.row_of
+  splits = {}
+  for name, split in dataset.splits.items():
+    qrels = {}
+    for query_id, judged in split.qrels.items():
+      kept = {d: rel for d, rel in judged.items() if d in kept_ids}
+      if kept:
+        qrels[query_id] = kept
+    splits[name] = Split(queries=split.queries, qrels=qrels, answers=split.answers)
+  return RetrievalDataset(name=dataset.name, corpus=new_corpus, splits=splits)
+
+
+def load_dataset(cfg: Any) -> RetrievalDataset:
+  """Loads the data set a config describes.
+
+  Config keys:
+    name: the data set's name.
+    format: 'beir' or 'dpr'.
+    root: (beir) the BEIR directory, e.g. 'demo:scifact'.
+    splits: (beir, optional) split names to read, default all; (dpr) a mapping from
+      split name to a path: `*.json[.gz]` DPR JSON, `*.csv`/`*.tsv` QA file, a
+      `save_to_disk` directory, or `hf:NAME[:SPLIT]` for the hub.
+    corpus: (dpr) the passages TSV.
+    max_passages: (optional) cap on the corpus size, 0 = all; positives are kept.
+    allow_missing_positives: (optional, dpr) skip positives absent from the corpus.
+
+  Paths starting with `demo:` resolve inside `qdr_jax/demo_data/`; other relative
+  paths resolve against the current directory.
+
+  Raises:
+    ValueError: a missing or unknown config value (naming the key).
+    DataFormatError: malformed data files.
+  """
+  name = _get(cfg, "name", required=True)
+  fmt = _get(cfg, "format", required=True)
+  splits_cfg = _get(cfg, "splits")
+  if fmt == "beir":
+    if isinstance(splits_cfg, str):
+      splits_cfg = [splits_cfg]
+    elif splits_cfg is not None and not isinstance(splits_cfg, Sequence):
+      raise ValueError("Data config key 'splits' must be a list of split names for format "
+                       f"'beir', got {type(splits_cfg).__name__}.")
+    dataset = read_beir(resolve_path(_get(cfg, "root", required=True)),
+                        splits=list(splits_cfg) if splits_cfg else None, name=name)
+  elif fmt == "dpr":
+    corpus = read_dpr_passages(resolve_path(_get(cfg, "corpus", required=True)))
+    if not splits_cfg or not (isinstance(splits_cfg, Mapping) or hasattr(splits_cfg, "items")):
+      raise ValueError("Data config key 'splits' must map split names to paths for format "
+                       "'dpr'.")
+    allow_missing = bool(_get(cfg, "allow_missing_positives", False))
+    splits = {split: _read_dpr_split(str(spec), corpus, split, allow_missing)
+              for split, spec in splits_cfg.items()}
+    dataset = RetrievalDataset(name=name, corpus=corpus, splits=splits)
+  else:
+    raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
+  return truncate_corpus(dataset, int(_get(cfg, "max_passages", 0) or 0))

@@ -1,0 +1,33 @@
+"""FAISS indexes over the target-embedding table: build, tune, search, save, describe."""
+
+from qdr_jax.index.faiss_index import (
+    build_index,
+    bytes_per_vector,
+    compression_ratio,
+    describe_index,
+    factory_string,
+    load_index,
+    num_threads,
+    rebuild_index,
+    reconstruct_all,
+    save_index,
+    search,
+    set_num_threads,
+    set_search_params,
+)
+
+__all__ = [
+    "build_index",
+    "bytes_per_vector",
+    "compression_ratio",
+    "describe_index",
+    "factory_string",
+    "load_index",
+    "num_threads",
+    "rebuild_index",
+    "reconstruct_all",
+    "save_index",
+    "search",
+    "set_num_threads",
+    "set_search_params",
+]

@@ -1,0 +1,257 @@
+"""Flax linen BERT-family text encoder (BERT, RoBERTa, DPR, ANCE) to pooled vectors."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Architecture = Literal['bert', 'roberta']
+Pooling = Literal['cls', 'mean', 'ance']
+
+_ACTIVATIONS = {
+    # HF 'gelu' is the exact erf form; 'gelu_new' is the tanh approximation.
+    'gelu': lambda x: jax.nn.gelu(x, approximate=False),
+    'gelu_new': lambda x: jax.nn.gelu(x, approximate=True),
+    'gelu_pytorch_tanh': lambda x: jax.nn.gelu(x, approximate=True),
+    'relu': jax.nn.relu,
+}
+_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# ANCE's head LayerNorm is a plain torch nn.LayerNorm, i.e. eps 1e-5, not the
+# encoder's layer_norm_eps.
+ANCE_HEAD_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """Hyper-parameters of a BERT-family encoder plus its pooling head.
+
+  Attributes:
+    vocab_size: Token vocabulary size.
+    hidden_size: Width of the residual stream (and of the output vector).
+    num_layers: Number of transformer layers.
+    num_heads: Attention heads per layer.
+    intermediate_size: Width of the feed-forward block.
+    max_position_embeddings: Rows of the position-embedding table.
+    type_vocab_size: Rows of the token-type table.
+    layer_norm_eps: Epsilon of every encoder LayerNorm.
+    hidden_act: 'gelu' (exact erf, HF 'gelu'), 'gelu_new' or 'relu'.
+    architecture: 'bert' (positions 0..L-1) or 'roberta' (positions start at
+      pad_token_id + 1 and skip padding tokens, as Hugging Face does).
+    pad_token_id: Padding token id (drives RoBERTa position ids).
+    pooling: 'cls' (first token), 'mean' (mask-aware mean) or 'ance' (CLS
+      vector through ANCE's Linear + LayerNorm head).
+    normalize: L2-normalise the pooled vector.
+    dtype: Compute dtype, 'float32' or 'bfloat16'. Params stay float32 and
+      the returned embeddings are always float32.
+  """
+  vocab_size: int = 30522
+  hidden_size: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  intermediate_size: int = 3072
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_act: str = 'gelu'
+  architecture: Architecture = 'bert'
+  pad_token_id: int = 0
+  pooling: Pooling = 'cls'
+  normalize: bool = False
+  dtype: Literal['float32', 'bfloat16'] = 'float32'
+
+  def __post_init__(self):
+    if self.hidden_act not in _ACTIVATIONS:
+      raise ValueError(f'Unsupported hidden_act {self.hidden_act!r}; '
+                       f'expected one of {sorted(_ACTIVATIONS)}.')
+    if self.architecture not in ('bert', 'roberta'):
+      raise ValueError(f'Unsupported architecture {self.architecture!r}.')
+    if self.pooling not in ('cls', 'mean', 'ance'):
+      raise ValueError(f'Unsupported pooling {self.pooling!r}.')
+    if self.dtype not in _DTYPES:
+      raise ValueError(f'Unsupported dtype {self.dtype!r}.')
+    if self.hidden_size % self.num_heads:
+      raise ValueError(f'hidden_size {self.hidden_size} is not divisible by '
+                       f'num_heads {self.num_heads}.')
+
+  @classmethod
+  def tiny(cls, **overrides: Any) -> EncoderConfig:
+    """A very small config for unit tests (vocab 128, hidden 32, 2 layers)."""
+    fields = dict(vocab_size=128, hidden_size=32, num_layers=2, num_heads=2,
+                  intermediate_size=64, max_position_embeddings=64,
+                  type_vocab_size=2)
+    fields.update(overrides)
+    return cls(**fields)
+
+  def replace(self, **overrides: Any) -> EncoderConfig:
+    return dataclasses.replace(self, **overrides)
+
+  @property
+  def compute_dtype(self) -> Any:
+    return _DTYPES[self.dtype]
+
+
+def position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
+  """Position ids as the Hugging Face model computes them from input ids."""
+  seq_len = input_ids.shape[-1]
+  if config.architecture == 'roberta':
+    # RoBERTa numbers real tokens pad+1, pad+2, ... and gives pads the pad id;
+    # it keys off input_ids (not attention_mask), so we do too for parity.
+    not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+    return jnp.cumsum(not_pad, axis=-1) * not_pad + config.pad_token_id
+  return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), input_ids.shape)
+
+
+def _layer_norm(config: EncoderConfig, name: str, eps: float | None = None):
+  # Two-pass variance: the fast E[x^2]-E[x]^2 form costs ~1e-5 of parity.
+  return nn.LayerNorm(epsilon=config.layer_norm_eps if eps is None else eps,
+                      dtype=config.compute_dtype, param_dtype=jnp.float32,
+                      use_fast_variance=False, name=name)
+
+
+def _dense(config: EncoderConfig, features: int, name: str):
+  return nn.Dense(features, dtype=config.compute_dtype,
+                  param_dtype=jnp.float32, name=name)
+
+
+class Embeddings(nn.Module):
+  """Word + position + token-type embeddings followed by LayerNorm."""
+  config: EncoderConfig
+
+  def setup(self):
+    c = self.config
+    kw = dict(features=c.hidden_size, dtype=c.compute_dtype,
+              param_dtype=jnp.float32,
+              embedding_init=nn.initializers.normal(0.02))
+    self.word = nn.Embed(c.vocab_size, **kw)
+    self.position = nn.Embed(c.max_position_embeddings, **kw)
+    self.token_type = nn.Embed(c.type_vocab_size, **kw)
+    self.layer_norm = _layer_norm(c, 'layer_norm')
+
+  def __call__(self, input_ids, token_type_ids):
+    x = (self.word(input_ids)
+         + self.position(position_ids(self.config, input_ids))
+         + self.token_type(token_type_ids))
+    return self.layer_norm(x)
+
+
+class SelfAttention(nn.Module):
+  """Post-LN multi-head self-attention block with its residual."""
+  config: EncoderConfig
+
+  def setup(self):
+    c = self.config
+    self.query = _dense(c, c.hidden_size, 'query')
+    self.key = _dense(c, c.hidden_size, 'key')
+    self.value = _dense(c, c.hidden_size, 'value')
+    self.output = _dense(c, c.hidden_size, 'output')
+    self.layer_norm = _layer_norm(c, 'layer_norm')
+
+  def __call__(self, x, mask_bias):
+    c = self.config
+    b, l, _ = x.shape
+    head_dim = c.hidden_size // c.num_heads
+    split = lambda t: t.reshape(b, l, c.num_heads, head_dim)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    # Scores and softmax in float32 even under bf16: masking with a large
+    # negative and the exp are where low precision hurts.
+    scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
+                        preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / head_dim ** 0.5) + mask_bias
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v).reshape(b, l, c.hidden_size)
+    return self.layer_norm(x + self.output(ctx))
+
+
+class FeedForward(nn.Module):
+  """Post-LN feed-forward block with its residual."""
+  config: EncoderConfig
+
+  def setup(self):
+    c = self.config
+    self.intermediate = _dense(c, c.intermediate_size, 'intermediate')
+    self.output = _dense(c, c.hidden_size, 'output')
+    self.layer_norm = _layer_norm(c, 'layer_norm')
+
+  def __call__(self, x):
+    h = _ACTIVATIONS[self.config.hidden_act](self.intermediate(x))
+    return self.layer_norm(x + self.output(h))
+
+
+class TransformerLayer(nn.Module):
+  config: EncoderConfig
+
+  def setup(self):
+    self.attention = SelfAttention(self.config)
+    self.ffn = FeedForward(self.config)
+
+  def __call__(self, x, mask_bias):
+    return self.ffn(self.attention(x, mask_bias))
+
+
+class BertEncoder(nn.Module):
+  """BERT/RoBERTa encoder returning one pooled float32 vector per sequence.
+
+  Params layout (plain pytree): `embeddings/{word,position,token_type,
+  layer_norm}`, `layer_{i}/{attention/{query,key,value,output,layer_norm},
+  ffn/{intermediate,output,layer_norm}}` and, for ANCE pooling,
+  `head/{dense,layer_norm}`.
+  """
+  config: EncoderConfig
+
+  def setup(self):
+    c = self.config
+    self.embeddings = Embeddings(c)
+    self.layers = [TransformerLayer(c, name=f'layer_{i}')
+                   for i in range(c.num_layers)]
+    if c.pooling == 'ance':
+      self.head_dense = _dense(c, c.hidden_size, 'head_dense')
+      self.head_norm = _layer_norm(c, 'head_norm', eps=ANCE_HEAD_EPS)
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
+                    token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Last hidden states (B, L, hidden) in the compute dtype."""
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    x = self.embeddings(input_ids, token_type_ids)
+    # Additive key mask, broadcast over heads and queries: (B, 1, 1, L).
+    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
+                          jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    for layer in self.layers:
+      x = layer(x, mask_bias)
+    return x
+
+  def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """Pools hidden states (B, L, d) into float32 vectors (B, d)."""
+    c = self.config
+    if c.pooling == 'mean':
+      m = attention_mask.astype(jnp.float32)[..., None]
+      summed = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+      # Same clamp as sentence-transformers, so an all-pad row gives zeros.
+      out = summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
+    elif c.pooling == 'ance':
+      out = self.head_norm(self.head_dense(hidden[:, 0]))
+    else:
+      out = hidden[:, 0]
+    out = out.astype(jnp.float32)
+    if c.normalize:
+      norm = jnp.linalg.norm(out, axis=-1, keepdims=True)
+      out = out / jnp.maximum(norm, 1e-12)  # as torch F.normalize
+    return out
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               token_type_ids: jax.Array | None = None) -> jax.Array:
+    """Encodes token ids (B, L) into pooled float32 embeddings (B, d)."""
+    hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
+    return self.pool(hidden, attention_mask)
+
+
+def init_params(module: BertEncoder, rng: jax.Array,
+                seq_len: int = 8) -> dict[str, Any]:
+  """Randomly initialised float32 params for `module` (for tests/training)."""
+  ids = jnp.zeros((1, seq_len), jnp.int32)
+  # Jitted: eager init dispatches (and compiles) hundreds of tiny ops.
+  return jax.jit(module.init)(rng, ids, jnp.ones_like(ids))['params']

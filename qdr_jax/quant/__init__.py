@@ -1,0 +1,31 @@
+"""Product quantization in JAX that mirrors a trained FAISS (OPQ +) (IVF +) PQ index."""
+
+from qdr_jax.quant.faiss_bridge import quantizer_from_faiss
+from qdr_jax.quant.faiss_bridge import stored_codes
+from qdr_jax.quant.faiss_bridge import write_codebooks_to_faiss
+from qdr_jax.quant.pq import Quantizer
+from qdr_jax.quant.pq import adc_scores
+from qdr_jax.quant.pq import assign_coarse
+from qdr_jax.quant.pq import decode
+from qdr_jax.quant.pq import encode
+from qdr_jax.quant.pq import encode_with_lists
+from qdr_jax.quant.pq import quantize
+from qdr_jax.quant.pq import rotate
+from qdr_jax.quant.pq import straight_through
+from qdr_jax.quant.pq import unrotate
+
+__all__ = [
+    "Quantizer",
+    "adc_scores",
+    "assign_coarse",
+    "decode",
+    "encode",
+    "encode_with_lists",
+    "quantize",
+    "quantizer_from_faiss",
+    "rotate",
+    "stored_codes",
+    "straight_through",
+    "unrotate",
+    "write_codebooks_to_faiss",
+]

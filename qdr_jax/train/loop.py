@@ -1,0 +1,273 @@
+"""The training loop: batches, index rebuilds, negative pools, jitted steps, evaluation.
+
+Everything with side effects (FAISS, files, logging, the progress bar) happens here, at
+the edge of the pure step functions in ``qdr_jax.train.step``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from tqdm.auto import tqdm
+
+from qdr_jax import sharding
+from qdr_jax.data.loader import load_dataset
+from qdr_jax.data.types import Corpus, RetrievalDataset, Split
+from qdr_jax.eval.answers import AnswerMatcher
+from qdr_jax.eval.evaluator import evaluate_index
+from qdr_jax.eval.table_eval import build_quantized, evaluate_table
+from qdr_jax.index.faiss_index import search
+from qdr_jax.models import tokenize
+from qdr_jax.negatives.pool import build_pool
+from qdr_jax.quant import quantizer_from_faiss, write_codebooks_to_faiss
+from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
+from qdr_jax.targets.table import build_or_load_table
+from qdr_jax.train import optim
+from qdr_jax.train.modes import Mode, get_mode
+from qdr_jax.train.state import TrainState, host_table, init_state
+from qdr_jax.train.step import StepFunctions, make_step_functions
+
+TIMERS = ("encode", "search", "step", "rebuild")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainQueries:
+  """Training queries that have at least one positive in the corpus."""
+  texts: list[str]
+  positives: list[np.ndarray]
+  answers: list[list[str]] | None
+
+
+def training_queries(split: Split, corpus: Corpus) -> TrainQueries:
+  texts, positives, answers = [], [], []
+  for qid, text in zip(split.queries.ids, split.queries.texts):
+    rows = [corpus.row_of[d] for d in split.positives(qid) if d in corpus.row_of]
+    if not rows:
+      continue
+    texts.append(text)
+    positives.append(np.asarray(sorted(set(rows)), dtype=np.int64))
+    if split.answers is not None:
+      answers.append(list(split.answers.get(qid, ())))
+  if not texts:
+    raise ValueError("the training split has no query with a positive passage in the corpus.")
+  return TrainQueries(texts, positives, answers if split.answers is not None else None)
+
+
+def batch_indices(step: int, num_queries: int, batch_size: int, seed: int) -> np.ndarray:
+  """Queries of ``step``: shuffled epochs by seed, last partial batch dropped.
+
+  A pure function of the step, so a resumed run sees exactly the batches it would have.
+  """
+  per_epoch = num_queries // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"config.train.batch_size={batch_size} exceeds the {num_queries} "
+                     "training queries.")
+  epoch, slot = divmod(step, per_epoch)
+  order = np.random.default_rng((seed, epoch)).permutation(num_queries)
+  return order[slot * batch_size:(slot + 1) * batch_size]
+
+
+class MetricsWriter:
+  """Appends one JSON object a line to ``metrics.jsonl``."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+
+  def write(self, record: dict) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _to_float(tree) -> dict:
+  return {k: float(v) for k, v in jax.device_get(tree).items()}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains per ``config`` and writes ``metrics.jsonl`` and ``results.json`` in ``workdir``.
+
+  Returns:
+    The results dictionary written to ``results.json``.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mode = get_mode(config.train.mode, config.quant.learn_codebooks)
+  dataset = load_dataset(config.data)
+  corpus = dataset.corpus
+  eval_split = dataset.split(config.data.eval_split)
+  encoders = load_encoders(config.model)
+  cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
+  table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
+
+  def evaluate(table: np.ndarray, params, tag: str) -> dict:
+    query_emb = embed_queries(encoders, params, eval_split.queries.texts, config, desc=tag)
+    return evaluate_table(table, query_emb, eval_split, corpus, config.index, config.eval)
+
+  start = time.perf_counter()
+  before = evaluate(table0, encoders.query_params, "eval before")
+  logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
+  results = {"dataset": config.data.name, "model": config.model.query_encoder,
+             "mode": config.train.mode, "index": before["index"], "before": before}
+  if mode.trains:
+    trained = train(config, mode, dataset, encoders, table0, workdir)
+    after = evaluate(trained["table"], trained["params"], "eval after")
+    if mode.quantize:
+      after["quantized_trained_quantizer"] = trained["final_index_metrics"]
+    results.update(after=after, steps=config.train.steps,
+                   train_seconds=trained["train_seconds"],
+                   seconds_per_step=trained["seconds_per_step"])
+  else:
+    results.update(after=before, steps=0, train_seconds=0.0,
+                   seconds_per_step={k: 0.0 for k in TIMERS})
+  results["total_seconds"] = time.perf_counter() - start
+  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  return results
+
+
+def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
+          encoders: Encoders, table0: np.ndarray, workdir: pathlib.Path) -> dict:
+  """Runs ``config.train.steps`` steps; returns the final params and table and timings."""
+  corpus = dataset.corpus
+  num_rows = len(corpus)
+  queries = training_queries(dataset.split(config.data.train_split), corpus)
+  eval_split = dataset.split(config.data.eval_split)
+  batch_size, k = config.train.batch_size, config.negatives.k
+  pool_size = config.negatives.pool_size or batch_size * k
+  steps = config.train.steps
+  mesh = sharding.make_mesh(config.sharding)
+  if batch_size % mesh.devices.size:
+    raise ValueError(f"config.train.batch_size={batch_size} is not divisible by the "
+                     f"{mesh.devices.size} devices of the mesh.")
+
+  encoder_tx, encoder_lr = optim.make_encoder_optimizer(config.optim, steps)
+  row_tx = optim.make_row_transform(config.optim)
+  row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
+  codebook_tx, _ = (optim.make_codebook_optimizer(config.optim, steps)
+                    if mode.learn_codebooks else (None, None))
+
+  timers = {name: 0.0 for name in TIMERS}
+  tick = time.perf_counter()
+  index = build_quantized(table0, config.index, config.index.seed)
+  quantizer = quantizer_from_faiss(index)
+  timers["rebuild"] += time.perf_counter() - tick
+
+  state = init_state(config, mode, encoders.query_params, table0, quantizer, mesh,
+                     encoder_tx, row_tx, codebook_tx)
+  fns: StepFunctions = make_step_functions(
+      lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
+                                                 t["attention_mask"], t["token_type_ids"]),
+      mode, config, encoder_tx, row_tx, row_lr, codebook_tx)
+  matcher = (AnswerMatcher(corpus.texts)
+             if queries.answers is not None and config.negatives.hide_answer_matches else None)
+  batch_sh = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  writer = MetricsWriter(workdir / "metrics.jsonl")
+  quantizer_dev = jax.device_put(quantizer, rep) if mode.quantize else None
+
+  bar = tqdm(range(steps), desc=f"train {config.train.mode}", unit="step")
+  window_start, window_steps = time.perf_counter(), 0
+  train_start = time.perf_counter()
+  for step in bar:
+    idx = batch_indices(step, len(queries.texts), batch_size, config.seed)
+    tokens = tokenize(encoders.tokenizer, [queries.texts[i] for i in idx],
+                      config.model.max_query_length,
+                      pad_to_multiple_of=config.model.length_bucket)
+    tick = time.perf_counter()
+    query_emb, encoder_vjp = fns.encode(
+        state.params, {n: jax.device_put(a, batch_sh) for n, a in tokens.items()})
+    query_host = np.asarray(jax.device_get(query_emb))
+    timers["encode"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    _, candidates = search(index, query_host, k)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(
+        jax.random.fold_in(state.rng, step))))
+    relevance_fn = None
+    if matcher is not None:
+      batch_answers = [queries.answers[i] for i in idx]
+      relevance_fn = lambda b, rows: matcher.matches(batch_answers[b], rows)
+    pool = build_pool(candidates, [queries.positives[i] for i in idx], pool_size=pool_size,
+                      num_rows=num_rows, max_positives=config.negatives.max_positives,
+                      rng=rng, fill_valid=config.negatives.fill_valid,
+                      relevance_fn=relevance_fn)
+    pool_dev = {n: jax.device_put(a, rep) for n, a in pool.arrays().items()}
+    timers["search"] += time.perf_counter() - tick
+    tick = time.perf_counter()
+    state, metrics = fns.update(state, encoder_vjp, query_emb, pool_dev, quantizer_dev)
+    metrics = _to_float(metrics)  # blocks: the step is timed to completion
+    timers["step"] += time.perf_counter() - tick
+    window_steps += 1
+
+    if (step + 1) % config.index.rebuild_every == 0 and step + 1 < steps:
+      tick = time.perf_counter()
+      index, quantizer = _refresh_index(config, mode, state, index, num_rows)
+      quantizer_dev = jax.device_put(quantizer, rep) if mode.quantize else None
+      timers["rebuild"] += time.perf_counter() - tick
+
+    if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+      now = time.perf_counter()
+      record = {"step": step + 1, **metrics,
+                "encoder_lr": float(encoder_lr(step)), "row_lr": float(row_lr(step)),
+                "steps_per_second": window_steps / (now - window_start),
+                "pool_candidates": pool.num_candidates,
+                "pool_duplicate_fraction": 1.0 - pool.num_candidates / candidates.size,
+                **{f"seconds_{n}": v / (step + 1) for n, v in timers.items()}}
+      writer.write(record)
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pool_accuracy']:.2f}")
+      window_start, window_steps = now, 0
+
+    if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
+      query_emb_eval = embed_queries(encoders, state.params, eval_split.queries.texts, config,
+                                     desc="eval")
+      record = {"step": step + 1, "eval_quantized": evaluate_index(
+          index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
+          answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))}
+      writer.write(record)
+  bar.close()
+  train_seconds = time.perf_counter() - train_start
+
+  table = host_table(state, num_rows)
+  params = jax.device_get(state.params)
+  final_index_metrics = None
+  if mode.quantize:
+    # The quantizer the loss was trained against, with the final table re-encoded
+    # (and the learned codebooks written in): what serving without a retrain gives.
+    final_index = _requantize(index, table, state.codebooks)
+    query_emb_eval = embed_queries(encoders, params, eval_split.queries.texts, config,
+                                   desc="eval trained quantizer")
+    final_index_metrics = evaluate_index(
+        final_index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
+        answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))
+  return {"table": table, "params": params, "train_seconds": train_seconds,
+          "seconds_per_step": {n: v / max(steps, 1) for n, v in timers.items()},
+          "final_index_metrics": final_index_metrics, "state": state}
+
+
+def _refresh_index(config, mode: Mode, state: TrainState, index, num_rows: int):
+  """The quantized index over the current table, which also refreshes the negatives.
+
+  Learned codebooks are kept (written into the index, codes recomputed); otherwise the
+  quantizer is retrained from the table, as a user rebuilding FAISS would.
+  """
+  table = host_table(state, num_rows)
+  if mode.learn_codebooks:
+    index = _requantize(index, table, state.codebooks)
+  else:
+    index = build_quantized(table, config.index, config.index.seed)
+  return index, quantizer_from_faiss(index)
+
+
+def _requantize(index, table: np.ndarray, codebooks):
+  """``index`` with its coarse quantizer kept, ``codebooks`` (or its own) written in and
+  ``table`` re-encoded: serving the trained table without retraining the quantizer."""
+  quantizer = quantizer_from_faiss(index)
+  if codebooks is not None:
+    quantizer = quantizer.replace(codebooks=jnp.asarray(jax.device_get(codebooks)))
+  return write_codebooks_to_faiss(index, quantizer, table)

@@ -1,0 +1,63 @@
+"""The train state: everything a step reads and writes, as one pytree."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qdr_jax import sharding
+from qdr_jax.train import optim
+from qdr_jax.train.modes import Mode
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Query encoder, target table and their optimizer states.
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: query-encoder parameters (Flax pytree).
+    encoder_opt_state: optax state of the encoder.
+    table: (rows, d) target embeddings, rows padded to a multiple of the device count;
+      sharded by rows.
+    row_opt_state: per-row optimizer state, every leaf with the table's rows first.
+    codebooks: (M, K, dsub) learned PQ codebooks, or None when they stay FAISS's.
+    codebook_opt_state: optax state of the codebooks, or None.
+    rng: PRNG key from which per-step host randomness (pool subsampling) is derived.
+  """
+  step: jax.Array
+  params: Any
+  encoder_opt_state: Any
+  table: jax.Array
+  row_opt_state: Any
+  codebooks: jax.Array | None
+  codebook_opt_state: Any
+  rng: jax.Array
+
+
+def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
+               quantizer, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
+  """The initial state, placed on the mesh (table rows sharded, the rest replicated)."""
+  rows = sharding.padded_rows(table.shape[0], mesh)
+  padded = np.zeros((rows, table.shape[1]), np.float32)
+  padded[:table.shape[0]] = table
+  table_dev = jnp.asarray(padded, dtype=jnp.dtype(config.table.dtype))
+  row_state = optim.init_row_state(row_tx, table_dev) if mode.update_rows else None
+  codebooks = quantizer.codebooks if mode.learn_codebooks else None
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      encoder_opt_state=encoder_tx.init(params) if mode.update_encoder else None,
+      table=table_dev, row_opt_state=row_state, codebooks=codebooks,
+      codebook_opt_state=codebook_tx.init(codebooks) if mode.learn_codebooks else None,
+      rng=jax.random.key(config.seed))
+  return sharding.shard_like_table(state, mesh, rows, config.sharding.shard_table)
+
+
+def host_table(state: TrainState, num_rows: int) -> np.ndarray:
+  """The (unpadded) table as float32 on the host, for FAISS."""
+  return np.asarray(jax.device_get(state.table[:num_rows]), dtype=np.float32)

@@ -1,0 +1,127 @@
+"""The pure train step, split in two jitted halves around the host's index search.
+
+``encode`` runs the query encoder forward once and keeps its VJP (a pytree of
+residuals), so the query embeddings can go to FAISS for negatives before the loss is
+known; ``update`` then pulls the loss gradient back through that VJP instead of paying
+for a second forward pass, updates the encoder, the pooled table rows (each with its own
+optimizer state) and, when learned, the PQ codebooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from qdr_jax.quant import Quantizer, quantize
+from qdr_jax.train.loss import contrastive_loss
+from qdr_jax.train.modes import Mode
+from qdr_jax.train.optim import Schedule
+from qdr_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class StepFunctions:
+  encode: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, Any]]
+  update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+
+
+def pool_targets(rows: jax.Array, quantizer: Quantizer | None, codebooks: jax.Array | None
+                 ) -> jax.Array:
+  """Pool rows as the loss sees them.
+
+  With a quantizer the forward value is the PQ reconstruction of each row while the
+  gradient reaches the full-precision row unchanged (straight-through) and, through the
+  reconstruction with the codes held fixed, the codebooks.
+  """
+  if quantizer is None:
+    return rows
+  if codebooks is not None:
+    quantizer = quantizer.replace(codebooks=codebooks)
+  frozen = jax.lax.stop_gradient(rows)
+  return rows - frozen + quantize(quantizer, frozen)
+
+
+def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
+                        config: ml_collections.ConfigDict,
+                        encoder_tx: optax.GradientTransformation,
+                        row_tx: optax.GradientTransformation, row_schedule: Schedule,
+                        codebook_tx: optax.GradientTransformation | None) -> StepFunctions:
+  """Builds the jitted halves of a step.
+
+  Args:
+    apply_encoder: ``(params, input_ids, attention_mask, token_type_ids) -> (B, d)``.
+    mode: what is trained.
+    config: the full config (``loss``, ``optim``, ``table`` sections are read).
+    encoder_tx: encoder optimizer.
+    row_tx: per-row update direction (vmapped over rows here).
+    row_schedule: row learning rate by global step.
+    codebook_tx: codebook optimizer when ``mode.learn_codebooks``.
+  """
+  temperature = float(config.loss.temperature)
+  multi_positive = config.loss.multi_positive
+  normalize_rows = bool(config.table.normalize_rows)
+
+  def encode(params, tokens):
+    return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
+
+  def update(state: TrainState, encoder_vjp, query_emb: jax.Array, pool: dict[str, jax.Array],
+             quantizer: Quantizer | None):
+    row_ids = pool["row_ids"]
+    valid = pool["valid"]
+    rows = state.table[row_ids].astype(jnp.float32)
+    learned = state.codebooks if mode.learn_codebooks else None
+
+    def loss_fn(q, rows, codebooks):
+      targets = pool_targets(rows, quantizer if mode.quantize else None, codebooks)
+      return contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"], valid,
+                              temperature=temperature, multi_positive=multi_positive)
+
+    (_, metrics), (g_query, g_rows, g_codebooks) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True)(query_emb, rows, learned)
+    new = {}
+    if mode.update_encoder:
+      (g_params,) = encoder_vjp(g_query)
+      updates, new["encoder_opt_state"] = encoder_tx.update(
+          g_params, state.encoder_opt_state, state.params)
+      new["params"] = optax.apply_updates(state.params, updates)
+      metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
+    if mode.update_rows:
+      new["table"], new["row_opt_state"] = _update_rows(
+          state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), normalize_rows)
+      metrics["row_grad_norm"] = optax.tree.norm(g_rows)
+      metrics["row_lr"] = row_schedule(state.step)
+    if mode.learn_codebooks:
+      updates, new["codebook_opt_state"] = codebook_tx.update(
+          g_codebooks, state.codebook_opt_state, state.codebooks)
+      new["codebooks"] = optax.apply_updates(state.codebooks, updates)
+    return state.replace(step=state.step + 1, **new), metrics
+
+  return StepFunctions(encode=jax.jit(encode),
+                       update=jax.jit(update, donate_argnums=(0,)))
+
+
+def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr, normalize_rows):
+  """Applies the per-row optimizer to the pooled rows and scatters them back.
+
+  Filler rows (``valid`` False) keep their value and state: only rows that took part in
+  the loss move.
+  """
+  gathered = jax.tree.map(lambda s: s[row_ids], state.row_opt_state)
+  direction, new_state = jax.vmap(row_tx.update)(g_rows, gathered, rows)
+  new_rows = rows - lr * direction
+  if normalize_rows:
+    new_rows = new_rows / jnp.linalg.norm(new_rows, axis=-1, keepdims=True).clip(1e-12)
+  keep = valid[:, None]
+  new_rows = jnp.where(keep, new_rows, rows)
+  new_state = jax.tree.map(
+      lambda n, o: jnp.where(valid.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+      new_state, gathered)
+  table = state.table.at[row_ids].set(new_rows.astype(state.table.dtype))
+  row_opt_state = jax.tree.map(lambda s, n: s.at[row_ids].set(n), state.row_opt_state,
+                               new_state)
+  return table, row_opt_state

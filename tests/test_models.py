@@ -1,0 +1,383 @@
+"""Tests qdr_jax.models against PyTorch goldens (experiments/make_encoder_goldens.py)."""
+
+import functools
+import json
+import os
+import shutil
+
+# The tests only read local dirs; make any accidental hub access fail fast.
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from qdr_jax.models import (BertEncoder, EncoderConfig, MINILM_ALIASES,
+                            default_model_path, init_params, load_encoder,
+                            load_tokenizer, passage_inputs, resolve_model_path,
+                            save_encoder_hf, tokenize)
+
+GOLDENS = os.path.join(os.path.dirname(__file__), 'goldens')
+TOL = 1e-4
+# (golden dir, pooling to check, expected default (pooling, normalize)).
+TINY_CASES = [
+    ('tiny_bert', 'cls', ('cls', False)),
+    ('tiny_bert', 'mean', ('cls', False)),
+    ('tiny_dpr_question', 'cls', ('cls', False)),
+    ('tiny_dpr_question', 'mean', ('cls', False)),
+    ('tiny_dpr_ctx', 'cls', ('cls', False)),
+    ('tiny_roberta', 'cls', ('cls', False)),
+    ('tiny_roberta', 'mean', ('cls', False)),
+    ('tiny_ance', 'ance', ('ance', False)),
+    ('tiny_ance', 'cls', ('ance', False)),
+]
+
+
+def _apply(module, params, batch):
+  return np.asarray(module.apply({'params': params}, batch['input_ids'],
+                                 batch['attention_mask'],
+                                 batch['token_type_ids']))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_apply(config, params, ids, mask, types):
+  return BertEncoder(config).apply({'params': params}, ids, mask, types)
+
+
+@pytest.fixture(scope='module')
+def minilm_golden():
+  return dict(np.load(os.path.join(GOLDENS, 'minilm_goldens.npz')))
+
+
+@pytest.fixture(scope='module')
+def minilm():
+  module, params = load_encoder('all-MiniLM-L6-v2')
+  fn = jax.jit(lambda p, ids, mask, types: module.apply(
+      {'params': p}, ids, mask, types))
+  return module, params, fn
+
+
+def _tiny_ref(name):
+  return dict(np.load(os.path.join(GOLDENS, name, 'reference.npz')))
+
+
+# --- Real MiniLM -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_minilm_parity(minilm, minilm_golden):
+  module, params, fn = minilm
+  assert module.config.pooling == 'mean' and module.config.normalize
+  g = minilm_golden
+  out = np.asarray(fn(params, g['input_ids'], g['attention_mask'],
+                      g['token_type_ids']))
+  assert out.dtype == np.float32 and out.shape == g['embeddings'].shape
+  np.testing.assert_allclose(out, g['embeddings'], atol=TOL, rtol=0)
+  hidden = module.apply({'params': params}, g['input_ids'][:2],
+                        g['attention_mask'][:2], g['token_type_ids'][:2],
+                        method=BertEncoder.hidden_states)
+  np.testing.assert_allclose(np.asarray(hidden),
+                             g['last_hidden_state_first2'], atol=TOL, rtol=0)
+
+
+@pytest.mark.slow
+def test_minilm_tokenizer_matches_golden(minilm_golden):
+  g = minilm_golden
+  batch = tokenize(load_tokenizer('all-MiniLM-L6-v2'), list(g['sentences']),
+                   256)
+  for key in ('input_ids', 'attention_mask', 'token_type_ids'):
+    assert batch[key].dtype == np.int32
+    np.testing.assert_array_equal(batch[key], g[key])
+
+
+@pytest.mark.slow
+def test_minilm_bfloat16_close(minilm, minilm_golden):
+  # Same float32 params, bf16 compute (load_encoder's dtype= path is covered
+  # by test_tiny_bfloat16_runs; reloading 90 MB here would only cost time).
+  module, params, _ = minilm
+  g = minilm_golden
+  out = np.asarray(_jit_apply(module.config.replace(dtype='bfloat16'), params,
+                              g['input_ids'], g['attention_mask'],
+                              g['token_type_ids']))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, g['embeddings'], atol=2e-2, rtol=0)
+  assert np.min(np.sum(out * g['embeddings'], -1)) > 0.999
+
+
+@pytest.mark.slow
+def test_minilm_padding_invariance(minilm, minilm_golden):
+  _, params, fn = minilm
+  g = minilm_golden
+  pad = 64 - g['input_ids'].shape[1]
+  padded = {k: np.pad(g[k], ((0, 0), (0, pad))) for k in
+            ('input_ids', 'attention_mask', 'token_type_ids')}
+  out = np.asarray(fn(params, padded['input_ids'], padded['attention_mask'],
+                      padded['token_type_ids']))
+  np.testing.assert_allclose(out, g['embeddings'], atol=TOL, rtol=0)
+
+
+# --- Tiny checkpoints in every layout --------------------------------------
+
+
+@pytest.mark.parametrize('name,pooling,default', TINY_CASES)
+def test_tiny_layout_parity(name, pooling, default):
+  ref = _tiny_ref(name)
+  module, _ = load_encoder(os.path.join(GOLDENS, name))
+  assert (module.config.pooling, module.config.normalize) == default
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling=pooling)
+  np.testing.assert_allclose(_apply(module, params, ref), ref[pooling],
+                             atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize('name', ['tiny_bert', 'tiny_roberta'])
+def test_tiny_hidden_states_and_normalize(name):
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling='mean',
+                                normalize=True)
+  hidden = module.apply({'params': params}, ref['input_ids'],
+                        ref['attention_mask'], ref['token_type_ids'],
+                        method=BertEncoder.hidden_states)
+  np.testing.assert_allclose(np.asarray(hidden), ref['last_hidden_state'],
+                             atol=TOL, rtol=0)
+  want = ref['mean'] / np.linalg.norm(ref['mean'], axis=-1, keepdims=True)
+  np.testing.assert_allclose(_apply(module, params, ref), want, atol=TOL,
+                             rtol=0)
+
+
+@pytest.mark.parametrize('name', ['tiny_bert', 'tiny_roberta', 'tiny_ance'])
+def test_tiny_padding_invariance(name):
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling='mean')
+  pad_id = module.config.pad_token_id
+  extra = 7
+  padded = {
+      'input_ids': np.pad(ref['input_ids'], ((0, 0), (0, extra)),
+                          constant_values=pad_id),
+      'attention_mask': np.pad(ref['attention_mask'], ((0, 0), (0, extra))),
+      'token_type_ids': np.pad(ref['token_type_ids'], ((0, 0), (0, extra))),
+  }
+  # Jitted: new shapes cost less as one compile than as many eager ops.
+  out = _jit_apply(module.config, params, padded['input_ids'],
+                   padded['attention_mask'], padded['token_type_ids'])
+  np.testing.assert_allclose(np.asarray(out), _apply(module, params, ref),
+                             atol=1e-5, rtol=0)
+
+
+def test_tiny_bfloat16_runs():
+  ref = _tiny_ref('tiny_bert')
+  module, params = load_encoder(os.path.join(GOLDENS, 'tiny_bert'),
+                                pooling='mean', dtype='bfloat16')
+  assert jax.tree.leaves(params)[0].dtype == jnp.float32
+  out = np.asarray(_jit_apply(module.config, params, ref['input_ids'],
+                              ref['attention_mask'], ref['token_type_ids']))
+  assert out.dtype == np.float32
+  np.testing.assert_allclose(out, ref['mean'], atol=0.1, rtol=0)
+
+
+def test_bert_prefix_and_ignored_heads(tmp_path):
+  """`bert.`-prefixed (e.g. BertForMaskedLM) checkpoints load; heads are ignored."""
+  src = os.path.join(GOLDENS, 'tiny_bert')
+  tensors = {f'bert.{k}': v for k, v in
+             load_file(os.path.join(src, 'model.safetensors')).items()}
+  tensors['cls.predictions.bias'] = np.zeros(100, np.float32)
+  save_file(tensors, str(tmp_path / 'model.safetensors'))
+  shutil.copy(os.path.join(src, 'config.json'), tmp_path / 'config.json')
+  ref = _tiny_ref('tiny_bert')
+  module, params = load_encoder(str(tmp_path))
+  np.testing.assert_allclose(_apply(module, params, ref), ref['cls'],
+                             atol=TOL, rtol=0)
+
+
+def _broken_copy(tmp_path, edit):
+  src = os.path.join(GOLDENS, 'tiny_bert')
+  tensors = load_file(os.path.join(src, 'model.safetensors'))
+  edit(tensors)
+  save_file(tensors, str(tmp_path / 'model.safetensors'))
+  shutil.copy(os.path.join(src, 'config.json'), tmp_path / 'config.json')
+  return str(tmp_path)
+
+
+def test_missing_key_raises(tmp_path):
+  key = 'encoder.layer.1.attention.self.key.weight'
+  path = _broken_copy(tmp_path, lambda t: t.pop(key))
+  with pytest.raises(KeyError, match=r'model\.safetensors.*' + key):
+    load_encoder(path)
+
+
+def test_unexpected_key_raises(tmp_path):
+  key = 'encoder.layer.2.output.dense.weight'
+  path = _broken_copy(
+      tmp_path, lambda t: t.__setitem__(key, np.zeros((32, 37), np.float32)))
+  with pytest.raises(KeyError, match='unexpected tensors.*' + key):
+    load_encoder(path)
+
+
+def test_shape_mismatch_raises(tmp_path):
+  key = 'encoder.layer.0.intermediate.dense.bias'
+  path = _broken_copy(
+      tmp_path, lambda t: t.__setitem__(key, np.zeros(5, np.float32)))
+  with pytest.raises(ValueError, match=r'model\.safetensors.*' + key):
+    load_encoder(path)
+
+
+def test_no_safetensors_raises(tmp_path):
+  shutil.copy(os.path.join(GOLDENS, 'tiny_bert', 'config.json'),
+              tmp_path / 'config.json')
+  (tmp_path / 'pytorch_model.bin').write_bytes(b'not loaded')
+  with pytest.raises(FileNotFoundError, match='pickled'):
+    load_encoder(str(tmp_path))
+
+
+# --- Saving ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name,pooling',
+                         [('tiny_bert', 'mean'), ('tiny_roberta', 'cls'),
+                          ('tiny_ance', 'ance')])
+def test_save_round_trip_tiny(tmp_path, name, pooling):
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling=pooling,
+                                normalize=pooling == 'mean')
+  out_dir = save_encoder_hf(str(tmp_path / 'out'), module, params)
+  module2, params2 = load_encoder(out_dir)
+  assert module2.config == module.config
+  np.testing.assert_array_equal(_apply(module2, params2, ref),
+                                _apply(module, params, ref))
+
+
+@pytest.mark.slow
+def test_save_round_trip_minilm_and_torch(tmp_path, minilm, minilm_golden):
+  module, params, fn = minilm
+  g = minilm_golden
+  out_dir = save_encoder_hf(str(tmp_path / 'minilm'), module.config, params,
+                            tokenizer_dir=default_model_path())
+  assert os.path.exists(os.path.join(out_dir, 'tokenizer.json'))
+  module2, params2 = load_encoder(out_dir)
+  assert module2.config == module.config
+  ours = np.asarray(fn(params2, g['input_ids'], g['attention_mask'],
+                       g['token_type_ids']))
+  np.testing.assert_allclose(ours, g['embeddings'], atol=TOL, rtol=0)
+
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  model = transformers.AutoModel.from_pretrained(out_dir).eval()
+  assert type(model).__name__ == 'BertModel'
+  with torch.no_grad():
+    hidden = model(input_ids=torch.from_numpy(g['input_ids']).long(),
+                   attention_mask=torch.from_numpy(g['attention_mask']).long(),
+                   token_type_ids=torch.from_numpy(g['token_type_ids']).long()
+                   ).last_hidden_state.numpy()
+  m = g['attention_mask'][..., None].astype(np.float32)
+  mean = (hidden * m).sum(1) / m.sum(1)
+  theirs = mean / np.linalg.norm(mean, axis=-1, keepdims=True)
+  np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)
+
+
+def test_save_roberta_loads_in_torch(tmp_path):
+  torch = pytest.importorskip('torch')
+  transformers = pytest.importorskip('transformers')
+  ref = _tiny_ref('tiny_roberta')
+  module, params = load_encoder(os.path.join(GOLDENS, 'tiny_roberta'))
+  out_dir = save_encoder_hf(str(tmp_path / 'rob'), module, params)
+  with open(os.path.join(out_dir, 'config.json'), encoding='utf-8') as f:
+    assert json.load(f)['model_type'] == 'roberta'
+  model = transformers.AutoModel.from_pretrained(out_dir).eval()
+  with torch.no_grad():
+    hidden = model(input_ids=torch.from_numpy(ref['input_ids']).long(),
+                   attention_mask=torch.from_numpy(ref['attention_mask']).long()
+                   ).last_hidden_state.numpy()
+  np.testing.assert_allclose(hidden, ref['last_hidden_state'], atol=TOL,
+                             rtol=0)
+
+
+# --- Module / config -------------------------------------------------------
+
+
+def test_tiny_config_init_jit_and_grad():
+  # One layer: XLA's CPU compile of the backward pass dominates this test.
+  config = EncoderConfig.tiny(pooling='mean', normalize=True, num_layers=1)
+  module = BertEncoder(config)
+  params = init_params(module, jax.random.key(0))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+  ids = jnp.array([[2, 5, 9, 3, 0, 0], [2, 7, 3, 0, 0, 0]], jnp.int32)
+  mask = (ids > 0).astype(jnp.int32)
+
+
+  def loss(p):
+    out = module.apply({'params': p}, ids, mask)
+    return jnp.sum(out[:, 0]), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  assert out.shape == (2, 32) and out.dtype == jnp.float32
+  np.testing.assert_allclose(np.linalg.norm(out, axis=-1), 1.0, atol=1e-5)
+  assert jax.tree.structure(grads) == jax.tree.structure(params)
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+
+
+def test_roberta_position_ids():
+  from qdr_jax.models.bert import position_ids  # pylint: disable=g-import-not-at-top
+  config = EncoderConfig.tiny(architecture='roberta', pad_token_id=1)
+  ids = jnp.array([[0, 5, 6, 2, 1, 1]])
+  np.testing.assert_array_equal(position_ids(config, ids),
+                                [[2, 3, 4, 5, 1, 1]])
+  np.testing.assert_array_equal(position_ids(EncoderConfig.tiny(), ids),
+                                [[0, 1, 2, 3, 4, 5]])
+
+
+@pytest.mark.parametrize('field,value', [('pooling', 'max'),
+                                         ('hidden_act', 'swish'),
+                                         ('dtype', 'float16'),
+                                         ('architecture', 'gpt2')])
+def test_config_validation(field, value):
+  with pytest.raises(ValueError, match=value):
+    EncoderConfig.tiny(**{field: value})
+
+
+# --- Names and tokenization ------------------------------------------------
+
+
+def test_name_resolution(tmp_path):
+  for alias in MINILM_ALIASES:
+    assert resolve_model_path(alias) == default_model_path()
+  assert resolve_model_path(str(tmp_path)) == str(tmp_path)
+  with pytest.raises(FileNotFoundError):
+    resolve_model_path(str(tmp_path / 'missing'))
+
+
+@pytest.fixture(scope='module')
+def tokenizer():
+  return load_tokenizer('all-MiniLM-L6-v2')
+
+
+def test_tokenize_padding_modes(tokenizer):
+  texts = ['short one', 'a somewhat longer sentence with more tokens in it']
+  longest = tokenize(tokenizer, texts, 32)
+  n = int(longest['attention_mask'].sum(1).max())
+  assert longest['input_ids'].shape == (2, n)
+  assert tokenize(tokenizer, texts, 32, pad_to_multiple_of=8)[
+      'input_ids'].shape == (2, -(-n // 8) * 8)
+  assert tokenize(tokenizer, texts, 32, pad_to_max=True)[
+      'input_ids'].shape == (2, 32)
+  truncated = tokenize(tokenizer, texts, 5, pad_to_multiple_of=4)
+  assert truncated['input_ids'].shape == (2, 5)
+  assert truncated['input_ids'][1, -1] == tokenizer.sep_token_id
+  for batch in (longest, truncated):
+    assert all(v.dtype == np.int32 for v in batch.values())
+    # Padding is exactly where the mask is zero.
+    assert np.all((batch['input_ids'] == tokenizer.pad_token_id)
+                  == (batch['attention_mask'] == 0))
+
+
+def test_tokenize_pairs_and_passages(tokenizer):
+  titles, texts = ['Title A', ''], ['body one', 'body two']
+  first, second = passage_inputs(titles, texts, 'pair')
+  batch = tokenize(tokenizer, first, 16, pair_texts=second)
+  assert batch['token_type_ids'][0].max() == 1
+  assert batch['token_type_ids'][0, 0] == 0
+  concat, none = passage_inputs(titles, texts, 'concat')
+  assert none is None and concat == ['Title A body one', 'body two']
+  assert passage_inputs(None, texts, 'concat')[0] == texts
+  with pytest.raises(ValueError):
+    passage_inputs(titles, texts, 'bogus')

@@ -1,0 +1,141 @@
+"""The jitted train step: gradients through the split encode/update, row updates, schedules."""
+
+import faiss
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qdr_jax import sharding
+from qdr_jax.config import base_config
+from qdr_jax.models import BertEncoder, EncoderConfig, init_params
+from qdr_jax.negatives.pool import build_pool
+from qdr_jax.quant import quantize, quantizer_from_faiss
+from qdr_jax.train import optim
+from qdr_jax.train.state import init_state
+from qdr_jax.train.loss import contrastive_loss
+from qdr_jax.train.modes import get_mode
+from qdr_jax.train.step import make_step_functions, pool_targets
+
+DIM, ROWS, BATCH, SEQ = 32, 512, 4, 8
+
+
+def _setup(mode_name="dback", steps=10):
+  config = base_config()
+  config.train.steps = steps
+  config.loss.temperature = 0.1
+  config.optim.warmup_steps = 0  # so the first step already moves
+  config.optim.encoder_lr = 1e-3
+  config.optim.row_lr = 1e-2
+  config.optim.codebook_lr = 1e-2
+  config.sharding.num_devices = 1
+  mode = get_mode(mode_name)
+  module = BertEncoder(EncoderConfig.tiny(pooling="mean", normalize=True))
+  params = init_params(module, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  table = rng.normal(size=(ROWS, DIM)).astype(np.float32)
+  index = faiss.index_factory(DIM, "PQ4x8", faiss.METRIC_INNER_PRODUCT)
+  index.train(table)
+  index.add(table)
+  quantizer = quantizer_from_faiss(index)
+  mesh = sharding.make_mesh(config.sharding)
+  encoder_tx, _ = optim.make_encoder_optimizer(config.optim, steps)
+  row_tx = optim.make_row_transform(config.optim)
+  row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
+  cb_tx = optim.make_codebook_optimizer(config.optim, steps)[0] if mode.learn_codebooks else None
+  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, cb_tx)
+  apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
+                                      t["token_type_ids"])
+  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, cb_tx)
+  tokens = {"input_ids": jnp.asarray(rng.integers(1, 100, (BATCH, SEQ)), jnp.int32),
+            "attention_mask": jnp.ones((BATCH, SEQ), jnp.int32),
+            "token_type_ids": jnp.zeros((BATCH, SEQ), jnp.int32)}
+  pool = build_pool(rng.integers(0, ROWS, (BATCH, 5)),
+                    [np.array([i]) for i in range(BATCH)], pool_size=16, num_rows=ROWS,
+                    max_positives=1, rng=rng, fill_valid=False)
+  return config, mode, module, params, table, quantizer, state, fns, tokens, pool, apply
+
+
+def test_step_changes_exactly_the_pooled_rows():
+  *_, table, quantizer, state, fns, tokens, pool, _ = _setup()
+  q, vjp = fns.encode(state.params, tokens)
+  arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+  new_state, metrics = fns.update(state, vjp, q, arrays, quantizer)
+  new_table = np.asarray(new_state.table)
+  changed = np.flatnonzero(np.any(new_table != table, axis=1))
+  assert set(changed.tolist()) == set(pool.row_ids[pool.valid].tolist())
+  # Per-row optimizer state moved for those rows only, and counts them.
+  counts = np.asarray(new_state.row_opt_state.count)
+  assert set(np.flatnonzero(counts).tolist()) == set(changed.tolist())
+  assert int(new_state.step) == 1 and np.isfinite(metrics["loss"])
+
+
+def test_split_step_gradient_equals_direct_gradient():
+  """encode's VJP pulled back in update == jax.grad of the whole loss w.r.t. params."""
+  config, mode, module, params, table, quantizer, state, fns, tokens, pool, apply = _setup()
+  arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+  rows = jnp.asarray(table)[arrays["row_ids"]]
+
+  def full_loss(p):
+    targets = pool_targets(rows, quantizer, None)
+    return contrastive_loss(apply(p, **tokens), targets, arrays["positive_mask"],
+                            arrays["hidden_mask"], arrays["valid"],
+                            temperature=config.loss.temperature)[0]
+
+  direct = jax.grad(full_loss)(params)
+  q, vjp = fns.encode(params, tokens)
+  g_q = jax.grad(lambda q: contrastive_loss(
+      q, pool_targets(rows, quantizer, None), arrays["positive_mask"], arrays["hidden_mask"],
+      arrays["valid"], temperature=config.loss.temperature)[0])(q)
+  (split,) = vjp(g_q)
+  for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(split)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_pool_targets_forward_is_reconstruction_and_gradient_identity():
+  *_, table, quantizer, _state, _fns, _tokens, _pool, _ = _setup()
+  rows = jnp.asarray(table[:10])
+  np.testing.assert_allclose(pool_targets(rows, quantizer, None), quantize(quantizer, rows),
+                             atol=1e-6)
+  w = jnp.asarray(np.random.default_rng(3).normal(size=rows.shape), jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(w * pool_targets(x, quantizer, None)))(rows)
+  np.testing.assert_allclose(grad, w, atol=1e-6)
+  # Codebooks get a gradient through the reconstruction when learned.
+  g_cb = jax.grad(lambda cb: jnp.sum(w * pool_targets(rows, quantizer, cb)))(
+      quantizer.codebooks)
+  assert float(jnp.abs(g_cb).sum()) > 0
+
+
+@pytest.mark.parametrize("mode_name", ["dback", "dback_no_ste", "jpq", "query_only"])
+def test_modes_update_what_they_should(mode_name):
+  _, mode, _, params, table, quantizer, state, fns, tokens, pool, _ = _setup(mode_name)
+  q, vjp = fns.encode(state.params, tokens)
+  arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+  codebooks_before = None if state.codebooks is None else np.asarray(state.codebooks)
+  new_state, _ = fns.update(state, vjp, q, arrays, quantizer)
+  table_moved = not np.array_equal(np.asarray(new_state.table), table)
+  params_moved = any(not np.array_equal(a, b) for a, b in zip(
+      jax.tree.leaves(params), jax.tree.leaves(jax.device_get(new_state.params))))
+  assert table_moved == mode.update_rows
+  assert params_moved == mode.update_encoder
+  if mode.learn_codebooks:
+    assert not np.array_equal(np.asarray(new_state.codebooks), codebooks_before)
+
+
+def test_schedule_values():
+  config = base_config()
+  config.optim.warmup_steps = 10
+  config.optim.end_lr_fraction = 0.1
+  sched = optim.make_schedule(1.0, config.optim, total_steps=110)
+  assert float(sched(0)) == 0.0
+  np.testing.assert_allclose(float(sched(5)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(sched(10)), 1.0, rtol=1e-6)
+  # Cosine half-way through the decay: end + (peak - end) / 2.
+  np.testing.assert_allclose(float(sched(60)), 0.55, rtol=1e-5)
+  np.testing.assert_allclose(float(sched(110)), 0.1, rtol=1e-5)
+  config.optim.schedule = "linear"
+  lin = optim.make_schedule(1.0, config.optim, total_steps=110)
+  np.testing.assert_allclose(float(lin(60)), 0.55, rtol=1e-5)
+  config.optim.schedule = "constant"
+  const = optim.make_schedule(2.0, config.optim, total_steps=110)
+  np.testing.assert_allclose([float(const(s)) for s in (5, 50, 109)], [1.0, 2.0, 2.0])
