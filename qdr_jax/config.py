@@ -25,6 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.max_passages = 0         # 0 = whole corpus (positives are always kept)
   c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
   c.data.split_seed = 0           # format=squad: article split seed
+  c.data.allow_missing_positives = False  # dpr: skip positives absent from the corpus
 
   c.model = ml_collections.ConfigDict()
   c.model.query_encoder = "all-MiniLM-L6-v2"
@@ -124,3 +125,32 @@ def parse_arg(arg: str | None, **defaults):
     kind = type(defaults[name])
     values[name] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
   return values
+
+
+def apply_paper_setup(c: ml_collections.ConfigDict, *, encoder_lr: float, temperature: float,
+                      rebuild_every: int) -> ml_collections.ConfigDict:
+  """The settings the DBACK paper shares across NQ, TriviaQA and MS MARCO.
+
+  Batch 32, top-500 negatives from the quantized index, IVF4096 with an HNSW32 coarse
+  quantizer and PQ128x8 (nprobe 128), passage-row learning rate 1e-6; the per-dataset
+  query learning rate, temperature and rebuild interval are arguments.
+  """
+  c.train.batch_size = 32
+  c.negatives.k = 500
+  c.index.factory = "IVF4096_HNSW32,PQ128x8"
+  c.index.nprobe = 128
+  c.index.ef_search = 128
+  c.index.train_size = 1_000_000
+  c.index.rebuild_every = rebuild_every
+  c.optim.encoder_lr = encoder_lr
+  c.optim.row_lr = 1e-6
+  c.optim.warmup_steps = 1000
+  c.optim.schedule = "linear"
+  c.loss.temperature = temperature
+  c.model.max_query_length = 64
+  c.model.max_passage_length = 256
+  c.model.embed_batch_size = 256
+  c.eval.batch_size = 256
+  c.eval.index_seeds = (0,)
+  c.sharding.num_devices = 0
+  return c

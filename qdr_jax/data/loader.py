@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,14 +11,16 @@ from typing import Any
 import numpy as np
 
 from qdr_jax.data.beir import read_beir
-from qdr_jax.data.dpr import read_dpr_passages, read_dpr_train_json, read_qa_csv
+from qdr_jax.data.dpr import (dpr_records_to_split, read_dpr_passages, read_dpr_train_json,
+                              read_qa_csv, squad_to_dpr)
+from qdr_jax.data.beir import open_text
 from qdr_jax.data.hf import read_hf_split
-from qdr_jax.data.types import Corpus, RetrievalDataset, Split
+from qdr_jax.data.types import Corpus, DataFormatError, RetrievalDataset, Split
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 _DEMO_PREFIX = "demo:"
 _HUB_PREFIX = "hf:"
-_FORMATS = ("beir", "dpr")
+_FORMATS = ("beir", "dpr", "squad")
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -96,13 +99,33 @@ def truncate_corpus(dataset: RetrievalDataset, max_passages: int) -> RetrievalDa
   return RetrievalDataset(name=dataset.name, corpus=new_corpus, splits=splits)
 
 
+def read_squad(path: str, name: str, test_fraction: float, seed: int) -> RetrievalDataset:
+  """SQuAD v1.1 JSON converted in memory, exactly as ``experiments/convert_squad.py`` writes
+  it: paragraphs as passages, train/test split by article, answers kept for matching."""
+  try:
+    with open_text(path) as f:
+      squad = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataFormatError(path, f"not valid JSON ({e.msg})", e.lineno) from e
+  if not isinstance(squad, dict) or "data" not in squad:
+    raise DataFormatError(path, "expected a SQuAD object with a 'data' list of articles")
+  converted = squad_to_dpr(squad, test_fraction, seed)
+  splits = {split: dpr_records_to_split(((None, i, r) for i, r in enumerate(records)),
+                                        converted.corpus, path, split)[0]
+            for split, records in (("train", converted.train_records),
+                                   ("test", converted.test_records))}
+  return RetrievalDataset(name=name, corpus=converted.corpus, splits=splits)
+
+
 def load_dataset(cfg: Any) -> RetrievalDataset:
   """Loads the data set a config describes.
 
   Config keys:
     name: the data set's name.
-    format: 'beir' or 'dpr'.
-    root: (beir) the BEIR directory, e.g. 'demo:scifact'.
+    format: 'beir', 'dpr' or 'squad'.
+    root: (beir) the BEIR directory, e.g. 'demo:scifact'; (squad) the SQuAD v1.1 JSON
+      (.gz), e.g. 'demo:squad/dev-v1.1.json.gz'.
+    test_fraction, split_seed: (squad) share of articles in the test split and its seed.
     splits: (beir, optional) split names to read, default all; (dpr) a mapping from
       split name to a path: `*.json[.gz]` DPR JSON, `*.csv`/`*.tsv` QA file, a
       `save_to_disk` directory, or `hf:NAME[:SPLIT]` for the hub.
@@ -121,6 +144,8 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
   fmt = _get(cfg, "format", required=True)
   splits_cfg = _get(cfg, "splits")
   if fmt == "beir":
+    if hasattr(splits_cfg, "keys") and not list(splits_cfg.keys()):
+      splits_cfg = None  # an empty mapping (the base config's default) means all splits
     if isinstance(splits_cfg, str):
       splits_cfg = [splits_cfg]
     elif splits_cfg is not None and not isinstance(splits_cfg, Sequence):
@@ -137,6 +162,9 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     splits = {split: _read_dpr_split(str(spec), corpus, split, allow_missing)
               for split, spec in splits_cfg.items()}
     dataset = RetrievalDataset(name=name, corpus=corpus, splits=splits)
+  elif fmt == "squad":
+    dataset = read_squad(resolve_path(_get(cfg, "root", required=True)), name,
+                         float(_get(cfg, "test_fraction", 0.25)), int(_get(cfg, "split_seed", 0)))
   else:
     raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
   return truncate_corpus(dataset, int(_get(cfg, "max_passages", 0) or 0))

@@ -192,7 +192,7 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
     relevance_fn = None
     if matcher is not None:
       batch_answers = [queries.answers[i] for i in idx]
-      relevance_fn = lambda b, rows: matcher.matches(batch_answers[b], rows)
+      relevance_fn = lambda b, rows: matcher.contains_answer(batch_answers[b], rows)
     pool = build_pool(candidates, [queries.positives[i] for i in idx], pool_size=pool_size,
                       num_rows=num_rows, max_positives=config.negatives.max_positives,
                       rng=rng, fill_valid=config.negatives.fill_valid,

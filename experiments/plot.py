@@ -1,0 +1,79 @@
+r"""Draws a run's training curves and its before/after metrics as PNG files.
+
+  python experiments/plot.py runs/demo
+
+Reads ``metrics.jsonl`` and ``results.json`` from the run directory and writes
+``curves.png`` and ``before_after.png`` next to them.
+"""
+
+import json
+import pathlib
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  records = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      raise SystemExit(f"{path}:{number}: not a JSON line ({e.msg})") from e
+  return records
+
+
+def plot_curves(records: list[dict], out: pathlib.Path) -> None:
+  train = [r for r in records if "loss" in r]
+  panels = [("loss", "training loss"), ("pool_accuracy", "in-pool accuracy"),
+            ("encoder_lr", "encoder learning rate"), ("steps_per_second", "steps / s")]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
+  steps = [r["step"] for r in train]
+  for ax, (key, title) in zip(axes, panels):
+    ax.plot(steps, [r.get(key, float("nan")) for r in train])
+    if key == "encoder_lr" and any("row_lr" in r for r in train):
+      ax.plot(steps, [r.get("row_lr", float("nan")) for r in train], label="row lr")
+      ax.legend()
+    ax.set_title(title)
+    ax.set_xlabel("step")
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def plot_before_after(results: dict, out: pathlib.Path) -> None:
+  metrics = list(results["after"]["quantized"])
+  bars = [("flat before", results["before"]["flat"]),
+          ("quantized before", results["before"]["quantized"]),
+          ("flat after", results["after"]["flat"]),
+          ("quantized after", results["after"]["quantized"])]
+  width = 0.8 / len(bars)
+  fig, ax = plt.subplots(figsize=(1.6 * len(metrics) + 2, 3.6))
+  for i, (name, values) in enumerate(bars):
+    xs = [m + (i - len(bars) / 2 + 0.5) * width for m in range(len(metrics))]
+    ax.bar(xs, [values.get(m, 0.0) for m in metrics], width, label=name)
+  ax.set_xticks(range(len(metrics)), metrics)
+  ax.set_ylim(0, 1)
+  ax.set_title(f"{results.get('dataset', '')}: {results.get('index', {}).get('factory', '')}")
+  ax.legend(fontsize=8, ncols=2)
+  fig.tight_layout()
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 2:
+    raise SystemExit(f"usage: {argv[0]} RUN_DIR")
+  run = pathlib.Path(argv[1])
+  if (run / "metrics.jsonl").exists():
+    plot_curves(read_metrics(run / "metrics.jsonl"), run / "curves.png")
+  if (run / "results.json").exists():
+    plot_before_after(json.loads((run / "results.json").read_text()), run / "before_after.png")
+  print(f"wrote plots under {run}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)

@@ -1,0 +1,98 @@
+"""Evaluate a corpus index on one split: search once, then score by qrels and/or answers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+from qdr_jax.data.types import Corpus, Split
+from qdr_jax.eval.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
+from qdr_jax.eval.metrics import DEFAULT_MEASURES, ranking_metrics, run_from_search
+from qdr_jax.index.faiss_index import search
+
+
+def evaluate_index(
+    index: faiss.Index,
+    query_embeddings: np.ndarray,
+    split: Split,
+    corpus: Corpus,
+    *,
+    depth: int = 1000,
+    answer_ks: Sequence[int] = DEFAULT_KS,
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    batch_size: int = 4096,
+    matcher: AnswerMatcher | None = None,
+    return_run: bool = False,
+):
+  """Searches `index` with the split's queries and scores the ranking.
+
+  The index's search ids must be corpus rows (row i = `corpus.ids[i]`), as `build_index`
+  makes them. Search settings (nprobe, efSearch) are whatever the index holds; set them with
+  `set_search_params` first.
+
+  Args:
+    index: FAISS index over the corpus table.
+    query_embeddings: (Q, d) float32, row i embedding `split.queries.ids[i]`.
+    split: the queries with qrels and/or answers.
+    corpus: the indexed passages.
+    depth: passages retrieved per query, capped at the corpus size; raised to max(answer_ks)
+      when the split is judged by answers.
+    answer_ks: top-k cutoffs of answer accuracy.
+    measures: ranking measures (see `ranking_metrics`).
+    batch_size: queries per FAISS search call.
+    matcher: an AnswerMatcher over `corpus.texts` to reuse its passage cache across calls.
+    return_run: also return the run (query id -> {passage id: score}) for a TREC file.
+
+  Returns:
+    {measure: value} with the ranking measures when the split has qrels and 'top{k}' answer
+    accuracies when `split.answers` is not None (both when both are there); with
+    `return_run`, (metrics, run).
+
+    Ranking measures average over the split's queries that have qrels, and a qrels query
+    without results scores 0; qrels of queries not in `split.queries` are ignored (they have
+    no embedding). Answer accuracy averages over all the split's queries; a query with no
+    answers counts as a miss, as in DPR.
+
+  Raises:
+    ValueError: shapes that do not match, an index whose size is not the corpus size, or a
+      split with neither qrels nor answers.
+  """
+  query_ids = [str(q) for q in split.queries.ids]
+  q = np.asarray(query_embeddings)
+  if q.ndim != 2 or q.shape[0] != len(query_ids):
+    raise ValueError(
+        f"query_embeddings has shape {q.shape}; expected ({len(query_ids)}, d), one row per "
+        "query of the split.")
+  if index.ntotal != len(corpus):
+    raise ValueError(f"The index holds {index.ntotal} vectors but the corpus has {len(corpus)}.")
+  by_answers = split.answers is not None
+  wanted = set(query_ids)
+  qrels = {qid: docs for qid, docs in split.qrels.items() if qid in wanted}
+  if split.qrels and not qrels:
+    raise ValueError("None of the split's qrels queries is among its queries.")
+  if not qrels and not by_answers:
+    raise ValueError("The split has neither qrels nor answers to judge the search by.")
+  if not query_ids or len(corpus) == 0:
+    raise ValueError("Nothing to evaluate: no queries or an empty corpus.")
+
+  k = depth
+  if by_answers:
+    k = max(k, max(answer_ks))
+  k = min(k, len(corpus))
+  scores, ids = search(index, q, k, batch_size=batch_size)
+
+  results: dict[str, float] = {}
+  run = None
+  if qrels or return_run:
+    run = run_from_search(query_ids, ids, scores, corpus.ids)
+  if qrels:
+    results.update(ranking_metrics(qrels, run, measures))
+  if by_answers:
+    matcher = matcher if matcher is not None else AnswerMatcher(corpus.texts)
+    answers = [split.answers.get(qid, ()) for qid in query_ids]
+    # Only the top max(answer_ks) slots can change any top-k accuracy.
+    ranks = matcher.first_hit_ranks(answers, ids[:, :max(answer_ks)])
+    results.update(accuracy_from_ranks(ranks, answer_ks))
+  return (results, run) if return_run else results
