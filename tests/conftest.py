@@ -65,11 +65,11 @@ def tiny_config(tiny_beir, tiny_encoder_dir, tmp_path):
   c.index.rebuild_every = 10
   c.negatives.k = 16
   c.loss.temperature = 0.05
-  c.optim.encoder_lr = 1e-3
+  c.optim.encoder_lr = 3e-3
   c.optim.row_lr = 1e-2
   c.optim.warmup_steps = 2
   c.train.batch_size = 8
-  c.train.steps = 30
+  c.train.steps = 80
   c.train.log_every = 1
   c.eval.index_seeds = (0,)
   c.eval.depth = 100
