@@ -1,0 +1,42 @@
+r"""Runs every training mode at two compression levels on one data set, same budget.
+
+  python experiments/compare.py --config=configs/demo.py --workdir=runs/compare-scifact
+  python experiments/compare.py --config=configs/squad.py --workdir=runs/compare-squad \
+      --levels=48,16 --modes=posthoc,query_only,jpq,dback_no_ste,dback
+
+Each (level, mode) trains in its own sub-directory from the same cached table, seeds and
+step budget; ``{workdir}/compare.json`` gathers the quantized test metrics (mean over the
+config's index seeds) and ``{workdir}/compare.png`` plots the primary metric against
+bytes per vector, with the flat index before training as the reference line.
+"""
+
+import json
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from qdr_jax.eval.compare import compare_modes, plot_comparison
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_LEVELS = flags.DEFINE_list("levels", ["48", "16"],
+                            "PQ sub-quantizer counts (bytes per vector at 8 bits).")
+_MODES = flags.DEFINE_list("modes", ["posthoc", "query_only", "jpq", "dback_no_ste", "dback"],
+                           "Training modes to compare.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  del argv
+  workdir = pathlib.Path(_WORKDIR.value)
+  summary = compare_modes(_CONFIG.value, workdir, [int(m) for m in _LEVELS.value],
+                          list(_MODES.value))
+  plot_comparison(summary, _CONFIG.value.eval.primary_metric, workdir / "compare.png")
+  logging.info("wrote %s", workdir / "compare.json")
+  print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+  app.run(main)
