@@ -4,11 +4,12 @@ The bundled SQuAD dev set is converted in memory (paragraphs as passages, as
 ``experiments/convert_squad.py`` writes them); questions of the train articles train,
 those of the test articles are scored by DPR-style answer accuracy (top-k) and by
 ranking metrics with their own paragraph as the positive. Train and test share no
-passage, so target-row updates cannot leak into the test split.
+passage, so target-row updates cannot leak into the test split. Candidates that contain
+a training question's answer but are not its paragraph are hidden from its softmax.
 Arguments: steps, mode, pq (as in configs/demo.py).
 """
 
-from qdr_jax.config import base_config, parse_arg
+from qdr_jax.config import apply_minilm_setup, base_config, parse_arg
 
 
 def get_config(arg: str | None = None):
@@ -21,24 +22,10 @@ def get_config(arg: str | None = None):
   c.data.split_seed = 0
   c.data.train_split = "train"
   c.data.eval_split = "test"
-
-  c.model.query_encoder = "all-MiniLM-L6-v2"
-  c.model.max_query_length = 64
-  c.model.max_passage_length = 256
-  c.model.passage_style = "concat"
-
   c.index.factory = f"IVF32,PQ{args.pq}x8"
   c.index.nprobe = 8
-  c.index.rebuild_every = 50
-  c.negatives.k = 100
   c.negatives.hide_answer_matches = True
-  c.loss.temperature = 0.05
-  c.optim.encoder_lr = 2e-5
-  c.optim.row_lr = 1e-4
-  c.train.mode = args.mode
-  c.train.batch_size = 32
-  c.train.steps = args.steps
   c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100")
   c.eval.answer_ks = (1, 5, 20, 100)
   c.eval.primary_metric = "top20"
-  return c
+  return apply_minilm_setup(c, steps=args.steps, mode=args.mode)

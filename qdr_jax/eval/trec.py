@@ -7,12 +7,11 @@ exactly. Files are written atomically (temp file in the same directory, then os.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping
 
 from qdr_jax.data.types import DataFormatError
+from qdr_jax.io_utils import write_text_atomic
 
 
 def write_trec_run(
@@ -33,7 +32,7 @@ def write_trec_run(
     for rank, (doc, score) in enumerate(ranked, start=1):
       _check_id(doc, "passage id")
       lines.append(f"{qid_s} Q0 {doc} {rank} {score!r} {tag}\n")
-  _atomic_write_text(os.fspath(path), "".join(lines))
+  write_text_atomic(os.fspath(path), "".join(lines))
 
 
 def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
@@ -78,19 +77,3 @@ def read_trec_run(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 def _check_id(value: str, what: str) -> None:
   if not value or any(c.isspace() for c in value):
     raise ValueError(f"{what} {value!r} is empty or contains whitespace; TREC runs cannot hold it.")
-
-
-def _atomic_write_text(path: str, text: str) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a run file is meant to be shared.
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise

@@ -38,12 +38,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 
 import faiss
 import numpy as np
 from faiss.contrib.factory_tools import reverse_index_factory
+
+from qdr_jax.io_utils import atomic_path
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
@@ -360,20 +361,8 @@ def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
 
   A failed write leaves neither a partial file nor a changed `path`.
   """
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; index files are meant to be shared.
+  with atomic_path(path) as tmp:
     faiss.write_index(index, tmp)
-    with open(tmp, "rb") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 def load_index(path: str | os.PathLike, *, mmap: bool = False) -> faiss.Index:

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import pathlib
-import tempfile
 import time
 
 import ml_collections
@@ -20,6 +19,7 @@ import numpy as np
 from absl import logging
 
 from qdr_jax.data.types import Corpus
+from qdr_jax.io_utils import atomic_path
 from qdr_jax.models.tokenization import passage_inputs
 
 
@@ -36,14 +36,8 @@ def table_cache_key(model_cfg: ml_collections.ConfigDict, corpus: Corpus) -> str
 def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
   """Writes ``array`` so that ``path`` is either absent or complete."""
   path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
+  with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.save(f, array, allow_pickle=False)
 
 
 def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.ndarray:
