@@ -5,6 +5,8 @@ r"""Trains a retriever with DBACK (or a peer mode) and evaluates flat vs quantiz
       --config.train.steps=300
 
 Writes ``{workdir}/metrics.jsonl`` during training and ``{workdir}/results.json`` at the end.
+With ``--config.checkpoint.every=N`` the state is saved under ``{workdir}/checkpoints``;
+rerunning the same command resumes from the latest one, and SIGTERM saves and exits.
 """
 
 import pathlib
@@ -24,6 +26,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   del argv
   results = train_and_evaluate(_CONFIG.value, pathlib.Path(_WORKDIR.value))
+  if results.get("preempted"):
+    print(f"stopped at step {results['step']} (checkpoint saved); rerun to resume")
+    return
   print(before_after_table(results))
 
 

@@ -52,6 +52,11 @@ def tiny_encoder_dir(tmp_path_factory):
 
 @pytest.fixture
 def tiny_config(tiny_beir, tiny_encoder_dir, tmp_path):
+  return make_tiny_config(tiny_beir, tiny_encoder_dir, tmp_path / "cache")
+
+
+def make_tiny_config(tiny_beir, tiny_encoder_dir, cache_dir):
+  """The `tiny_config` fixture's config, for fixtures of a wider scope."""
   c = base_config()
   c.data.name = "tiny"
   c.data.root = str(tiny_beir)
@@ -59,7 +64,7 @@ def tiny_config(tiny_beir, tiny_encoder_dir, tmp_path):
   c.model.max_query_length = 16
   c.model.max_passage_length = 32
   c.model.embed_batch_size = 64
-  c.table.cache_dir = str(tmp_path / "cache")
+  c.table.cache_dir = str(cache_dir)
   c.index.factory = "IVF4,PQ4x8"
   c.index.nprobe = 2
   c.index.rebuild_every = 10
