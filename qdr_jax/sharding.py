@@ -58,6 +58,12 @@ def shard_like_table(tree, mesh: Mesh, num_rows: int, shard_rows: bool):
   def place(leaf):
     leaf = jax.numpy.asarray(leaf)
     is_row_leaf = leaf.ndim >= 1 and leaf.shape[0] == num_rows
-    return jax.device_put(leaf, rows if is_row_leaf else rep)
+    target = rows if is_row_leaf else rep
+    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+      # device_put refuses typed keys for a sharding that spans other processes; their
+      # raw data (identical on every process) places like any array.
+      data = jax.device_put(jax.random.key_data(leaf), target)
+      return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+    return jax.device_put(leaf, target)
 
   return jax.tree.map(place, tree)

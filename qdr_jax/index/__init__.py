@@ -15,17 +15,27 @@ from qdr_jax.index.faiss_index import (
     set_num_threads,
     set_search_params,
 )
+from qdr_jax.index.refresh import (
+    ChangedRows,
+    emptied_copy,
+    incremental_refresh,
+    refresh_kind,
+)
 
 __all__ = [
+    "ChangedRows",
     "build_index",
     "bytes_per_vector",
     "compression_ratio",
     "describe_index",
+    "emptied_copy",
     "factory_string",
+    "incremental_refresh",
     "load_index",
     "num_threads",
     "rebuild_index",
     "reconstruct_all",
+    "refresh_kind",
     "save_index",
     "search",
     "set_num_threads",

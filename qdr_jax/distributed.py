@@ -1,0 +1,199 @@
+"""Multi-process (multi-host) setup: starting JAX's distributed runtime and feeding it data.
+
+One job: turn a single-host run into a data-parallel one over several processes. Each
+process loads its own slice of every global batch (``process_batch_slice``) and the slices
+become one batch-sharded global array (``host_local_to_global``); the target table and its
+per-row optimizer state stay sharded by rows over *all* devices of *all* processes (the
+mesh of ``qdr_jax.sharding.make_mesh`` with ``config.sharding.num_devices = 0``), so a
+table too large for one host is spread over the hosts' memory.
+
+FAISS runs on hosts, not devices, so every process must see the same negatives. Two ways:
+
+* Process 0 builds and searches the index: the query embeddings are gathered to every
+  host (``global_to_host``), process 0 builds the pool and sends it to the others with
+  ``jax.experimental.multihost_utils.broadcast_one_to_all`` (``broadcast_from_process_0``
+  here). One index in memory; the other hosts wait for the search.
+* Every host keeps its own replica of the index and searches it: no broadcast, but every
+  replica must be built from the same table with the same seed (``build_index`` seeds
+  every k-means) and searched with the same query batch, so that the pools agree bit for
+  bit; the pool's random filling must use the same seed on every host too.
+
+Arrays placed with ``jax.device_put(host_array, global_sharding)`` (as ``init_state``
+does) work across processes as long as every process passes the same value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from qdr_jax import sharding
+
+# Read when the config leaves the coordinator unset; JAX itself reads only the first.
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
+ENV_PROCESS_ID = "JAX_PROCESS_ID"
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessInfo:
+  """Where this process stands after ``initialize_distributed``.
+
+  Attributes:
+    process_index: this process's id, 0 .. process_count - 1.
+    process_count: number of processes in the job.
+    source: what configured it: "config", "env", "auto", "already" (JAX's distributed
+      runtime was running before the call) or "single" (no distributed runtime).
+  """
+  process_index: int
+  process_count: int
+  source: str
+
+
+def _from_env() -> tuple[str, int, int] | None:
+  address = os.environ.get(ENV_COORDINATOR, "")
+  count = os.environ.get(ENV_NUM_PROCESSES, "")
+  index = os.environ.get(ENV_PROCESS_ID, "")
+  if not address:
+    return None
+  if not count or not index:
+    raise ValueError(f"{ENV_COORDINATOR} is set, so {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} "
+                     "must be set too.")
+  return address, int(count), int(index)
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
+  """Starts JAX's distributed runtime as ``config.distributed`` (or the environment) says.
+
+  Must run before anything touches a JAX device. In order of precedence:
+
+  1. ``config.distributed.coordinator_address`` set and ``num_processes`` > 1: those
+     values with ``process_id``.
+  2. The environment: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+     ``JAX_PROCESS_ID``.
+  3. ``config.distributed.auto_detect``: ``jax.distributed.initialize()`` with no
+     arguments, which detects SLURM, Open MPI and Cloud TPU jobs.
+  4. Otherwise a single process; nothing is started.
+
+  Args:
+    config: the full config (its ``distributed`` section is read) or that section alone.
+
+  Returns:
+    This process's index and the process count.
+  """
+  cfg = config.distributed if "distributed" in config else config
+  if cfg.cpu_collectives:
+    # Cross-process collectives on CPU devices (tests, CPU clusters); ignored on GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+  if jax.distributed.is_initialized():
+    return ProcessInfo(jax.process_index(), jax.process_count(), "already")
+  timeout = int(cfg.initialization_timeout)
+  if cfg.coordinator_address and int(cfg.num_processes) > 1:
+    source, args = "config", (cfg.coordinator_address, int(cfg.num_processes),
+                              int(cfg.process_id))
+  elif (env := _from_env()) is not None:
+    source, args = "env", env
+  elif cfg.auto_detect:
+    jax.distributed.initialize(initialization_timeout=timeout)
+    return ProcessInfo(jax.process_index(), jax.process_count(), "auto")
+  else:
+    return ProcessInfo(0, 1, "single")
+  address, count, index = args
+  if not 0 <= index < count:
+    raise ValueError(f"process_id={index} is outside 0..{count - 1}.")
+  jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                             process_id=index, initialization_timeout=timeout)
+  return ProcessInfo(jax.process_index(), jax.process_count(), source)
+
+
+def process_batch_slice(batch_indices: np.ndarray, process_index: int,
+                        process_count: int) -> np.ndarray:
+  """The part of a global batch that ``process_index`` loads (a contiguous block).
+
+  Process ``i`` of ``n`` takes rows ``[i * B / n, (i + 1) * B / n)``: the block that the
+  batch-sharded global array keeps on that process's devices when the mesh lists devices
+  in process order (as ``sharding.make_mesh`` does), so no data crosses hosts.
+
+  Args:
+    batch_indices: (B, ...) the global batch (e.g. query indices from ``batch_indices``),
+      identical on every process.
+    process_index: this process, ``jax.process_index()``.
+    process_count: ``jax.process_count()``; must divide B.
+  """
+  batch_indices = np.asarray(batch_indices)
+  size = batch_indices.shape[0]
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is outside 0..{process_count - 1}.")
+  if size % process_count:
+    raise ValueError(f"The global batch of {size} does not split evenly over "
+                     f"{process_count} processes.")
+  per = size // process_count
+  return batch_indices[process_index * per:(process_index + 1) * per]
+
+
+def _local_block(sharding_: NamedSharding, global_shape: tuple[int, ...]) -> tuple[int, int]:
+  """[start, stop) of the leading-dim rows this process's devices hold."""
+  spans = [idx[0].indices(global_shape[0])[:2]
+           for idx in sharding_.addressable_devices_indices_map(global_shape).values()]
+  return min(s for s, _ in spans), max(e for _, e in spans)
+
+
+def host_local_to_global(tree: Any, mesh: Mesh) -> Any:
+  """This process's batch slice(s) -> batch-sharded global arrays over ``mesh``.
+
+  Every leaf is this process's block of the batch (leading dim B / process_count, as
+  ``process_batch_slice`` cut it); the result has the global batch size, split over the
+  mesh's ``data`` axis. On a single process this is a ``device_put``.
+
+  Raises:
+    ValueError: the mesh does not give this process a contiguous block of the batch in
+      process order, so ``process_batch_slice`` would have loaded the wrong rows.
+  """
+  batch_sh = sharding.batch_sharding(mesh)
+  count, index = jax.process_count(), jax.process_index()
+
+  def convert(leaf):
+    leaf = np.asarray(leaf)
+    global_shape = (leaf.shape[0] * count,) + leaf.shape[1:]
+    start, stop = _local_block(batch_sh, global_shape)
+    if (start, stop) != (index * leaf.shape[0], (index + 1) * leaf.shape[0]):
+      raise ValueError(
+          f"Process {index} holds batch rows [{start}, {stop}) of {global_shape[0]} under "
+          "this mesh, not the block process_batch_slice gives it; build the mesh with the "
+          "devices in process order (sharding.make_mesh).")
+    return jax.make_array_from_process_local_data(batch_sh, leaf, global_shape)
+
+  return jax.tree.map(convert, tree)
+
+
+def replicate_to_global(tree: Any, mesh: Mesh) -> Any:
+  """Host values that every process holds identically -> replicated global arrays."""
+  rep = NamedSharding(mesh, P())
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(rep, np.asarray(x)),
+                      tree)
+
+
+def global_to_host(tree: Any) -> Any:
+  """Global (possibly not fully addressable) arrays -> full numpy values on every host.
+
+  ``jax.device_get`` refuses arrays with shards on other processes; this gathers them
+  (e.g. the batch's query embeddings, for the host's FAISS search).
+  """
+  if jax.process_count() == 1:
+    return jax.device_get(tree)
+  return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                      tree)
+
+
+def broadcast_from_process_0(tree: Any) -> Any:
+  """Process 0's host values (e.g. the negative pool it searched) on every process."""
+  if jax.process_count() == 1:
+    return tree
+  return multihost_utils.broadcast_one_to_all(tree)

@@ -1,0 +1,283 @@
+"""Subprocess body of the scale-out tests: runs train steps on a chosen device layout.
+
+One job: run a few steps of the real jitted step functions (``qdr_jax.train.step``) on a
+tiny, seeded problem under a given mesh, and save the resulting state for the parent test
+to compare. It runs as a script, not under pytest, because the CPU device count
+(``XLA_FLAGS``) and JAX's distributed runtime must be set up before JAX starts:
+
+  python tests/scale_worker.py sharding OUT.npz
+  python tests/scale_worker.py multihost OUT.npz --process-id=I --num-processes=N --port=P
+  python tests/scale_worker.py reference OUT.npz
+
+Every run draws its tokens and pools from the same seeds, so any two layouts must agree up
+to the float error of a different reduction order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _set_device_count(n: int) -> None:
+  flags = os.environ.get("XLA_FLAGS", "")
+  flags = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+
+
+DIM, BATCH, SEQ, POOL, STEPS = 32, 8, 8, 24, 3
+
+
+_SHARED = []
+
+
+def _shared():
+  """Encoder, its initial params, the 512-row table and a PQ quantizer, made once.
+
+  Every run of a process shares them: training the PQ and compiling the parameter init
+  would otherwise dominate the test's time.
+  """
+  if not _SHARED:
+    import faiss
+    import jax
+    import numpy as np
+
+    from qdr_jax.models import BertEncoder, EncoderConfig, init_params
+    from qdr_jax.quant import quantizer_from_faiss
+
+    module = BertEncoder(EncoderConfig.tiny(num_layers=1, pooling="mean", normalize=True))
+    params = jax.device_get(init_params(module, jax.random.key(0)))
+    table = np.random.default_rng(0).normal(size=(512, DIM)).astype(np.float32)
+    index = faiss.index_factory(DIM, "PQ4x8", faiss.METRIC_INNER_PRODUCT)
+    index.pq.cp.niter = 4  # a rough quantizer is enough: it only shapes the loss
+    index.do_polysemous_training = False  # slow, and useless here
+    index.train(table)
+    _SHARED.extend([module, params, table, quantizer_from_faiss(index)])
+  return _SHARED
+
+
+def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
+           mode_name: str = "dback"):
+  """The config, mesh, initial state and step functions of the tiny problem."""
+  import jax
+
+  from qdr_jax import sharding
+  from qdr_jax.config import base_config
+  from qdr_jax.train import optim
+  from qdr_jax.train.modes import get_mode
+  from qdr_jax.train.state import init_state
+  from qdr_jax.train.step import make_step_functions
+
+  config = base_config()
+  config.train.steps = 10
+  config.train.batch_size = batch
+  config.loss.temperature = 0.1
+  config.optim.warmup_steps = 0
+  config.optim.encoder_lr = 1e-3
+  config.optim.row_lr = 1e-2
+  config.sharding.num_devices = num_devices
+  config.table.dtype = table_dtype
+  mode = get_mode(mode_name)
+  module, params, full_table, quantizer = _shared()
+  # The same first 509 rows whatever the table size, so padded and unpadded runs compare.
+  table = full_table[:rows]
+  mesh = sharding.make_mesh(config.sharding)
+  encoder_tx, _ = optim.make_encoder_optimizer(config.optim, config.train.steps)
+  row_tx = optim.make_row_transform(config.optim)
+  row_lr = optim.make_schedule(config.optim.row_lr, config.optim, config.train.steps)
+  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, None)
+  apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
+                                      t["token_type_ids"])
+  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None)
+  quantizer_dev = jax.device_put(quantizer, sharding.replicated(mesh))
+  return config, mesh, state, fns, quantizer_dev
+
+
+def _step_inputs(step: int, rows: int, batch: int = BATCH, seed: int = 1):
+  """Host tokens and pool arrays of ``step`` (a pure function of the step and seed)."""
+  import numpy as np
+
+  from qdr_jax.negatives.pool import build_pool
+
+  rng = np.random.default_rng((seed, step))
+  tokens = {"input_ids": rng.integers(1, 100, (batch, SEQ)).astype(np.int32),
+            "attention_mask": np.ones((batch, SEQ), np.int32),
+            "token_type_ids": np.zeros((batch, SEQ), np.int32)}
+  # Candidates from a narrow band of rows so that steps revisit rows (their Adam state),
+  # and rows near the end of the table (the shard boundary of a padded table).
+  candidates = rng.integers(rows - 64, rows, (batch, 6))
+  positives = [np.array([(7 * step + 3 * b) % rows]) for b in range(batch)]
+  pool = build_pool(candidates, positives, pool_size=POOL, num_rows=rows, max_positives=1,
+                    rng=rng, fill_valid=False)
+  return tokens, pool.arrays()
+
+
+def _flat(tree) -> dict:
+  import jax
+  import numpy as np
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
+
+
+def _run_local(*, rows: int, table_dtype: str, num_devices: int) -> tuple[dict, list[str]]:
+  """STEPS steps on one process; returns arrays to save and sharding violations."""
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from qdr_jax import sharding
+
+  _, mesh, state, fns, quantizer = _setup(rows=rows, table_dtype=table_dtype,
+                                          num_devices=num_devices)
+  row_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
+  batch_sh = sharding.batch_sharding(mesh)
+  rep = sharding.replicated(mesh)
+  padded = sharding.padded_rows(rows, mesh)
+  problems = []
+
+  def check(name, array, expected):
+    if not array.sharding.is_equivalent_to(expected, array.ndim):
+      problems.append(f"{num_devices} devices: {name} has {array.sharding}, expected "
+                      f"{expected.spec}")
+
+  for step in range(STEPS):
+    tokens, pool = _step_inputs(step, rows)
+    tokens = jax.device_put(tokens, batch_sh)
+    pool = jax.device_put(pool, rep)
+    query_emb, vjp = fns.encode(state.params, tokens)
+    for name, array in tokens.items():
+      check(f"step {step} tokens[{name}]", array, batch_sh)
+    check(f"step {step} query embeddings", query_emb, batch_sh)
+    state, metrics = fns.update(state, vjp, query_emb, pool, quantizer)
+    check(f"step {step} table", state.table, row_sh)
+    for name, leaf in _flat_leaves(state.row_opt_state):
+      check(f"step {step} row_opt_state{name}", leaf, row_sh)
+    for name, leaf in _flat_leaves(state.params):
+      check(f"step {step} params{name}", leaf, rep)
+    if state.table.shape[0] != padded:
+      problems.append(f"table has {state.table.shape[0]} rows, expected {padded}")
+  shard_rows = {s.data.shape[0] for s in state.table.addressable_shards}
+  if shard_rows != {padded // num_devices}:
+    problems.append(f"table shards have {shard_rows} rows, expected {padded // num_devices}")
+  out = {f"params{k}": v for k, v in _flat(state.params).items()}
+  out.update({f"rowstate{k}": v[:rows] for k, v in _flat(state.row_opt_state).items()})
+  out["table"] = np.asarray(state.table[:rows].astype(np.float32))
+  out["table_bytes_per_device"] = np.asarray(
+      max(s.data.nbytes for s in state.table.addressable_shards))
+  out["row_state_bytes_per_device"] = np.asarray(sum(
+      max(s.data.nbytes for s in leaf.addressable_shards)
+      for leaf in jax.tree.leaves(state.row_opt_state)))
+  out["loss"] = np.asarray(float(metrics["loss"]))
+  return out, problems
+
+
+def _flat_leaves(tree):
+  import jax
+  return [(jax.tree_util.keystr(p), leaf)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def sharding_main(out_path: str) -> None:
+  """1-device vs 8-device runs of the float32, padded (509 rows) and bfloat16 tables."""
+  _set_device_count(8)
+  import numpy as np
+
+  scenarios = {"f32_512": (512, "float32"), "f32_509": (509, "float32"),
+               "bf16_512": (512, "bfloat16")}
+  arrays, problems = {}, []
+  for name, (rows, dtype) in scenarios.items():
+    for devices in ((8,) if name == "bf16_512" else (1, 8)):
+      out, found = _run_local(rows=rows, table_dtype=dtype, num_devices=devices)
+      problems += [f"{name}: {p}" for p in found]
+      arrays.update({f"{name}/{devices}/{k}": v for k, v in out.items()})
+  arrays["problems"] = np.asarray(json.dumps(problems))
+  np.savez(out_path, **arrays)
+
+
+def reference_main(out_path: str) -> None:
+  """The multihost problem on one process and one device."""
+  _set_device_count(1)
+  import numpy as np
+  out, problems = _run_local(rows=512, table_dtype="float32", num_devices=1)
+  np.savez(out_path, problems=np.asarray(json.dumps(problems)), **out)
+
+
+def multihost_main(out_path: str, process_id: int, num_processes: int, port: int) -> None:
+  """STEPS steps data-parallel over ``num_processes`` processes of 2 CPU devices each.
+
+  Each process loads only its block of every batch, process 0 makes the pool and
+  broadcasts it (the other processes deliberately draw a wrong one that must be
+  replaced), and the table is sharded by rows over all processes' devices.
+  """
+  _set_device_count(2)
+  from qdr_jax import distributed
+  from qdr_jax.config import base_config
+
+  config = base_config()
+  config.distributed.coordinator_address = f"localhost:{port}"
+  config.distributed.num_processes = num_processes
+  config.distributed.process_id = process_id
+  config.distributed.initialization_timeout = 60
+  config.distributed.cpu_collectives = "gloo"
+  info = distributed.initialize_distributed(config)
+
+  import jax
+  import numpy as np
+
+  rows = 512
+  _, mesh, state, fns, quantizer = _setup(rows=rows, table_dtype="float32", num_devices=0)
+  problems = []
+  if mesh.devices.size != 2 * num_processes:
+    problems.append(f"mesh has {mesh.devices.size} devices")
+  queries = []
+  for step in range(STEPS):
+    tokens, pool = _step_inputs(step, rows)
+    # Per-host loading: only this process's block of the global batch.
+    local = jax.tree.map(
+        lambda a: distributed.process_batch_slice(a, info.process_index, info.process_count),
+        tokens)
+    tokens_dev = distributed.host_local_to_global(local, mesh)
+    query_emb, vjp = fns.encode(state.params, tokens_dev)
+    # What the host's FAISS search would see: the whole batch's embeddings.
+    queries.append(distributed.global_to_host(query_emb))
+    if info.process_index != 0:
+      _, pool = _step_inputs(step, rows, seed=99)  # wrong on purpose: the broadcast wins
+    pool = distributed.broadcast_from_process_0(pool)
+    pool_dev = distributed.replicate_to_global(pool, mesh)
+    state, metrics = fns.update(state, vjp, query_emb, pool_dev, quantizer)
+  table = distributed.global_to_host(state.table)[:rows]
+  params = distributed.global_to_host(state.params)
+  row_state = distributed.global_to_host(state.row_opt_state)
+  out = {f"params{k}": v for k, v in _flat(params).items()}
+  out.update({f"rowstate{k}": v[:rows] for k, v in _flat(row_state).items()})
+  out["table"] = np.asarray(table, np.float32)
+  out["queries"] = np.stack(queries)
+  out["loss"] = np.asarray(float(distributed.global_to_host(metrics["loss"])))
+  out["process_count"] = np.asarray(info.process_count)
+  out["local_devices"] = np.asarray(len(jax.local_devices()))
+  out["table_local_rows"] = np.asarray(sum(s.data.shape[0]
+                                           for s in state.table.addressable_shards))
+  np.savez(out_path, problems=np.asarray(json.dumps(problems)), **out)
+  jax.distributed.shutdown()
+
+
+def main(argv: list[str]) -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("kind", choices=("sharding", "multihost", "reference"))
+  parser.add_argument("out")
+  parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument("--num-processes", type=int, default=2)
+  parser.add_argument("--port", type=int, default=0)
+  args = parser.parse_args(argv)
+  if args.kind == "sharding":
+    sharding_main(args.out)
+  elif args.kind == "reference":
+    reference_main(args.out)
+  else:
+    multihost_main(args.out, args.process_id, args.num_processes, args.port)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
