@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.opq_niter = 10
   c.index.threads = 0             # 0 = FAISS default
   c.index.rebuild_every = 100
+  # Steps between full rebuilds (quantizer retrained); the refreshes in between only
+  # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
+  c.index.full_rebuild_every = 0
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100
@@ -62,6 +65,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.max_positives = 4
   c.negatives.fill_valid = True   # filler rows act as random negatives
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
+  c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05
@@ -69,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.quant = ml_collections.ConfigDict()
   c.quant.learn_codebooks = False
+  # Codes the straight-through forward decodes: 'index' = as the FAISS index stores them
+  # (refreshed at each rebuild: exactly what is served, and cheap); 'recompute' = encode
+  # the pool's current rows every step (exact for rows moved since the last rebuild).
+  c.quant.codes = "index"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.encoder_lr = 2e-5
@@ -103,9 +111,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding.num_devices = 1      # 0 = all visible devices
   c.sharding.shard_table = True
 
+  # Multi-process (multi-host) runs; the defaults mean a single process. See
+  # qdr_jax.distributed.initialize_distributed for the environment fallback.
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = not set
+  c.distributed.num_processes = 1
+  c.distributed.process_id = 0
+  c.distributed.auto_detect = False  # let JAX detect the cluster (SLURM, Open MPI, TPU)
+  c.distributed.initialization_timeout = 300  # seconds to wait for every process
+  c.distributed.cpu_collectives = ""  # gloo | mpi; "" = JAX's default (gloo)
+
   c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = 0          # 0 = no checkpoints
-  c.checkpoint.keep = 2
+  c.checkpoint.every = 0          # 0 = no checkpoints (nor resume saves on SIGTERM)
+  c.checkpoint.keep = 2           # most recent checkpoints kept
+  c.checkpoint.keep_best = 1      # plus the best by best_metric among saves with an eval
+  c.checkpoint.best_metric = ""   # in-training quantized eval measure; "" = eval.primary_metric
+  c.checkpoint.best_mode = "max"  # max | min
+  c.checkpoint.async_save = True  # write files in the background after the host copy
   return c
 
 
@@ -153,4 +175,25 @@ def apply_paper_setup(c: ml_collections.ConfigDict, *, encoder_lr: float, temper
   c.eval.batch_size = 256
   c.eval.index_seeds = (0,)
   c.sharding.num_devices = 0
+  return c
+
+
+def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
+                       ) -> ml_collections.ConfigDict:
+  """What the bundled demos share: all-MiniLM-L6-v2 (cosine scores), batch 32, top-100
+  negatives, temperature 0.05 for scores in [-1, 1], query lr 2e-5 and row lr 1e-4 (the
+  paper's 2e-6 / 1e-6 barely move this model in a few hundred steps)."""
+  c.model.query_encoder = "all-MiniLM-L6-v2"
+  c.model.max_query_length = 64
+  c.model.max_passage_length = 256
+  c.model.passage_style = "concat"
+  c.negatives.k = 100
+  c.loss.temperature = 0.05
+  c.optim.encoder_lr = 2e-5
+  c.optim.row_lr = 1e-4
+  c.optim.warmup_steps = 20
+  c.train.mode = mode
+  c.train.batch_size = 32
+  c.train.steps = steps
+  c.index.rebuild_every = 50
   return c

@@ -3,20 +3,23 @@
 import json
 
 import numpy as np
+import pytest
 
 from qdr_jax.train.loop import batch_indices, train_and_evaluate
 
 
-def test_short_run_improves_training_loss_and_writes_results(tiny_config, tmp_path):
+@pytest.mark.parametrize("overlap", [False, True], ids=["exact", "overlap"])
+def test_short_run_improves_training_loss_and_writes_results(tiny_config, tmp_path, overlap):
   # Scored on the training queries: with a random tiny encoder only what was trained on
   # can be expected to improve; held-out behaviour is measured by the real-data runs.
   tiny_config.data.eval_split = "train"
+  tiny_config.negatives.overlap = overlap
   workdir = tmp_path / "run"
   results = train_and_evaluate(tiny_config, workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   losses = [r["loss"] for r in records if "loss" in r]
   assert len(losses) == tiny_config.train.steps
-  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5]), losses
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
   saved = json.loads((workdir / "results.json").read_text())
   assert saved["steps"] == tiny_config.train.steps
   for when in ("before", "after"):

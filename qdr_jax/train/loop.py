@@ -25,13 +25,15 @@ from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 from qdr_jax.eval.answers import AnswerMatcher
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.table_eval import build_quantized, evaluate_table
-from qdr_jax.index.faiss_index import search
+from qdr_jax.index.faiss_index import search, set_search_params
 from qdr_jax.models import tokenize
 from qdr_jax.negatives.pool import build_pool
-from qdr_jax.quant import quantizer_from_faiss, write_codebooks_to_faiss
+from qdr_jax.quant import quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train import optim
+from qdr_jax.train.checkpoint import (Checkpointer, StopSignal, has_checkpoint, make_metadata,
+                                      validate_metadata)
 from qdr_jax.train.modes import Mode, get_mode
 from qdr_jax.train.state import TrainState, host_table, init_state
 from qdr_jax.train.step import StepFunctions, make_step_functions
@@ -112,12 +114,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return evaluate_table(table, query_emb, eval_split, corpus, config.index, config.eval)
 
   start = time.perf_counter()
-  before = evaluate(table0, encoders.query_params, "eval before")
+  before = _before_metrics(config, workdir,
+                           lambda: evaluate(table0, encoders.query_params, "eval before"))
   logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "mode": config.train.mode, "index": before["index"], "before": before}
   if mode.trains:
     trained = train(config, mode, dataset, encoders, table0, workdir)
+    if trained.get("preempted"):
+      # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
+      return {"preempted": True, "step": trained["step"]}
     after = evaluate(trained["table"], trained["params"], "eval after")
     if mode.quantize:
       after["quantized_trained_quantizer"] = trained["final_index_metrics"]
@@ -134,13 +140,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
           encoders: Encoders, table0: np.ndarray, workdir: pathlib.Path) -> dict:
-  """Runs ``config.train.steps`` steps; returns the final params and table and timings."""
+  """Runs ``config.train.steps`` steps; returns the final params and table and timings.
+
+  With ``config.checkpoint.every`` > 0 the state is saved every that many steps and at the
+  end, and SIGTERM saves after the current step and returns ``{"preempted": True,
+  "step": ...}``. A workdir that already holds a checkpoint is resumed from it.
+  """
+  with StopSignal(enabled=bool(config.checkpoint.every)) as stop:
+    return _train(config, mode, dataset, encoders, table0, workdir, stop)
+
+
+def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
+           encoders: Encoders, table0: np.ndarray, workdir: pathlib.Path,
+           stop: StopSignal) -> dict:
   corpus = dataset.corpus
   num_rows = len(corpus)
   queries = training_queries(dataset.split(config.data.train_split), corpus)
   eval_split = dataset.split(config.data.eval_split)
   batch_size, k = config.train.batch_size, config.negatives.k
-  pool_size = config.negatives.pool_size or batch_size * k
+  # A corpus smaller than B*k is pooled whole: the softmax is then exact.
+  pool_size = config.negatives.pool_size or min(batch_size * k, num_rows)
   steps = config.train.steps
   mesh = sharding.make_mesh(config.sharding)
   if batch_size % mesh.devices.size:
@@ -161,6 +180,12 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
 
   state = init_state(config, mode, encoders.query_params, table0, quantizer, mesh,
                      encoder_tx, row_tx, codebook_tx)
+  ckpt, start_step = None, 0
+  if config.checkpoint.every or has_checkpoint(workdir):
+    ckpt = Checkpointer.from_config(config, workdir)
+    if ckpt.latest_step() is not None:
+      state, index, start_step = _resume(config, mode, ckpt, state, index, num_rows, workdir)
+      quantizer = quantizer_from_faiss(index)
   fns: StepFunctions = make_step_functions(
       lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
                                                  t["attention_mask"], t["token_type_ids"]),
@@ -170,25 +195,36 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
   batch_sh = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
   writer = MetricsWriter(workdir / "metrics.jsonl")
-  quantizer_dev = jax.device_put(quantizer, rep) if mode.quantize else None
+  quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh, state.table.shape[0])
 
-  bar = tqdm(range(steps), desc=f"train {config.train.mode}", unit="step")
+  bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
+             desc=f"train {config.train.mode}", unit="step")
   window_start, window_steps = time.perf_counter(), 0
   train_start = time.perf_counter()
-  for step in bar:
+  # Host randomness of a step (pool subsampling and filler) derives from the state's key
+  # and the step alone, so resumed and overlapped runs draw the same pools.
+  base_key = jax.random.wrap_key_data(jax.device_get(jax.random.key_data(state.rng)))
+
+  def encode_batch(step: int, params):
+    """Dispatches the query forward of ``step``'s batch; returns device futures."""
     idx = batch_indices(step, len(queries.texts), batch_size, config.seed)
     tokens = tokenize(encoders.tokenizer, [queries.texts[i] for i in idx],
                       config.model.max_query_length,
                       pad_to_multiple_of=config.model.length_bucket)
-    tick = time.perf_counter()
     query_emb, encoder_vjp = fns.encode(
-        state.params, {n: jax.device_put(a, batch_sh) for n, a in tokens.items()})
+        params, {n: jax.device_put(a, batch_sh) for n, a in tokens.items()})
+    return step, idx, query_emb, encoder_vjp
+
+  def with_negatives(encoded, index):
+    """Searches the quantized index with the batch's embeddings and pools the results."""
+    step, idx, query_emb, encoder_vjp = encoded
+    tick = time.perf_counter()
     query_host = np.asarray(jax.device_get(query_emb))
     timers["encode"] += time.perf_counter() - tick
     tick = time.perf_counter()
     _, candidates = search(index, query_host, k)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(
-        jax.random.fold_in(state.rng, step))))
+        jax.random.fold_in(base_key, step))))
     relevance_fn = None
     if matcher is not None:
       batch_answers = [queries.answers[i] for i in idx]
@@ -199,17 +235,37 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
                       relevance_fn=relevance_fn)
     pool_dev = {n: jax.device_put(a, rep) for n, a in pool.arrays().items()}
     timers["search"] += time.perf_counter() - tick
+    return query_emb, encoder_vjp, pool, pool_dev
+
+  # Overlap: the next batch's forward is dispatched before this step's update, and its
+  # index search runs on the host while the device updates. The next step's query
+  # embeddings, negatives and VJP then come from parameters one update old (a one-step
+  # stale gradient, as in pipelined training). Exact mode encodes after each update.
+  overlap = bool(config.negatives.overlap)
+  current = with_negatives(encode_batch(start_step, state.params), index) \
+      if start_step < steps else None
+  for step in bar:
+    eval_metrics = None
+    last = step + 1 == steps
+    query_emb, encoder_vjp, pool, pool_dev = current
     tick = time.perf_counter()
-    state, metrics = fns.update(state, encoder_vjp, query_emb, pool_dev, quantizer_dev)
+    upcoming = encode_batch(step + 1, state.params) if overlap and not last else None
+    state, metrics = fns.update(state, encoder_vjp, query_emb, pool_dev, quantizer_dev,
+                                index_codes)
+    if upcoming is not None:
+      current = with_negatives(upcoming, index)
     metrics = _to_float(metrics)  # blocks: the step is timed to completion
     timers["step"] += time.perf_counter() - tick
     window_steps += 1
 
     if (step + 1) % config.index.rebuild_every == 0 and step + 1 < steps:
       tick = time.perf_counter()
-      index, quantizer = _refresh_index(config, mode, state, index, num_rows)
-      quantizer_dev = jax.device_put(quantizer, rep) if mode.quantize else None
+      index, _ = _refresh_index(config, mode, state, index, num_rows)
+      quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh,
+                                                   state.table.shape[0])
       timers["rebuild"] += time.perf_counter() - tick
+    if not overlap and not last and not stop.requested:
+      current = with_negatives(encode_batch(step + 1, state.params), index)
 
     if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
       now = time.perf_counter()
@@ -217,8 +273,8 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
                 "encoder_lr": float(encoder_lr(step)), "row_lr": float(row_lr(step)),
                 "steps_per_second": window_steps / (now - window_start),
                 "pool_candidates": pool.num_candidates,
-                "pool_duplicate_fraction": 1.0 - pool.num_candidates / candidates.size,
-                **{f"seconds_{n}": v / (step + 1) for n, v in timers.items()}}
+                "pool_duplicate_fraction": 1.0 - pool.num_candidates / (batch_size * k),
+                **{f"seconds_{n}": v / (step + 1 - start_step) for n, v in timers.items()}}
       writer.write(record)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pool_accuracy']:.2f}")
       window_start, window_steps = now, 0
@@ -230,7 +286,24 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
           index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
           answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))}
       writer.write(record)
+      eval_metrics = record["eval_quantized"]
+
+    if config.checkpoint.every and ((step + 1) % config.checkpoint.every == 0
+                                    or step + 1 == steps or stop.requested):
+      # The index goes along: it may predate the table (built at the last rebuild).
+      ckpt.save(state, _checkpoint_metadata(config, state, step + 1, num_rows),
+                index=index, metrics=eval_metrics)
+    if stop.requested:
+      break
   bar.close()
+  stop.release()
+  if ckpt is not None:
+    ckpt.wait_until_finished()
+    ckpt.close()
+  if stop.requested:
+    stop.acknowledge()
+    logging.warning("stopped by signal after step %d; checkpoint saved", int(state.step))
+    return {"preempted": True, "step": int(state.step)}
   train_seconds = time.perf_counter() - train_start
 
   table = host_table(state, num_rows)
@@ -246,8 +319,85 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
         final_index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
         answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))
   return {"table": table, "params": params, "train_seconds": train_seconds,
-          "seconds_per_step": {n: v / max(steps, 1) for n, v in timers.items()},
+          "seconds_per_step": {n: v / max(steps - start_step, 1) for n, v in timers.items()},
           "final_index_metrics": final_index_metrics, "state": state}
+
+
+def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int) -> dict:
+  return make_metadata(config, step=step, corpus_size=num_rows, table_rows=state.table.shape[0],
+                       dim=state.table.shape[1], table_dtype=str(state.table.dtype),
+                       has_codebooks=state.codebooks is not None)
+
+
+def _resume(config, mode: Mode, ckpt: Checkpointer, state: TrainState, index, num_rows: int,
+            workdir: pathlib.Path):
+  """(state, index, step) of the workdir's latest readable checkpoint.
+
+  The state (with its PRNG key) and the FAISS index the loop was searching are restored,
+  and ``batch_indices`` is a pure function of the step, so the resumed steps repeat the
+  uninterrupted run's exactly. Log records past the checkpoint are dropped.
+  """
+  validate_metadata(ckpt.read_metadata(), config, num_rows, state.table.shape[1],
+                    also=("train.mode", "quant.learn_codebooks"))
+  restored = ckpt.restore(state)
+  if restored.metadata["config"]["train"]["steps"] != config.train.steps:
+    logging.warning("resuming with train.steps=%d, the checkpoint's run had %d: the "
+                    "schedules differ from an uninterrupted run", config.train.steps,
+                    restored.metadata["config"]["train"]["steps"])
+  if restored.index is not None:
+    index = restored.index
+    set_search_params(index, nprobe=config.index.nprobe,
+                      ef_search=config.index.ef_search or None, strict=False)
+  else:
+    index, _ = _refresh_index(config, mode, restored.state, index, num_rows)
+  _truncate_records(workdir / "metrics.jsonl", restored.step)
+  logging.info("resumed from %s at step %d", ckpt.step_path(restored.step), restored.step)
+  return restored.state, index, restored.step
+
+
+def _truncate_records(path: pathlib.Path, step: int) -> None:
+  """Drops metric records of steps after ``step``, so a resumed log has no duplicates."""
+  if not path.exists():
+    return
+  lines = [line for line in path.read_text().splitlines() if line.strip()]
+  keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
+  if len(keep) != len(lines):
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
+  """The "before" evaluation; a resumed run (the workdir has a checkpoint) reads it back
+  from ``eval_before.json`` when the config is unchanged, so its results.json reports
+  the same figures without re-embedding and re-indexing."""
+  path = workdir / "eval_before.json"
+  key = json.loads(config.to_json_best_effort())
+  if path.exists() and has_checkpoint(workdir):
+    saved = json.loads(path.read_text())
+    if saved.get("config") == key:
+      return saved["before"]
+  before = compute()
+  path.write_text(json.dumps({"config": key, "before": before}))
+  return before
+
+
+def _loss_quantizer(config, mode: Mode, index, mesh, padded_rows: int):
+  """The quantizer the loss decodes with and, for ``quant.codes='index'``, the codes the
+  index stores for every row (row-sharded like the table), both on the mesh."""
+  if not mode.quantize:
+    return None, None
+  quantizer = jax.device_put(quantizer_from_faiss(index), sharding.replicated(mesh))
+  if config.quant.codes == "recompute":
+    return quantizer, None
+  if config.quant.codes != "index":
+    raise ValueError(f"config.quant.codes must be index or recompute; got {config.quant.codes!r}")
+  codes, lists = stored_codes(index)
+  padded_codes = np.zeros((padded_rows, codes.shape[1]), np.uint8)
+  padded_codes[:len(codes)] = codes
+  padded_lists = np.zeros(padded_rows, np.int32)
+  padded_lists[:len(lists)] = lists
+  rows = sharding.row_sharding(mesh, config.sharding.shard_table)
+  return quantizer, {"codes": jax.device_put(padded_codes, rows),
+                     "lists": jax.device_put(padded_lists, rows)}
 
 
 def _refresh_index(config, mode: Mode, state: TrainState, index, num_rows: int):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from qdr_jax.quant import Quantizer, quantize
+from qdr_jax.quant import Quantizer, decode, quantize
 from qdr_jax.train.loss import contrastive_loss
 from qdr_jax.train.modes import Mode
 from qdr_jax.train.optim import Schedule
@@ -30,20 +30,23 @@ class StepFunctions:
   update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
-def pool_targets(rows: jax.Array, quantizer: Quantizer | None, codebooks: jax.Array | None
-                 ) -> jax.Array:
+def pool_targets(rows: jax.Array, quantizer: Quantizer | None, codebooks: jax.Array | None,
+                 codes: jax.Array | None = None, lists: jax.Array | None = None) -> jax.Array:
   """Pool rows as the loss sees them.
 
   With a quantizer the forward value is the PQ reconstruction of each row while the
   gradient reaches the full-precision row unchanged (straight-through) and, through the
-  reconstruction with the codes held fixed, the codebooks.
+  reconstruction with the codes held fixed, the codebooks. ``codes`` (and IVF ``lists``)
+  are the rows' codes as the index stores them; without them the rows are encoded anew.
   """
   if quantizer is None:
     return rows
   if codebooks is not None:
     quantizer = quantizer.replace(codebooks=codebooks)
   frozen = jax.lax.stop_gradient(rows)
-  return rows - frozen + quantize(quantizer, frozen)
+  if codes is None:
+    return rows - frozen + quantize(quantizer, frozen)
+  return rows - frozen + decode(quantizer, codes.astype(jnp.int32), lists)
 
 
 def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
@@ -70,14 +73,21 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
 
   def update(state: TrainState, encoder_vjp, query_emb: jax.Array, pool: dict[str, jax.Array],
-             quantizer: Quantizer | None):
+             quantizer: Quantizer | None, index_codes: dict[str, jax.Array] | None = None):
+    """One update. ``index_codes`` ({"codes": (rows, M) uint8, "lists": (rows,)}) are the
+    table's codes as the FAISS index stores them; None re-encodes the pool every step."""
     row_ids = pool["row_ids"]
     valid = pool["valid"]
     rows = state.table[row_ids].astype(jnp.float32)
     learned = state.codebooks if mode.learn_codebooks else None
 
+    codes = lists = None
+    if index_codes is not None:
+      codes, lists = index_codes["codes"][row_ids], index_codes["lists"][row_ids]
+
     def loss_fn(q, rows, codebooks):
-      targets = pool_targets(rows, quantizer if mode.quantize else None, codebooks)
+      targets = pool_targets(rows, quantizer if mode.quantize else None, codebooks, codes,
+                             lists)
       return contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"], valid,
                               temperature=temperature, multi_positive=multi_positive)
 
