@@ -57,7 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.rebuild_every = 100
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only
   # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
-  c.index.full_rebuild_every = 0
+  c.index.full_rebuild_every = 0  # >0: refreshes between full rebuilds re-add moved rows only
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100

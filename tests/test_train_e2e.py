@@ -8,12 +8,14 @@ import pytest
 from qdr_jax.train.loop import batch_indices, train_and_evaluate
 
 
-@pytest.mark.parametrize("overlap", [False, True], ids=["exact", "overlap"])
+@pytest.mark.parametrize("overlap", [False, True], ids=["exact", "overlap-incremental"])
 def test_short_run_improves_training_loss_and_writes_results(tiny_config, tmp_path, overlap):
   # Scored on the training queries: with a random tiny encoder only what was trained on
   # can be expected to improve; held-out behaviour is measured by the real-data runs.
   tiny_config.data.eval_split = "train"
   tiny_config.negatives.overlap = overlap
+  if overlap:  # also exercise incremental refreshes between full rebuilds
+    tiny_config.index.full_rebuild_every = 2 * tiny_config.index.rebuild_every
   workdir = tmp_path / "run"
   results = train_and_evaluate(tiny_config, workdir)
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -26,6 +26,7 @@ from qdr_jax.eval.answers import AnswerMatcher
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.table_eval import build_quantized, evaluate_table
 from qdr_jax.index.faiss_index import search, set_search_params
+from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.models import tokenize
 from qdr_jax.negatives.pool import build_pool
 from qdr_jax.quant import quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
@@ -196,6 +197,9 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   rep = sharding.replicated(mesh)
   writer = MetricsWriter(workdir / "metrics.jsonl")
   quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh, state.table.shape[0])
+  changed = ChangedRows(num_rows)  # rows moved since the last refresh
+  if start_step:  # which rows moved before the checkpoint is not saved: re-add them all
+    changed.add(np.arange(num_rows))
 
   bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
              desc=f"train {config.train.mode}", unit="step")
@@ -258,9 +262,18 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
     timers["step"] += time.perf_counter() - tick
     window_steps += 1
 
-    if (step + 1) % config.index.rebuild_every == 0 and step + 1 < steps:
+    if mode.update_rows:
+      changed.add(pool.row_ids[pool.valid])
+    kind = refresh_kind(step + 1, config.index.rebuild_every, config.index.full_rebuild_every)
+    if kind is not None and not last:
       tick = time.perf_counter()
-      index, _ = _refresh_index(config, mode, state, index, num_rows)
+      if kind == "incremental" and not mode.learn_codebooks:
+        rows = changed.take()  # only these rows moved since the last refresh
+        index = incremental_refresh(index, rows, np.asarray(
+            jax.device_get(state.table[jnp.asarray(rows)]), np.float32))
+      else:
+        index, _ = _refresh_index(config, mode, state, index, num_rows)
+        changed.clear()
       quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh,
                                                    state.table.shape[0])
       timers["rebuild"] += time.perf_counter() - tick
