@@ -45,8 +45,10 @@ def runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
   real_batch_indices = loop.batch_indices
 
   def sigterm_during(step, *args, **kwargs):
-    if step == STOP_AT - 1:
-      os.kill(os.getpid(), signal.SIGTERM)  # handled after this step: saves STOP_AT
+    if step == STOP_AT:
+      # The loop prepares a step's batch at the end of the step before it, so the signal
+      # arrives during step STOP_AT - 1 (0-based) and the save after it holds STOP_AT.
+      os.kill(os.getpid(), signal.SIGTERM)
     return real_batch_indices(step, *args, **kwargs)
 
   previous = signal.getsignal(signal.SIGTERM)
