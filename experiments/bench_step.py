@@ -66,6 +66,10 @@ def main(argv):
   table = build_or_load_table(config, dataset.corpus,
                               pathlib.Path(config.table.cache_dir or workdir / "cache"),
                               embed_passages(encoders, config))
+  queries = training_queries(dataset.split(config.data.train_split), dataset.corpus)
+  texts = [queries.texts[i] for i in batch_indices(0, len(queries.texts),
+                                                    config.train.batch_size, config.seed)]
+  floor = encoder_forward_backward_seconds(encoders, config, texts)
   bench_dir = workdir / "bench_step"
   bench_dir.mkdir(parents=True, exist_ok=True)
   (bench_dir / "metrics.jsonl").unlink(missing_ok=True)
@@ -77,10 +81,6 @@ def main(argv):
   steady = _STEPS.value - _WARMUP
   phases = {p: (last[f"seconds_{p}"] * _STEPS.value - first[f"seconds_{p}"] * _WARMUP) / steady
             for p in ("encode", "search", "step", "rebuild")}
-  queries = training_queries(dataset.split(config.data.train_split), dataset.corpus)
-  texts = [queries.texts[i] for i in batch_indices(0, len(queries.texts),
-                                                    config.train.batch_size, config.seed)]
-  floor = encoder_forward_backward_seconds(encoders, config, texts)
   whole = sum(phases.values())
   result = {"config": config.data.name, "batch_size": config.train.batch_size,
             "k": config.negatives.k, "mode": config.train.mode,

@@ -49,6 +49,8 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   table_dev = jnp.asarray(padded, dtype=jnp.dtype(config.table.dtype))
   row_state = optim.init_row_state(row_tx, table_dev) if mode.update_rows else None
   codebooks = quantizer.codebooks if mode.learn_codebooks else None
+  # A copy: the step donates the state, which must never delete the caller's arrays.
+  params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
   state = TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
       encoder_opt_state=encoder_tx.init(params) if mode.update_encoder else None,
