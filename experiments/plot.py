@@ -29,12 +29,13 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
 def plot_curves(records: list[dict], out: pathlib.Path) -> None:
   train = [r for r in records if "loss" in r]
   panels = [("loss", "training loss"), ("pool_accuracy", "in-pool accuracy"),
-            ("encoder_lr", "encoder learning rate"), ("steps_per_second", "steps / s")]
+            ("encoder_lr", "learning rates"), ("steps_per_second", "steps / s")]
   fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2))
   steps = [r["step"] for r in train]
   for ax, (key, title) in zip(axes, panels):
     ax.plot(steps, [r.get(key, float("nan")) for r in train])
     if key == "encoder_lr" and any("row_lr" in r for r in train):
+      ax.lines[-1].set_label("encoder lr")
       ax.plot(steps, [r.get("row_lr", float("nan")) for r in train], label="row lr")
       ax.legend()
     ax.set_title(title)
