@@ -10,7 +10,6 @@ import dataclasses
 import json
 import pathlib
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -333,7 +332,7 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
         answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))
   return {"table": table, "params": params, "train_seconds": train_seconds,
           "seconds_per_step": {n: v / max(steps - start_step, 1) for n, v in timers.items()},
-          "final_index_metrics": final_index_metrics, "state": state}
+          "final_index_metrics": final_index_metrics}
 
 
 def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int) -> dict:
