@@ -134,7 +134,7 @@ def child_steps(devices: int, out: str) -> None:
   del table
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
-  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None)
+  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None, mesh)
   batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   quantizer = jax.device_put(quantizer, rep)
 

@@ -90,7 +90,7 @@ def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
   state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, None)
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
-  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None)
+  fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None, mesh)
   quantizer_dev = jax.device_put(quantizer, sharding.replicated(mesh))
   return config, mesh, state, fns, quantizer_dev
 

@@ -189,7 +189,7 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   fns: StepFunctions = make_step_functions(
       lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
                                                  t["attention_mask"], t["token_type_ids"]),
-      mode, config, encoder_tx, row_tx, row_lr, codebook_tx)
+      mode, config, encoder_tx, row_tx, row_lr, codebook_tx, mesh)
   matcher = (AnswerMatcher(corpus.texts)
              if queries.answers is not None and config.negatives.hide_answer_matches else None)
   batch_sh = sharding.batch_sharding(mesh)

@@ -17,7 +17,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
 from qdr_jax.quant import Quantizer, decode, quantize
+from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import contrastive_loss
 from qdr_jax.train.modes import Mode
 from qdr_jax.train.optim import Schedule
@@ -53,7 +56,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
                         config: ml_collections.ConfigDict,
                         encoder_tx: optax.GradientTransformation,
                         row_tx: optax.GradientTransformation, row_schedule: Schedule,
-                        codebook_tx: optax.GradientTransformation | None) -> StepFunctions:
+                        codebook_tx: optax.GradientTransformation | None,
+                        mesh: Mesh | None = None) -> StepFunctions:
   """Builds the jitted halves of a step.
 
   Args:
@@ -64,7 +68,11 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     row_tx: per-row update direction (vmapped over rows here).
     row_schedule: row learning rate by global step.
     codebook_tx: codebook optimizer when ``mode.learn_codebooks``.
+    mesh: when given (and it has several devices), the gathered pool rows are split over
+      its data axis, so each device decodes and scores its share of the pool rather than
+      all of it; the pool size must then be a multiple of the device count.
   """
+  split_pool = mesh is not None and mesh.devices.size > 1
   temperature = float(config.loss.temperature)
   multi_positive = config.loss.multi_positive
   normalize_rows = bool(config.table.normalize_rows)
@@ -79,6 +87,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     row_ids = pool["row_ids"]
     valid = pool["valid"]
     rows = state.table[row_ids].astype(jnp.float32)
+    if split_pool and row_ids.shape[0] % mesh.devices.size == 0:
+      rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, P(DATA_AXIS)))
     learned = state.codebooks if mode.learn_codebooks else None
 
     codes = lists = None
