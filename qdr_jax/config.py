@@ -197,3 +197,24 @@ def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
   c.train.steps = steps
   c.index.rebuild_every = 50
   return c
+
+
+def dpr_qa_config(name: str, *, train_file: str, test_file: str, model_suffix: str,
+                  temperature: float, rebuild_every: int) -> ml_collections.ConfigDict:
+  """The paper's DPR open-domain QA setup (NQ, TriviaQA): Wikipedia ``psgs_w100.tsv``,
+  DPR question/context encoders ``facebook/dpr-{question,ctx}_encoder-{model_suffix}``,
+  title/text as a sentence pair, top-k answer accuracy."""
+  c = base_config()
+  c.data.name = name
+  c.data.format = "dpr"
+  c.data.corpus = "data/psgs_w100.tsv"
+  c.data.splits = {"train": train_file, "test": test_file}
+  c.data.allow_missing_positives = True
+  c.model.query_encoder = f"facebook/dpr-question_encoder-{model_suffix}"
+  c.model.passage_encoder = f"facebook/dpr-ctx_encoder-{model_suffix}"
+  c.model.passage_style = "pair"
+  c.train.steps = 8000
+  c.eval.primary_metric = "top20"
+  c.eval.answer_ks = (1, 5, 20, 100)
+  return apply_paper_setup(c, encoder_lr=2e-6, temperature=temperature,
+                           rebuild_every=rebuild_every)

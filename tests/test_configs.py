@@ -1,0 +1,33 @@
+"""Every shipped config builds, locks, and rejects misspelt keys."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+def _load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_builds_and_is_locked(path):
+  config = _load(path)
+  config.lock()
+  assert config.data.name and config.index.factory and config.model.query_encoder
+  assert config.train.batch_size > 0 and config.negatives.k > 0
+  with pytest.raises(AttributeError):
+    config.train.stepz = 1  # a typo must fail, not add a key
+
+
+def test_dpr_configs_differ_only_where_the_paper_does():
+  nq, trivia = (_load(p) for p in CONFIGS if p.stem in ("nq", "trivia"))
+  assert (nq.loss.temperature, trivia.loss.temperature) == (8.0, 16.0)
+  assert (nq.index.rebuild_every, trivia.index.rebuild_every) == (800, 1600)
+  assert nq.index.factory == trivia.index.factory == "IVF4096_HNSW32,PQ128x8"
+  assert nq.model.passage_encoder.startswith("facebook/dpr-ctx_encoder")
