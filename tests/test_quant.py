@@ -225,6 +225,20 @@ def test_ip_coarse_assignment_is_max_inner_product(data, indexes):
   np.testing.assert_array_equal(_assign_coarse(l2_quantizer, x), l2)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if "IVF" in c.factory and not c.hnsw],
+                         ids=lambda c: c.name)
+def test_coarse_scores_probe_the_lists_faiss_probes(case, data, indexes):
+  """The top-nprobe lists by ``coarse_scores`` are those FAISS's coarse search visits."""
+  index, q, _, queries = _setup(case, data, indexes)
+  ivf = faiss.extract_index_ivf(index)
+  nprobe = 4
+  rotated = queries if q.rotation is None else np.asarray(quant.rotate(q, queries))
+  _, faiss_lists = ivf.quantizer.search(np.ascontiguousarray(rotated, dtype=np.float32), nprobe)
+  scores = np.asarray(jax.jit(quant.coarse_scores)(q, queries))
+  ours = np.argsort(-scores, axis=1, kind="stable")[:, :nprobe]
+  np.testing.assert_array_equal(np.sort(ours, axis=1), np.sort(faiss_lists, axis=1))
+
+
 def test_residual_encoding(data, indexes):
   case = next(c for c in CASES if c.name == "ivfpq")
   index, q, x, _ = _setup(case, data, indexes)

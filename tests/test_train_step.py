@@ -10,18 +10,19 @@ from qdr_jax import sharding
 from qdr_jax.config import base_config
 from qdr_jax.models import BertEncoder, EncoderConfig, init_params
 from qdr_jax.negatives.pool import build_pool
-from qdr_jax.quant import quantize, quantizer_from_faiss
+from qdr_jax.quant import assign_coarse, coarse_scores, quantize, quantizer_from_faiss
 from qdr_jax.train import optim
 from qdr_jax.train.state import init_state
-from qdr_jax.train.loss import contrastive_loss
+from qdr_jax.train.loss import contrastive_loss, routing_loss
 from qdr_jax.train.modes import get_mode
 from qdr_jax.train.step import make_step_functions, pool_targets
 
 DIM, ROWS, BATCH, SEQ = 32, 512, 4, 8
 
 
-def _setup(mode_name="dback", steps=10):
+def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0):
   config = base_config()
+  config.loss.routing_weight = routing_weight
   config.train.steps = steps
   config.loss.temperature = 0.1
   config.optim.warmup_steps = 0  # so the first step already moves
@@ -34,7 +35,7 @@ def _setup(mode_name="dback", steps=10):
   params = init_params(module, jax.random.key(0))
   rng = np.random.default_rng(0)
   table = rng.normal(size=(ROWS, DIM)).astype(np.float32)
-  index = faiss.index_factory(DIM, "PQ4x8", faiss.METRIC_INNER_PRODUCT)
+  index = faiss.index_factory(DIM, factory, faiss.METRIC_INNER_PRODUCT)
   index.train(table)
   index.add(table)
   quantizer = quantizer_from_faiss(index)
@@ -158,3 +159,30 @@ def test_index_codes_give_the_served_reconstruction():
   grad = jax.grad(lambda x: jnp.sum(w * pool_targets(x, quantizer, None,
                                                      jnp.asarray(codes[:50]), None)))(rows)
   np.testing.assert_allclose(grad, w)
+
+
+def test_routing_term_adds_the_probe_loss_of_the_positives_lists():
+  """With ``loss.routing_weight`` the step's loss is the contrastive loss plus the weighted
+  cross-entropy of the queries' IVF probe order against their positives' lists."""
+  runs = {}
+  for weight in (0.0, 0.5):
+    config, _, _, _, table, quantizer, state, fns, tokens, pool, _ = _setup(
+        factory="IVF8,PQ4x8", routing_weight=weight)
+    q, vjp = fns.encode(state.params, tokens)
+    arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+    new_state, metrics = fns.update(state, vjp, q, arrays, quantizer)
+    runs[weight] = (q, metrics, jax.device_get(new_state.params))
+  q, plain, params_plain = runs[0.0]
+  _, routed, params_routed = runs[0.5]
+  rows = jnp.asarray(table)[arrays["row_ids"]]
+  expected, parts = routing_loss(
+      coarse_scores(quantizer, q) / config.loss.routing_temperature,
+      assign_coarse(quantizer, rows), arrays["positive_mask"], arrays["valid"],
+      nprobe=config.index.nprobe)
+  assert "routing_loss" not in plain
+  np.testing.assert_allclose(routed["contrastive_loss"], plain["loss"], rtol=1e-6)
+  np.testing.assert_allclose(routed["routing_loss"], expected, rtol=1e-5)
+  np.testing.assert_allclose(routed["loss"], plain["loss"] + 0.5 * expected, rtol=1e-5)
+  assert float(routed["routing_recall"]) == float(parts["routing_recall"])
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_plain),
+                                                      jax.tree.leaves(params_routed)))

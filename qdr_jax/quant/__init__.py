@@ -6,6 +6,7 @@ from qdr_jax.quant.faiss_bridge import write_codebooks_to_faiss
 from qdr_jax.quant.pq import Quantizer
 from qdr_jax.quant.pq import adc_scores
 from qdr_jax.quant.pq import assign_coarse
+from qdr_jax.quant.pq import coarse_scores
 from qdr_jax.quant.pq import decode
 from qdr_jax.quant.pq import encode
 from qdr_jax.quant.pq import encode_with_lists
@@ -18,6 +19,7 @@ __all__ = [
     "Quantizer",
     "adc_scores",
     "assign_coarse",
+    "coarse_scores",
     "decode",
     "encode",
     "encode_with_lists",

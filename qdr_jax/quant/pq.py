@@ -106,15 +106,37 @@ def unrotate(q: Quantizer, y: Array) -> Array:
   return y if q.rotation is None else y @ q.rotation
 
 
+def _coarse_scores_rotated(q: Quantizer, y: Array) -> Array:
+  c = _residual_centroids(q)
+  dots = y @ c.T
+  if q.coarse_metric == "ip":
+    return dots
+  # -||y - c||^2 up to ||y||^2, which is the same for every centroid and so changes
+  # neither the order of the lists nor a softmax over them.
+  return 2.0 * dots - jnp.sum(c * c, axis=-1)
+
+
+def coarse_scores(q: Quantizer, x: Array) -> Array:
+  """How strongly each IVF list is probed for each vector: larger is probed first.
+
+  Inner products for an 'ip' coarse quantizer, negative squared L2 distances (less the
+  vector's own norm) for 'l2'; the top-``nprobe`` of a query's row are the lists an
+  exact coarse search visits. Differentiable w.r.t. ``x`` and the centroids.
+
+  Args:
+    q: a quantizer with an IVF level.
+    x: (N, d) vectors in the original space.
+
+  Returns:
+    (N, nlist) float32 scores.
+  """
+  return _coarse_scores_rotated(q, rotate(q, x))
+
+
 def _assign_rotated(q: Quantizer, y: Array) -> Array:
   if q.coarse_centroids is None:
     return jnp.zeros(y.shape[:1], jnp.int32)
-  c = q.coarse_centroids
-  dots = y @ c.T
-  if q.coarse_metric == "ip":
-    return jnp.argmax(dots, axis=-1).astype(jnp.int32)
-  # ||y||^2 is the same for every centroid, so it does not change the argmin.
-  return jnp.argmin(jnp.sum(c * c, axis=-1) - 2.0 * dots, axis=-1).astype(jnp.int32)
+  return jnp.argmax(_coarse_scores_rotated(q, y), axis=-1).astype(jnp.int32)
 
 
 def assign_coarse(q: Quantizer, x: Array) -> Array:

@@ -51,3 +51,39 @@ def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: ja
   hit = jnp.take_along_axis(positive, best[:, None], axis=1)[:, 0]
   accuracy = jnp.where(has_pos, hit, False).sum() / jnp.maximum(has_pos.sum(), 1)
   return loss, {"loss": loss, "pool_accuracy": accuracy}
+
+
+def routing_loss(coarse_logits: jax.Array, row_lists: jax.Array, positive_mask: jax.Array,
+                 valid: jax.Array, *, nprobe: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy of each query's IVF probe order against its positives' lists.
+
+  An IVF index only scores the passages of the ``nprobe`` lists a query probes, so a
+  positive whose list is not among them is lost however well its PQ code scores. This
+  term teaches the query encoder to probe its positives' lists first; the contrastive
+  loss cannot, because it never sees the coarse quantizer.
+
+  Args:
+    coarse_logits: (B, nlist) ``coarse_scores`` of the queries, divided by a temperature.
+    row_lists: (P,) IVF list of each pool row (as the index stores it).
+    positive_mask: (B, P) labelled positives of each query.
+    valid: (P,) rows that take part at all.
+    nprobe: lists probed at search time, for the recall metric.
+
+  Returns:
+    (scalar loss, metrics) with ``routing_recall``: the share of queries whose positives'
+    lists are all among their top-``nprobe`` lists.
+  """
+  nlist = coarse_logits.shape[1]
+  positive = (positive_mask & valid[None, :]).astype(jnp.float32)
+  per_list = positive @ jax.nn.one_hot(row_lists, nlist, dtype=jnp.float32)  # (B, nlist)
+  num_pos = per_list.sum(axis=1)
+  has_pos = num_pos > 0
+  target = per_list / jnp.maximum(num_pos, 1.0)[:, None]
+  per_query = -(target * jax.nn.log_softmax(coarse_logits.astype(jnp.float32), axis=1)).sum(1)
+  denom = jnp.maximum(has_pos.sum(), 1)
+  loss = jnp.where(has_pos, per_query, 0.0).sum() / denom
+  # A list is probed when fewer than nprobe lists score strictly higher.
+  rank = (coarse_logits[:, None, :] > coarse_logits[:, :, None]).sum(-1)  # (B, nlist)
+  missed = ((per_list > 0) & (rank >= nprobe)).any(axis=1)
+  recall = jnp.where(has_pos, ~missed, False).sum() / denom
+  return loss, {"routing_loss": loss, "routing_recall": recall}

@@ -19,9 +19,9 @@ import optax
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qdr_jax.quant import Quantizer, decode, quantize
+from qdr_jax.quant import Quantizer, assign_coarse, coarse_scores, decode, quantize
 from qdr_jax.sharding import DATA_AXIS
-from qdr_jax.train.loss import contrastive_loss
+from qdr_jax.train.loss import contrastive_loss, routing_loss
 from qdr_jax.train.modes import Mode
 from qdr_jax.train.optim import Schedule
 from qdr_jax.train.state import TrainState
@@ -76,6 +76,9 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   temperature = float(config.loss.temperature)
   multi_positive = config.loss.multi_positive
   normalize_rows = bool(config.table.normalize_rows)
+  routing_weight = float(config.loss.routing_weight)
+  routing_temperature = float(config.loss.routing_temperature)
+  nprobe = int(config.index.nprobe)
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -95,11 +98,25 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     if index_codes is not None:
       codes, lists = index_codes["codes"][row_ids], index_codes["lists"][row_ids]
 
+    route = routing_weight > 0 and mode.quantize and quantizer is not None \
+        and quantizer.has_ivf
+
     def loss_fn(q, rows, codebooks):
       targets = pool_targets(rows, quantizer if mode.quantize else None, codebooks, codes,
                              lists)
-      return contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"], valid,
-                              temperature=temperature, multi_positive=multi_positive)
+      loss, metrics = contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"],
+                                       valid, temperature=temperature,
+                                       multi_positive=multi_positive)
+      if route:
+        row_lists = lists if lists is not None else assign_coarse(
+            quantizer, jax.lax.stop_gradient(rows))
+        extra, route_metrics = routing_loss(
+            coarse_scores(quantizer, q) / routing_temperature, row_lists,
+            pool["positive_mask"], valid, nprobe=nprobe)
+        metrics = {**metrics, **route_metrics, "contrastive_loss": loss}
+        loss = loss + routing_weight * extra
+        metrics["loss"] = loss
+      return loss, metrics
 
     (_, metrics), (g_query, g_rows, g_codebooks) = jax.value_and_grad(
         loss_fn, argnums=(0, 1, 2), has_aux=True)(query_emb, rows, learned)
