@@ -66,10 +66,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.fill_valid = True   # filler rows act as random negatives
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
+  # FAISS threads of the per-step negative search; 0 = FAISS's default. On a host without
+  # an accelerator, 1 stops FAISS's OpenMP threads from spinning against XLA's in overlap.
+  c.negatives.search_threads = 0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05
   c.loss.multi_positive = "mean"  # mean | marginal
+  # IVF routing term (quantized modes on an IVF index): cross-entropy of the query's
+  # coarse scores / routing_temperature against its positives' lists, added with this
+  # weight. 0 = off (the paper's loss).
+  c.loss.routing_weight = 0.0
+  c.loss.routing_temperature = 0.05
 
   c.quant = ml_collections.ConfigDict()
   c.quant.learn_codebooks = False

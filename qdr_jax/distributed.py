@@ -25,6 +25,7 @@ does) work across processes as long as every process passes the same value.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -197,3 +198,44 @@ def broadcast_from_process_0(tree: Any) -> Any:
   if jax.process_count() == 1:
     return tree
   return multihost_utils.broadcast_one_to_all(tree)
+
+
+def is_lead_process() -> bool:
+  """Whether this process owns the host-side work: FAISS, files, logs and evaluation."""
+  return jax.process_index() == 0
+
+
+def broadcast_arrays(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+  """Process 0's named arrays on every process, whatever their shapes.
+
+  ``broadcast_one_to_all`` needs every process to pass a tree of the same shapes, which
+  only process 0 knows here (the codes of an index it built, the pool it searched); so
+  the names, shapes and dtypes go first as a small JSON header. Other processes pass
+  None. On a single process the input is returned as is.
+
+  Values keep their dtype except 64-bit ones, which travel as 32-bit when JAX runs
+  without x64 (row ids and list ids fit).
+  """
+  if jax.process_count() == 1:
+    if arrays is None:
+      raise ValueError("broadcast_arrays needs the arrays on process 0.")
+    return arrays
+  lead = is_lead_process()
+  if lead:
+    if arrays is None:
+      raise ValueError("broadcast_arrays needs the arrays on process 0.")
+    arrays = {name: np.asarray(value) for name, value in arrays.items()}
+    header = json.dumps([[name, list(a.shape), a.dtype.str] for name, a in arrays.items()])
+    header_bytes = np.frombuffer(header.encode(), np.uint8)
+  else:
+    header_bytes = np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(header_bytes.size)))
+  if not lead:
+    header_bytes = np.zeros(size, np.uint8)
+  layout = json.loads(bytes(np.asarray(
+      multihost_utils.broadcast_one_to_all(header_bytes), np.uint8)).decode())
+  if not lead:
+    arrays = {name: np.zeros(shape, np.dtype(dtype)) for name, shape, dtype in layout}
+  received = multihost_utils.broadcast_one_to_all(arrays)
+  return {name: np.asarray(received[name]).astype(np.dtype(dtype), copy=False)
+          for name, _, dtype in layout}

@@ -67,3 +67,25 @@ def shard_like_table(tree, mesh: Mesh, num_rows: int, shard_rows: bool):
     return jax.device_put(leaf, target)
 
   return jax.tree.map(place, tree)
+
+
+def put_rows(host: np.ndarray, mesh: Mesh, shard_rows: bool, num_rows: int,
+             dtype=None) -> jax.Array:
+  """A host array with table rows first, as a row-sharded global array of ``num_rows`` rows.
+
+  Rows past ``host``'s own are zero padding. Each device's block is cut (and cast) from
+  ``host`` by itself, so neither a padded copy of the whole array nor a single-device
+  copy of it is ever made, and in a multi-process job each process only places the
+  rows its devices hold (every process must pass the same ``host``).
+  """
+  dtype = np.dtype(dtype or host.dtype)
+  shape = (num_rows,) + host.shape[1:]
+
+  def block(index) -> np.ndarray:
+    start, stop, _ = index[0].indices(num_rows)
+    out = np.zeros((stop - start,) + host.shape[1:], dtype)
+    real = max(0, min(stop, host.shape[0]) - start)
+    out[:real] = host[start:start + real]
+    return out
+
+  return jax.make_array_from_callback(shape, row_sharding(mesh, shard_rows), block)

@@ -8,6 +8,8 @@ to compare. It runs as a script, not under pytest, because the CPU device count
   python tests/scale_worker.py sharding OUT.npz
   python tests/scale_worker.py multihost OUT.npz --process-id=I --num-processes=N --port=P
   python tests/scale_worker.py reference OUT.npz
+  python tests/scale_worker.py train OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
+      --workdir=DIR [--devices=D] [--process-id=I --num-processes=N --port=P]
 
 Every run draws its tokens and pools from the same seeds, so any two layouts must agree up
 to the float error of a different reduction order.
@@ -263,15 +265,75 @@ def multihost_main(out_path: str, process_id: int, num_processes: int, port: int
   jax.distributed.shutdown()
 
 
+def train_main(out_path: str, args: argparse.Namespace) -> None:
+  """The real training loop (``qdr_jax.train.loop.train``) on the tiny BEIR data.
+
+  Run as ``--num-processes`` processes of ``--devices`` CPU devices each (a 1-process run
+  is the reference). Every refresh kind and a checkpoint happen within the 12 steps.
+  """
+  _set_device_count(args.devices)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from conftest import make_tiny_config
+
+  from qdr_jax import distributed
+
+  config = make_tiny_config(args.beir, args.encoder, args.cache)
+  config.train.steps = 12
+  config.index.rebuild_every = 4
+  config.index.full_rebuild_every = 8  # step 4 incremental, step 8 full
+  config.checkpoint.every = 6
+  config.sharding.num_devices = 0  # every device of every process
+  if args.num_processes > 1:
+    config.distributed.coordinator_address = f"localhost:{args.port}"
+    config.distributed.num_processes = args.num_processes
+    config.distributed.process_id = args.process_id
+    config.distributed.initialization_timeout = 60
+    config.distributed.cpu_collectives = "gloo"
+  info = distributed.initialize_distributed(config)
+
+  import pathlib
+
+  import jax
+  import numpy as np
+
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.targets.encoders import embed_passages, load_encoders
+  from qdr_jax.targets.table import build_or_load_table
+  from qdr_jax.train.loop import train
+  from qdr_jax.train.modes import get_mode
+
+  dataset = load_dataset(config.data)
+  encoders = load_encoders(config.model)
+  table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(args.cache),
+                               embed_passages(encoders, config))
+  trained = train(config, get_mode(config.train.mode), dataset, encoders, table0,
+                  pathlib.Path(args.workdir))
+  out = {f"params{k}": v for k, v in _flat(trained["params"]).items()}
+  out["table"] = trained["table"]
+  out["table0"] = table0
+  out["process_count"] = np.asarray(info.process_count)
+  out["devices"] = np.asarray(jax.device_count())
+  np.savez(out_path, problems=np.asarray("[]"), **out)
+  if info.process_count > 1:
+    jax.distributed.shutdown()
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("kind", choices=("sharding", "multihost", "reference"))
+  parser.add_argument("kind", choices=("sharding", "multihost", "reference", "train"))
   parser.add_argument("out")
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--devices", type=int, default=2, help="train: CPU devices per process")
+  parser.add_argument("--beir", help="train: tiny BEIR root")
+  parser.add_argument("--encoder", help="train: tiny encoder directory")
+  parser.add_argument("--cache", help="train: table cache directory")
+  parser.add_argument("--workdir", help="train: workdir")
   args = parser.parse_args(argv)
-  if args.kind == "sharding":
+  if args.kind == "train":
+    train_main(args.out, args)
+  elif args.kind == "sharding":
     sharding_main(args.out)
   elif args.kind == "reference":
     reference_main(args.out)

@@ -36,15 +36,8 @@ def _launch(args, log):
                           stderr=subprocess.STDOUT, cwd=WORKER.parent.parent, env=env)
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-  tmp = tmp_path_factory.mktemp("multihost")
-  port = _free_port()
-  jobs = {}
-  for pid in range(2):
-    jobs[f"p{pid}"] = ["multihost", str(tmp / f"p{pid}.npz"), f"--process-id={pid}",
-                       "--num-processes=2", f"--port={port}"]
-  jobs["ref"] = ["reference", str(tmp / "ref.npz")]
+def _run_jobs(tmp, jobs: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+  """Runs the workers at once, fails with a log tail on error, loads their outputs."""
   logs = {name: open(tmp / f"{name}.log", "w") for name in jobs}
   procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
   try:
@@ -61,10 +54,22 @@ def results(tmp_path_factory):
     assert code == 0, f"{name} exited with {code}:\n{tail}"
   out = {}
   for name in jobs:
-    data = np.load(tmp / f"{name}.npz")
+    data = np.load(tmp / f"{name}.npz", allow_pickle=False)
     out[name] = {k: data[k] for k in data.files}
     assert json.loads(str(out[name].pop("problems"))) == []
   return out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp("multihost")
+  port = _free_port()
+  jobs = {}
+  for pid in range(2):
+    jobs[f"p{pid}"] = ["multihost", str(tmp / f"p{pid}.npz"), f"--process-id={pid}",
+                       "--num-processes=2", f"--port={port}"]
+  jobs["ref"] = ["reference", str(tmp / "ref.npz")]
+  return _run_jobs(tmp, jobs)
 
 
 def test_two_processes_form_one_mesh(results):
@@ -98,3 +103,42 @@ def test_multihost_matches_single_process(results):
       # the learning rate (see test_sharding).
       atol = 6e-3 if "['key']['bias']" in name else 1e-4
       np.testing.assert_allclose(multi[name], ref[name], rtol=1e-4, atol=atol, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_beir, tiny_encoder_dir):
+  """The training loop itself: 2 processes x 2 devices, and 1 process x 4 devices."""
+  tmp = tmp_path_factory.mktemp("multihost_train")
+  port = _free_port()
+  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}", f"--cache={tmp / 'cache'}"]
+  jobs = {f"p{pid}": ["train", str(tmp / f"p{pid}.npz"), *common, "--devices=2",
+                      f"--workdir={tmp / 'multi'}", f"--process-id={pid}",
+                      "--num-processes=2", f"--port={port}"] for pid in range(2)}
+  jobs["ref"] = ["train", str(tmp / "ref.npz"), *common, "--devices=4",
+                 f"--workdir={tmp / 'single'}", "--num-processes=1"]
+  return tmp, _run_jobs(tmp, jobs)
+
+
+def test_training_loop_runs_as_one_job_over_two_processes(trained):
+  tmp, out = trained
+  p0, p1, ref = out["p0"], out["p1"], out["ref"]
+  assert int(p0["process_count"]) == 2 and int(ref["process_count"]) == 1
+  assert int(p0["devices"]) == int(ref["devices"]) == 4
+  # Both processes return the same state, and it is the state of the same job on one
+  # process: the pools that process 0 searched reached process 1.
+  for name in p0:
+    np.testing.assert_array_equal(p0[name], p1[name], err_msg=name)
+  moved = np.abs(ref["table"] - ref["table0"]).max(axis=1) > 0
+  assert moved.sum() > 50
+  np.testing.assert_allclose(p0["table"], ref["table"], rtol=1e-4, atol=1e-5)
+  for name in ref:
+    if name.startswith("params"):
+      np.testing.assert_allclose(p0[name], ref[name], rtol=1e-3, atol=1e-4, err_msg=name)
+  # Process 0 alone logs; both took part in the checkpoints (Orbax saves across processes).
+  multi_log = (tmp / "multi" / "metrics.jsonl").read_text().splitlines()
+  ref_log = (tmp / "single" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(r)["step"] for r in multi_log] == list(range(1, 13))
+  losses = [json.loads(r)["loss"] for r in multi_log]
+  np.testing.assert_allclose(losses, [json.loads(r)["loss"] for r in ref_log], rtol=1e-4)
+  assert sorted(int(d.name) for d in (tmp / "multi" / "checkpoints").iterdir()
+                if d.name.isdigit()) == [6, 12]

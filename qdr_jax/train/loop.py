@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from qdr_jax import sharding
+from qdr_jax import distributed, sharding
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 from qdr_jax.eval.answers import AnswerMatcher
@@ -28,7 +29,7 @@ from qdr_jax.index.faiss_index import search, set_search_params
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.models import tokenize
 from qdr_jax.negatives.pool import build_pool
-from qdr_jax.quant import quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
+from qdr_jax.quant import Quantizer, quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train import optim
@@ -96,9 +97,15 @@ def _to_float(tree) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Trains per ``config`` and writes ``metrics.jsonl`` and ``results.json`` in ``workdir``.
 
+  In a multi-process job (``config.distributed``, see ``qdr_jax.distributed``) every
+  process trains its part; process 0 alone evaluates and writes files.
+
   Returns:
-    The results dictionary written to ``results.json``.
+    The results dictionary written to ``results.json`` (on other processes than 0, only
+    ``process_index`` and ``steps``).
   """
+  distributed.initialize_distributed(config)  # before anything touches a device
+  lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
@@ -114,6 +121,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return evaluate_table(table, query_emb, eval_split, corpus, config.index, config.eval)
 
   start = time.perf_counter()
+  if not lead:
+    if mode.trains:
+      trained = train(config, mode, dataset, encoders, table0, workdir)
+      if trained.get("preempted"):
+        return {"preempted": True, "step": trained["step"]}
+    return {"process_index": jax.process_index(), "steps": config.train.steps}
   before = _before_metrics(config, workdir,
                            lambda: evaluate(table0, encoders.query_params, "eval before"))
   logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
@@ -145,6 +158,12 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
   With ``config.checkpoint.every`` > 0 the state is saved every that many steps and at the
   end, and SIGTERM saves after the current step and returns ``{"preempted": True,
   "step": ...}``. A workdir that already holds a checkpoint is resumed from it.
+
+  Multi-process: every process loads its block of each batch and holds its rows of the
+  table; process 0 owns FAISS (builds, searches, refreshes) and broadcasts the pool and
+  the quantizer, and alone writes logs. Every process returns the same table and params.
+  Checkpoints of a multi-process run leave the FAISS index out (only process 0 has it):
+  a resume rebuilds it from the restored table.
   """
   with StopSignal(enabled=bool(config.checkpoint.every)) as stop:
     return _train(config, mode, dataset, encoders, table0, workdir, stop)
@@ -172,10 +191,13 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   codebook_tx, _ = (optim.make_codebook_optimizer(config.optim, steps)
                     if mode.learn_codebooks else (None, None))
 
+  lead = distributed.is_lead_process()
+  multi = jax.process_count() > 1
   timers = {name: 0.0 for name in TIMERS}
   tick = time.perf_counter()
-  index = build_quantized(table0, config.index, config.index.seed)
-  quantizer = quantizer_from_faiss(index)
+  # Only process 0 holds a FAISS index; the others get what the step needs by broadcast.
+  index = build_quantized(table0, config.index, config.index.seed) if lead else None
+  quantizer, _ = _shared_quantizer(index, with_codes=False)
   timers["rebuild"] += time.perf_counter() - tick
 
   state = init_state(config, mode, encoders.query_params, table0, quantizer, mesh,
@@ -185,23 +207,20 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
     ckpt = Checkpointer.from_config(config, workdir)
     if ckpt.latest_step() is not None:
       state, index, start_step = _resume(config, mode, ckpt, state, index, num_rows, workdir)
-      quantizer = quantizer_from_faiss(index)
   fns: StepFunctions = make_step_functions(
       lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
                                                  t["attention_mask"], t["token_type_ids"]),
       mode, config, encoder_tx, row_tx, row_lr, codebook_tx, mesh)
   matcher = (AnswerMatcher(corpus.texts)
              if queries.answers is not None and config.negatives.hide_answer_matches else None)
-  batch_sh = sharding.batch_sharding(mesh)
-  rep = sharding.replicated(mesh)
-  writer = MetricsWriter(workdir / "metrics.jsonl")
+  writer = MetricsWriter(workdir / "metrics.jsonl") if lead else None
   quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh, state.table.shape[0])
   changed = ChangedRows(num_rows)  # rows moved since the last refresh
   if start_step:  # which rows moved before the checkpoint is not saved: re-add them all
     changed.add(np.arange(num_rows))
 
   bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
-             desc=f"train {config.train.mode}", unit="step")
+             desc=f"train {config.train.mode}", unit="step", disable=not lead)
   window_start, window_steps = time.perf_counter(), 0
   train_start = time.perf_counter()
   # Host randomness of a step (pool subsampling and filler) derives from the state's key
@@ -211,32 +230,41 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   def encode_batch(step: int, params):
     """Dispatches the query forward of ``step``'s batch; returns device futures."""
     idx = batch_indices(step, len(queries.texts), batch_size, config.seed)
+    # The whole batch is tokenized on every host, so all pad to the same length; each
+    # then places only its own block (one block per process, see distributed.py).
     tokens = tokenize(encoders.tokenizer, [queries.texts[i] for i in idx],
                       config.model.max_query_length,
                       pad_to_multiple_of=config.model.length_bucket)
-    query_emb, encoder_vjp = fns.encode(
-        params, {n: jax.device_put(a, batch_sh) for n, a in tokens.items()})
+    local = {n: distributed.process_batch_slice(a, jax.process_index(), jax.process_count())
+             for n, a in tokens.items()}
+    query_emb, encoder_vjp = fns.encode(params, distributed.host_local_to_global(local, mesh))
     return step, idx, query_emb, encoder_vjp
 
   def with_negatives(encoded, index):
     """Searches the quantized index with the batch's embeddings and pools the results."""
     step, idx, query_emb, encoder_vjp = encoded
     tick = time.perf_counter()
-    query_host = np.asarray(jax.device_get(query_emb))
+    query_host = np.asarray(distributed.global_to_host(query_emb))
     timers["encode"] += time.perf_counter() - tick
     tick = time.perf_counter()
-    _, candidates = search(index, query_host, k)
-    rng = np.random.default_rng(np.asarray(jax.random.key_data(
-        jax.random.fold_in(base_key, step))))
-    relevance_fn = None
-    if matcher is not None:
-      batch_answers = [queries.answers[i] for i in idx]
-      relevance_fn = lambda b, rows: matcher.contains_answer(batch_answers[b], rows)
-    pool = build_pool(candidates, [queries.positives[i] for i in idx], pool_size=pool_size,
-                      num_rows=num_rows, max_positives=config.negatives.max_positives,
-                      rng=rng, fill_valid=config.negatives.fill_valid,
-                      relevance_fn=relevance_fn)
-    pool_dev = {n: jax.device_put(a, rep) for n, a in pool.arrays().items()}
+    pool = None
+    if lead:
+      _, candidates = search(index, query_host, k,
+                             threads=config.negatives.search_threads or None)
+      rng = np.random.default_rng(np.asarray(jax.random.key_data(
+          jax.random.fold_in(base_key, step))))
+      relevance_fn = None
+      if matcher is not None:
+        batch_answers = [queries.answers[i] for i in idx]
+        relevance_fn = lambda b, rows: matcher.contains_answer(batch_answers[b], rows)
+      built = build_pool(candidates, [queries.positives[i] for i in idx], pool_size=pool_size,
+                         num_rows=num_rows, max_positives=config.negatives.max_positives,
+                         rng=rng, fill_valid=config.negatives.fill_valid,
+                         relevance_fn=relevance_fn)
+      pool = {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}
+    pool = distributed.broadcast_arrays(pool)
+    pool_dev = distributed.replicate_to_global(
+        {n: a for n, a in pool.items() if n != "num_candidates"}, mesh)
     timers["search"] += time.perf_counter() - tick
     return query_emb, encoder_vjp, pool, pool_dev
 
@@ -247,6 +275,7 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   overlap = bool(config.negatives.overlap)
   current = with_negatives(encode_batch(start_step, state.params), index) \
       if start_step < steps else None
+  stopping = False
   for step in bar:
     eval_metrics = None
     last = step + 1 == steps
@@ -262,69 +291,85 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
     window_steps += 1
 
     if mode.update_rows:
-      changed.add(pool.row_ids[pool.valid])
+      changed.add(pool["row_ids"][pool["valid"]])
     kind = refresh_kind(step + 1, config.index.rebuild_every, config.index.full_rebuild_every)
     if kind is not None and not last:
       tick = time.perf_counter()
       if kind == "incremental" and not mode.learn_codebooks:
         rows = changed.take()  # only these rows moved since the last refresh
-        index = incremental_refresh(index, rows, np.asarray(
-            jax.device_get(state.table[jnp.asarray(rows)]), np.float32))
+        moved = np.asarray(distributed.global_to_host(state.table[jnp.asarray(rows)]),
+                           np.float32)
+        if lead:
+          index = incremental_refresh(index, rows, moved)
       else:
-        index, _ = _refresh_index(config, mode, state, index, num_rows)
+        index = _refresh_index(config, mode, state, index, num_rows)
         changed.clear()
       quantizer_dev, index_codes = _loss_quantizer(config, mode, index, mesh,
                                                    state.table.shape[0])
       timers["rebuild"] += time.perf_counter() - tick
-    if not overlap and not last and not stop.requested:
+    # A process that got SIGTERM still prepares the next batch in a multi-process job:
+    # the others, which may not have it yet, need it for the collectives inside.
+    if not overlap and not last and (multi or not stop.requested):
       current = with_negatives(encode_batch(step + 1, state.params), index)
 
-    if (step + 1) % config.train.log_every == 0 or step + 1 == steps:
+    if lead and ((step + 1) % config.train.log_every == 0 or step + 1 == steps):
       now = time.perf_counter()
+      num_candidates = int(pool["num_candidates"])
       record = {"step": step + 1, **metrics,
                 "encoder_lr": float(encoder_lr(step)), "row_lr": float(row_lr(step)),
                 "steps_per_second": window_steps / (now - window_start),
-                "pool_candidates": pool.num_candidates,
-                "pool_duplicate_fraction": 1.0 - pool.num_candidates / (batch_size * k),
+                "pool_candidates": num_candidates,
+                "pool_duplicate_fraction": 1.0 - num_candidates / (batch_size * k),
                 **{f"seconds_{n}": v / (step + 1 - start_step) for n, v in timers.items()}}
       writer.write(record)
       bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pool_accuracy']:.2f}")
       window_start, window_steps = now, 0
 
     if config.eval.every and (step + 1) % config.eval.every == 0 and step + 1 < steps:
-      query_emb_eval = embed_queries(encoders, state.params, eval_split.queries.texts, config,
-                                     desc="eval")
-      record = {"step": step + 1, "eval_quantized": evaluate_index(
-          index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
-          answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))}
-      writer.write(record)
-      eval_metrics = record["eval_quantized"]
+      params_host = distributed.global_to_host(state.params)  # collective: every process
+      if lead:
+        query_emb_eval = embed_queries(encoders, params_host, eval_split.queries.texts, config,
+                                       desc="eval")
+        record = {"step": step + 1, "eval_quantized": evaluate_index(
+            index, query_emb_eval, eval_split, corpus, depth=config.eval.depth,
+            answer_ks=tuple(config.eval.answer_ks), measures=tuple(config.eval.measures))}
+        writer.write(record)
+        eval_metrics = record["eval_quantized"]
+      if multi:  # every process's checkpoint manager ranks by the same figures
+        eval_metrics = {n: float(v) for n, v in distributed.broadcast_arrays(
+            None if eval_metrics is None else
+            {n: np.float32(v) for n, v in eval_metrics.items()}).items()}
 
+    stopping = _any_process(stop.requested) if multi else stop.requested
     if config.checkpoint.every and ((step + 1) % config.checkpoint.every == 0
-                                    or step + 1 == steps or stop.requested):
-      # The index goes along: it may predate the table (built at the last rebuild).
+                                    or step + 1 == steps or stopping):
+      # The index goes along: it may predate the table (built at the last rebuild). Only
+      # process 0 has it, so a multi-process checkpoint leaves it out.
       ckpt.save(state, _checkpoint_metadata(config, state, step + 1, num_rows),
-                index=index, metrics=eval_metrics)
-    if stop.requested:
+                index=None if multi else index, metrics=eval_metrics)
+    if stopping:
       break
   bar.close()
   stop.release()
   if ckpt is not None:
     ckpt.wait_until_finished()
     ckpt.close()
-  if stop.requested:
+  if stopping:
     stop.acknowledge()
-    logging.warning("stopped by signal after step %d; checkpoint saved", int(state.step))
-    return {"preempted": True, "step": int(state.step)}
+    step_done = int(distributed.global_to_host(state.step))
+    logging.warning("stopped by signal after step %d; checkpoint saved", step_done)
+    return {"preempted": True, "step": step_done}
   train_seconds = time.perf_counter() - train_start
 
   table = host_table(state, num_rows)
-  params = jax.device_get(state.params)
+  params = distributed.global_to_host(state.params)
+  codebooks = (None if state.codebooks is None
+               else distributed.global_to_host(state.codebooks))
   final_index_metrics = None
-  if mode.quantize:
+  if mode.quantize and lead:
     # The quantizer the loss was trained against, with the final table re-encoded
     # (and the learned codebooks written in): what serving without a retrain gives.
-    final_index = _requantize(index, table, state.codebooks)
+    final_index = _requantize(index, table, codebooks)
     query_emb_eval = embed_queries(encoders, params, eval_split.queries.texts, config,
                                    desc="eval trained quantizer")
     final_index_metrics = evaluate_index(
@@ -361,8 +406,9 @@ def _resume(config, mode: Mode, ckpt: Checkpointer, state: TrainState, index, nu
     set_search_params(index, nprobe=config.index.nprobe,
                       ef_search=config.index.ef_search or None, strict=False)
   else:
-    index, _ = _refresh_index(config, mode, restored.state, index, num_rows)
-  _truncate_records(workdir / "metrics.jsonl", restored.step)
+    index = _refresh_index(config, mode, restored.state, index, num_rows)
+  if distributed.is_lead_process():
+    _truncate_records(workdir / "metrics.jsonl", restored.step)
   logging.info("resumed from %s at step %d", ckpt.step_path(restored.step), restored.step)
   return restored.state, index, restored.step
 
@@ -392,38 +438,69 @@ def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
   return before
 
 
+def _shared_quantizer(index, with_codes: bool
+                      ) -> tuple[Quantizer, dict[str, np.ndarray] | None]:
+  """The index's quantizer and (``with_codes``) the codes and lists it stores for every
+  row, on every process: process 0 reads them from its FAISS index (the others pass
+  None) and broadcasts them."""
+  arrays = None
+  if index is not None:
+    q = quantizer_from_faiss(index)
+    arrays = {"codebooks": np.asarray(q.codebooks),
+              "static": np.asarray([q.by_residual, q.coarse_metric == "ip"], np.int32)}
+    for name in ("rotation", "coarse_centroids"):
+      if getattr(q, name) is not None:
+        arrays[name] = np.asarray(getattr(q, name))
+    if with_codes:
+      arrays["codes"], arrays["lists"] = stored_codes(index)
+  arrays = distributed.broadcast_arrays(arrays)
+  by_residual, ip = (bool(v) for v in arrays["static"])
+  quantizer = Quantizer(codebooks=jnp.asarray(arrays["codebooks"]),
+                        rotation=_optional(arrays, "rotation"),
+                        coarse_centroids=_optional(arrays, "coarse_centroids"),
+                        by_residual=by_residual, coarse_metric="ip" if ip else "l2")
+  codes = {"codes": arrays["codes"], "lists": arrays["lists"]} if with_codes else None
+  return quantizer, codes
+
+
+def _optional(arrays: dict, name: str):
+  return jnp.asarray(arrays[name]) if name in arrays else None
+
+
 def _loss_quantizer(config, mode: Mode, index, mesh, padded_rows: int):
   """The quantizer the loss decodes with and, for ``quant.codes='index'``, the codes the
-  index stores for every row (row-sharded like the table), both on the mesh."""
+  index stores for every row (row-sharded like the table), both on the mesh. A
+  collective in a multi-process job: process 0 passes its index, the others None."""
   if not mode.quantize:
     return None, None
-  quantizer = jax.device_put(quantizer_from_faiss(index), sharding.replicated(mesh))
-  if config.quant.codes == "recompute":
-    return quantizer, None
-  if config.quant.codes != "index":
+  if config.quant.codes not in ("index", "recompute"):
     raise ValueError(f"config.quant.codes must be index or recompute; got {config.quant.codes!r}")
-  codes, lists = stored_codes(index)
-  padded_codes = np.zeros((padded_rows, codes.shape[1]), np.uint8)
-  padded_codes[:len(codes)] = codes
-  padded_lists = np.zeros(padded_rows, np.int32)
-  padded_lists[:len(lists)] = lists
-  rows = sharding.row_sharding(mesh, config.sharding.shard_table)
-  return quantizer, {"codes": jax.device_put(padded_codes, rows),
-                     "lists": jax.device_put(padded_lists, rows)}
+  quantizer, stored = _shared_quantizer(index, with_codes=config.quant.codes == "index")
+  quantizer = distributed.replicate_to_global(quantizer, mesh)
+  if stored is None:
+    return quantizer, None
+  shard = config.sharding.shard_table
+  return quantizer, {
+      "codes": sharding.put_rows(stored["codes"].astype(np.uint8), mesh, shard, padded_rows),
+      "lists": sharding.put_rows(stored["lists"].astype(np.int32), mesh, shard, padded_rows)}
 
 
 def _refresh_index(config, mode: Mode, state: TrainState, index, num_rows: int):
   """The quantized index over the current table, which also refreshes the negatives.
 
   Learned codebooks are kept (written into the index, codes recomputed); otherwise the
-  quantizer is retrained from the table, as a user rebuilding FAISS would.
+  quantizer is retrained from the table, as a user rebuilding FAISS would. Every process
+  calls it (the table is gathered from all of them); only process 0 builds, and the
+  others get None.
   """
   table = host_table(state, num_rows)
+  codebooks = (distributed.global_to_host(state.codebooks) if mode.learn_codebooks
+               else None)
+  if not distributed.is_lead_process():
+    return None
   if mode.learn_codebooks:
-    index = _requantize(index, table, state.codebooks)
-  else:
-    index = build_quantized(table, config.index, config.index.seed)
-  return index, quantizer_from_faiss(index)
+    return _requantize(index, table, codebooks)
+  return build_quantized(table, config.index, config.index.seed)
 
 
 def _requantize(index, table: np.ndarray, codebooks):
@@ -431,5 +508,11 @@ def _requantize(index, table: np.ndarray, codebooks):
   ``table`` re-encoded: serving the trained table without retraining the quantizer."""
   quantizer = quantizer_from_faiss(index)
   if codebooks is not None:
-    quantizer = quantizer.replace(codebooks=jnp.asarray(jax.device_get(codebooks)))
+    quantizer = quantizer.replace(codebooks=jnp.asarray(codebooks))
   return write_codebooks_to_faiss(index, quantizer, table)
+
+
+def _any_process(flag: bool) -> bool:
+  """Whether ``flag`` is set on any process (a SIGTERM may reach only some of them), so
+  that all stop after the same step."""
+  return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qdr_jax import sharding
+from qdr_jax import distributed, sharding
 from qdr_jax.train import optim
 from qdr_jax.train.modes import Mode
 
@@ -42,17 +42,22 @@ class TrainState:
 
 def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
                quantizer, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
-  """The initial state, placed on the mesh (table rows sharded, the rest replicated)."""
+  """The initial state, placed on the mesh (table rows sharded, the rest replicated).
+
+  The table goes straight from the host to its row shards (``sharding.put_rows``) and
+  the per-row optimizer state is created sharded, so no device ever holds all rows.
+  """
   rows = sharding.padded_rows(table.shape[0], mesh)
-  padded = np.zeros((rows, table.shape[1]), np.float32)
-  padded[:table.shape[0]] = table
-  table_dev = jnp.asarray(padded, dtype=jnp.dtype(config.table.dtype))
-  row_state = optim.init_row_state(row_tx, table_dev) if mode.update_rows else None
+  row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
+  table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
+                                dtype=jnp.dtype(config.table.dtype))
+  row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t), out_shardings=row_sh)(
+      table_dev) if mode.update_rows else None)
   codebooks = quantizer.codebooks if mode.learn_codebooks else None
   # A copy: the step donates the state, which must never delete the caller's arrays.
-  params = jax.tree.map(lambda x: jnp.array(x, copy=True), params)
+  params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
   state = TrainState(
-      step=jnp.zeros((), jnp.int32), params=params,
+      step=np.zeros((), np.int32), params=params,
       encoder_opt_state=encoder_tx.init(params) if mode.update_encoder else None,
       table=table_dev, row_opt_state=row_state, codebooks=codebooks,
       codebook_opt_state=codebook_tx.init(codebooks) if mode.learn_codebooks else None,
@@ -61,5 +66,9 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
 
 
 def host_table(state: TrainState, num_rows: int) -> np.ndarray:
-  """The (unpadded) table as float32 on the host, for FAISS."""
-  return np.asarray(jax.device_get(state.table[:num_rows]), dtype=np.float32)
+  """The (unpadded) table as float32 on the host, for FAISS.
+
+  Gathered from every process's shards: a collective in a multi-process job, which every
+  process must call.
+  """
+  return np.asarray(distributed.global_to_host(state.table)[:num_rows], dtype=np.float32)
