@@ -5,8 +5,24 @@ r"""Seconds per train step, split by phase, against the encoder's forward+backwa
 Runs ``--steps`` real DBACK steps on the config's data (the table cache of the workdir is
 reused) and times, on the same batch shape, one jitted forward+backward of the query
 encoder alone: a train step cannot cost less than that. Prints and writes
-``{workdir}/bench_step.json`` with the per-phase seconds and the ratio.
+``{workdir}/bench_step.json`` (or ``--out``) with the per-phase seconds and the ratio.
+
+Overlapped search at scale, on a CPU-only host:
+
+  python experiments/bench_step.py --config=configs/demo.py --workdir=runs/demo \
+      --synthetic_rows=1000000 --emulate_device_core --config.negatives.k=500 \
+      --config.index.factory=IVF1024_HNSW32,PQ48x8 --config.index.nprobe=128 \
+      --config.negatives.overlap=True
+
+``--synthetic_rows`` grows the corpus with unlabelled rows drawn around the real ones, so
+the index search costs what it would on a large corpus. ``--emulate_device_core`` pins
+XLA's threads to core 0 and the host thread (tokenizing, FAISS with one thread, pool
+building) to core 1, so that the jitted step and the search run side by side as on a
+host with an accelerator; the floor is timed under the same pinning.
 """
+
+import os
+import threading
 
 import json
 import pathlib
@@ -18,6 +34,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qdr_jax.data.loader import load_dataset
+from qdr_jax.data.types import Corpus, RetrievalDataset
+from qdr_jax.index import set_num_threads
 from qdr_jax.models import tokenize
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
@@ -28,6 +46,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its table cache is reused).")
 _STEPS = flags.DEFINE_integer("steps", 30, "Train steps to time (the first 3 compile).")
+_SYNTHETIC_ROWS = flags.DEFINE_integer(
+    "synthetic_rows", 0, "Grow the corpus to this many rows with synthetic passages (0: off).")
+_EMULATE_DEVICE = flags.DEFINE_bool(
+    "emulate_device_core", False, "Pin XLA to core 0 and the host thread to core 1.")
+_OUT = flags.DEFINE_string("out", "", "Result JSON (default {workdir}/bench_step.json).")
 _WARMUP = 3
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -53,6 +76,43 @@ def encoder_forward_backward_seconds(encoders, config, texts, repeats=5) -> floa
   return float(np.median(times))
 
 
+def with_synthetic_rows(dataset: RetrievalDataset, table: np.ndarray, rows: int, seed: int = 0
+                        ) -> tuple[RetrievalDataset, np.ndarray]:
+  """The dataset with unlabelled passages appended up to ``rows``; their vectors are real
+  rows plus noise, renormalised, so the index's lists fill like a larger corpus's."""
+  extra = rows - len(dataset.corpus)
+  if extra <= 0:
+    return dataset, table
+  rng = np.random.default_rng(seed)
+  dim = table.shape[1]
+  synthetic = np.empty((extra, dim), np.float32)
+  for start in range(0, extra, 100_000):  # in blocks: no float64 copy of the whole table
+    n = min(100_000, extra - start)
+    block = table[rng.integers(0, len(table), n)] + rng.normal(
+        scale=0.5 / np.sqrt(dim), size=(n, dim)).astype(np.float32)
+    synthetic[start:start + n] = block / np.linalg.norm(block, axis=1, keepdims=True)
+  corpus = dataset.corpus
+  ids = [f"synthetic-{i}" for i in range(extra)]
+  grown = Corpus(ids=list(corpus.ids) + ids, titles=list(corpus.titles) + [""] * extra,
+                 texts=list(corpus.texts) + [""] * extra)
+  return (RetrievalDataset(f"{dataset.name}+{extra}-synthetic", grown, dataset.splits),
+          np.concatenate([table, synthetic]))
+
+
+def pin_device_and_host_threads() -> None:
+  """XLA's threads on core 0, this (host) thread on core 1, FAISS single-threaded.
+
+  Run after a jitted computation has created XLA's thread pool; threads it starts later
+  inherit core 0 from the pool.
+  """
+  if len(os.sched_getaffinity(0)) < 2:
+    raise SystemExit("--emulate_device_core needs at least 2 cores.")
+  host = threading.get_native_id()
+  for tid in map(int, os.listdir("/proc/self/task")):
+    os.sched_setaffinity(tid, {1} if tid == host else {0})
+  set_num_threads(1)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -61,14 +121,21 @@ def main(argv):
     config.train.steps = _STEPS.value
     config.train.log_every = 1
     config.eval.every = 0
+    if _SYNTHETIC_ROWS.value:
+      config.index.rebuild_every = _STEPS.value + 1  # time steps and searches, not builds
   dataset = load_dataset(config.data)
   encoders = load_encoders(config.model)
   table = build_or_load_table(config, dataset.corpus,
                               pathlib.Path(config.table.cache_dir or workdir / "cache"),
                               embed_passages(encoders, config))
+  if _SYNTHETIC_ROWS.value:
+    dataset, table = with_synthetic_rows(dataset, table, _SYNTHETIC_ROWS.value)
   queries = training_queries(dataset.split(config.data.train_split), dataset.corpus)
   texts = [queries.texts[i] for i in batch_indices(0, len(queries.texts),
                                                     config.train.batch_size, config.seed)]
+  if _EMULATE_DEVICE.value:
+    jax.block_until_ready(jax.jit(lambda x: x @ x)(np.ones((64, 64), np.float32)))
+    pin_device_and_host_threads()
   floor = encoder_forward_backward_seconds(encoders, config, texts)
   bench_dir = workdir / "bench_step"
   bench_dir.mkdir(parents=True, exist_ok=True)
@@ -84,10 +151,14 @@ def main(argv):
   whole = sum(phases.values())
   result = {"config": config.data.name, "batch_size": config.train.batch_size,
             "k": config.negatives.k, "mode": config.train.mode,
+            "overlap": bool(config.negatives.overlap), "rows": len(table),
+            "index": config.index.factory, "nprobe": config.index.nprobe,
+            "emulated_device_core": _EMULATE_DEVICE.value,
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,
             "seconds_per_step": phases, "whole_step_seconds": whole,
             "encoder_forward_backward_seconds": floor, "ratio": whole / floor}
-  (workdir / "bench_step.json").write_text(json.dumps(result, indent=1))
+  pathlib.Path(_OUT.value or workdir / "bench_step.json").write_text(
+      json.dumps(result, indent=1))
   print(json.dumps(result, indent=1))
 
 

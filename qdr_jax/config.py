@@ -66,9 +66,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.fill_valid = True   # filler rows act as random negatives
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
-  # FAISS threads of the per-step negative search; 0 = FAISS's default. On a host without
-  # an accelerator, 1 stops FAISS's OpenMP threads from spinning against XLA's in overlap.
-  c.negatives.search_threads = 0
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05
@@ -118,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.sharding = ml_collections.ConfigDict()
   c.sharding.num_devices = 1      # 0 = all visible devices
   c.sharding.shard_table = True
+  # FSDP-style: split each encoder weight and its optimizer moments over the data axis
+  # (along a dimension the device count divides) instead of replicating them.
+  c.sharding.shard_params = False
 
   # Multi-process (multi-host) runs; the defaults mean a single process. See
   # qdr_jax.distributed.initialize_distributed for the environment fallback.

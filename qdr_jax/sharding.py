@@ -50,23 +50,39 @@ def padded_rows(num_rows: int, mesh: Mesh) -> int:
   return int(math.ceil(num_rows / devices) * devices)
 
 
-def shard_like_table(tree, mesh: Mesh, num_rows: int, shard_rows: bool):
-  """Places each leaf whose leading dim is the (padded) table size by rows, others replicated."""
-  rows = row_sharding(mesh, shard_rows)
-  rep = replicated(mesh)
+def param_sharding(shape: tuple[int, ...], mesh: Mesh, fsdp: bool) -> NamedSharding:
+  """Placement of one encoder weight (or an optimizer moment of it).
 
-  def place(leaf):
-    leaf = jax.numpy.asarray(leaf)
-    is_row_leaf = leaf.ndim >= 1 and leaf.shape[0] == num_rows
-    target = rows if is_row_leaf else rep
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+  Replicated, or with ``fsdp`` (FSDP/ZeRO-3 style) split over the data axis along its
+  largest dimension that the device count divides; weights with no such dimension (biases
+  of odd sizes, scalars) stay replicated. Under the mesh's ``Auto`` axes XLA gathers a
+  split weight where a matmul needs it whole, so only memory changes, not the step code.
+  """
+  devices = mesh.devices.size
+  if not fsdp or devices == 1:
+    return replicated(mesh)
+  candidates = [d for d in range(len(shape)) if shape[d] % devices == 0]
+  if not candidates:
+    return replicated(mesh)
+  axis = max(candidates, key=lambda d: shape[d])
+  spec = [None] * len(shape)
+  spec[axis] = DATA_AXIS
+  return NamedSharding(mesh, P(*spec))
+
+
+def place(tree, sharding_of) -> object:
+  """``tree`` with every array leaf placed by ``sharding_of(leaf)``; typed PRNG keys too."""
+
+  def put(leaf):
+    target = sharding_of(leaf)
+    if jax.dtypes.issubdtype(jax.numpy.result_type(leaf), jax.dtypes.prng_key):
       # device_put refuses typed keys for a sharding that spans other processes; their
       # raw data (identical on every process) places like any array.
       data = jax.device_put(jax.random.key_data(leaf), target)
       return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
     return jax.device_put(leaf, target)
 
-  return jax.tree.map(place, tree)
+  return jax.tree.map(put, tree)
 
 
 def put_rows(host: np.ndarray, mesh: Mesh, shard_rows: bool, num_rows: int,

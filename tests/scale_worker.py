@@ -61,7 +61,7 @@ def _shared():
 
 
 def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
-           mode_name: str = "dback"):
+           mode_name: str = "dback", shard_params: bool = False):
   """The config, mesh, initial state and step functions of the tiny problem."""
   import jax
 
@@ -81,6 +81,7 @@ def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
   config.optim.row_lr = 1e-2
   config.sharding.num_devices = num_devices
   config.table.dtype = table_dtype
+  config.sharding.shard_params = shard_params
   mode = get_mode(mode_name)
   module, params, full_table, quantizer = _shared()
   # The same first 509 rows whatever the table size, so padded and unpadded runs compare.
@@ -123,7 +124,8 @@ def _flat(tree) -> dict:
   return {jax.tree_util.keystr(path): np.asarray(leaf, np.float32) for path, leaf in leaves}
 
 
-def _run_local(*, rows: int, table_dtype: str, num_devices: int) -> tuple[dict, list[str]]:
+def _run_local(*, rows: int, table_dtype: str, num_devices: int,
+               shard_params: bool = False) -> tuple[dict, list[str]]:
   """STEPS steps on one process; returns arrays to save and sharding violations."""
   import jax
   import numpy as np
@@ -132,7 +134,7 @@ def _run_local(*, rows: int, table_dtype: str, num_devices: int) -> tuple[dict, 
   from qdr_jax import sharding
 
   _, mesh, state, fns, quantizer = _setup(rows=rows, table_dtype=table_dtype,
-                                          num_devices=num_devices)
+                                          num_devices=num_devices, shard_params=shard_params)
   row_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
   batch_sh = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
@@ -156,8 +158,10 @@ def _run_local(*, rows: int, table_dtype: str, num_devices: int) -> tuple[dict, 
     check(f"step {step} table", state.table, row_sh)
     for name, leaf in _flat_leaves(state.row_opt_state):
       check(f"step {step} row_opt_state{name}", leaf, row_sh)
-    for name, leaf in _flat_leaves(state.params):
-      check(f"step {step} params{name}", leaf, rep)
+    for tree_name in ("params", "encoder_opt_state"):
+      for name, leaf in _flat_leaves(getattr(state, tree_name)):
+        check(f"step {step} {tree_name}{name}", leaf,
+              sharding.param_sharding(leaf.shape, mesh, shard_params))
     if state.table.shape[0] != padded:
       problems.append(f"table has {state.table.shape[0]} rows, expected {padded}")
   shard_rows = {s.data.shape[0] for s in state.table.addressable_shards}
@@ -172,6 +176,9 @@ def _run_local(*, rows: int, table_dtype: str, num_devices: int) -> tuple[dict, 
       max(s.data.nbytes for s in leaf.addressable_shards)
       for leaf in jax.tree.leaves(state.row_opt_state)))
   out["loss"] = np.asarray(float(metrics["loss"]))
+  out["encoder_bytes_per_device"] = np.asarray(sum(
+      max(s.data.nbytes for s in leaf.addressable_shards)
+      for leaf in jax.tree.leaves(state.params)))
   return out, problems
 
 
@@ -182,16 +189,18 @@ def _flat_leaves(tree):
 
 
 def sharding_main(out_path: str) -> None:
-  """1-device vs 8-device runs of the float32, padded (509 rows) and bfloat16 tables."""
+  """1-device vs 8-device runs of the float32, padded (509 rows) and bfloat16 tables, and
+  8 devices with FSDP-split encoder weights."""
   _set_device_count(8)
   import numpy as np
 
-  scenarios = {"f32_512": (512, "float32"), "f32_509": (509, "float32"),
-               "bf16_512": (512, "bfloat16")}
+  scenarios = {"f32_512": (512, "float32", False), "f32_509": (509, "float32", False),
+               "bf16_512": (512, "bfloat16", False), "fsdp_512": (512, "float32", True)}
   arrays, problems = {}, []
-  for name, (rows, dtype) in scenarios.items():
-    for devices in ((8,) if name == "bf16_512" else (1, 8)):
-      out, found = _run_local(rows=rows, table_dtype=dtype, num_devices=devices)
+  for name, (rows, dtype, fsdp) in scenarios.items():
+    for devices in ((1, 8) if name in ("f32_512", "f32_509") else (8,)):
+      out, found = _run_local(rows=rows, table_dtype=dtype, num_devices=devices,
+                              shard_params=fsdp)
       problems += [f"{name}: {p}" for p in found]
       arrays.update({f"{name}/{devices}/{k}": v for k, v in out.items()})
   arrays["problems"] = np.asarray(json.dumps(problems))

@@ -4,7 +4,8 @@ The device count (``XLA_FLAGS``) must be fixed before JAX starts, so the steps r
 subprocess (``tests/scale_worker.py sharding``) that saves every run's final state; the
 tests here compare those arrays. The worker itself checks, after every step, that the
 table and its per-row optimizer state keep their ``P('data')`` row sharding, the params
-stay replicated and the batch (tokens and query embeddings) is split over ``data``.
+and their optimizer state stay replicated (or split FSDP-style when asked) and the batch
+(tokens and query embeddings) is split over ``data``.
 """
 
 import json
@@ -94,3 +95,11 @@ def test_bfloat16_table_halves_memory_and_tracks_float32(runs):
   for name in f32:
     if name.startswith("params") and "['key']['bias']" not in name:
       np.testing.assert_allclose(bf16[name], f32[name], atol=3e-3, err_msg=name)
+
+
+def test_fsdp_split_encoder_matches_replicated(runs):
+  one, fsdp = _state(runs, "f32_512", 1), _state(runs, "fsdp_512", 8)
+  _assert_same_state(one, fsdp)
+  replicated = int(_state(runs, "f32_512", 8)["encoder_bytes_per_device"])
+  # Most of the encoder's bytes are split 8 ways (odd-sized leaves stay whole).
+  assert int(fsdp["encoder_bytes_per_device"]) < 0.3 * replicated

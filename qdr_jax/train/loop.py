@@ -225,7 +225,9 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
   train_start = time.perf_counter()
   # Host randomness of a step (pool subsampling and filler) derives from the state's key
   # and the step alone, so resumed and overlapped runs draw the same pools.
-  base_key = jax.random.wrap_key_data(jax.device_get(jax.random.key_data(state.rng)))
+  # The per-step seeds are computed up front: a JAX op in the step's host path would queue
+  # behind the update in flight and make the overlapped search wait for it.
+  step_seeds = _step_seeds(state.rng, steps)
 
   def encode_batch(step: int, params):
     """Dispatches the query forward of ``step``'s batch; returns device futures."""
@@ -249,10 +251,8 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
     tick = time.perf_counter()
     pool = None
     if lead:
-      _, candidates = search(index, query_host, k,
-                             threads=config.negatives.search_threads or None)
-      rng = np.random.default_rng(np.asarray(jax.random.key_data(
-          jax.random.fold_in(base_key, step))))
+      _, candidates = search(index, query_host, k)
+      rng = np.random.default_rng(step_seeds[step])
       relevance_fn = None
       if matcher is not None:
         batch_answers = [queries.answers[i] for i in idx]
@@ -284,10 +284,13 @@ def _train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalData
     upcoming = encode_batch(step + 1, state.params) if overlap and not last else None
     state, metrics = fns.update(state, encoder_vjp, query_emb, pool_dev, quantizer_dev,
                                 index_codes)
+    searched = 0.0  # overlapped encode + search, which their own timers count
     if upcoming is not None:
+      searched = time.perf_counter()
       current = with_negatives(upcoming, index)
+      searched = time.perf_counter() - searched
     metrics = _to_float(metrics)  # blocks: the step is timed to completion
-    timers["step"] += time.perf_counter() - tick
+    timers["step"] += time.perf_counter() - tick - searched
     window_steps += 1
 
     if mode.update_rows:
@@ -516,3 +519,10 @@ def _any_process(flag: bool) -> bool:
   """Whether ``flag`` is set on any process (a SIGTERM may reach only some of them), so
   that all stop after the same step."""
   return bool(np.asarray(multihost_utils.process_allgather(np.int32(flag))).any())
+
+
+def _step_seeds(rng: jax.Array, steps: int) -> np.ndarray:
+  """(steps, key words) host seeds: the raw data of ``fold_in(rng, step)`` per step."""
+  base = jax.random.wrap_key_data(jax.device_get(jax.random.key_data(rng)))
+  fold = jax.jit(jax.vmap(lambda s: jax.random.key_data(jax.random.fold_in(base, s))))
+  return np.asarray(jax.device_get(fold(jnp.arange(max(steps, 1)))))

@@ -42,27 +42,37 @@ class TrainState:
 
 def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
                quantizer, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
-  """The initial state, placed on the mesh (table rows sharded, the rest replicated).
+  """The initial state, placed on the mesh.
 
-  The table goes straight from the host to its row shards (``sharding.put_rows``) and
-  the per-row optimizer state is created sharded, so no device ever holds all rows.
+  The table and its per-row optimizer state are split by rows (``sharding.shard_table``);
+  encoder weights and their optimizer state are replicated, or split FSDP-style with
+  ``sharding.shard_params``; the rest is replicated. The table goes straight from the host
+  to its row shards (``sharding.put_rows``) and the per-row state is created sharded, so
+  no device ever holds all rows.
   """
   rows = sharding.padded_rows(table.shape[0], mesh)
   row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
+  rep = sharding.replicated(mesh)
+  fsdp = bool(config.sharding.shard_params)
+  by_shape = lambda leaf: sharding.param_sharding(np.shape(leaf), mesh, fsdp)
   table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
                                 dtype=jnp.dtype(config.table.dtype))
   row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t), out_shardings=row_sh)(
       table_dev) if mode.update_rows else None)
+  # Placed from host copies: the step donates the state, which must never delete the
+  # caller's arrays.
+  params = sharding.place(jax.device_get(params), by_shape)
+  encoder_opt_state = (sharding.place(encoder_tx.init(params), by_shape)
+                       if mode.update_encoder else None)
   codebooks = quantizer.codebooks if mode.learn_codebooks else None
-  # A copy: the step donates the state, which must never delete the caller's arrays.
-  params = jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(params))
-  state = TrainState(
-      step=np.zeros((), np.int32), params=params,
-      encoder_opt_state=encoder_tx.init(params) if mode.update_encoder else None,
-      table=table_dev, row_opt_state=row_state, codebooks=codebooks,
-      codebook_opt_state=codebook_tx.init(codebooks) if mode.learn_codebooks else None,
-      rng=jax.random.key(config.seed))
-  return sharding.shard_like_table(state, mesh, rows, config.sharding.shard_table)
+  codebook_opt_state = codebook_tx.init(codebooks) if mode.learn_codebooks else None
+  return TrainState(
+      step=sharding.place(np.zeros((), np.int32), lambda _: rep),
+      params=params, encoder_opt_state=encoder_opt_state, table=table_dev,
+      row_opt_state=row_state,
+      codebooks=sharding.place(codebooks, lambda _: rep),
+      codebook_opt_state=sharding.place(codebook_opt_state, lambda _: rep),
+      rng=sharding.place(jax.random.key(config.seed), lambda _: rep))
 
 
 def host_table(state: TrainState, num_rows: int) -> np.ndarray:
