@@ -18,8 +18,10 @@ FAISS runs on hosts, not devices, so every process must see the same negatives. 
   every k-means) and searched with the same query batch, so that the pools agree bit for
   bit; the pool's random filling must use the same seed on every host too.
 
-Arrays placed with ``jax.device_put(host_array, global_sharding)`` (as ``init_state``
-does) work across processes as long as every process passes the same value.
+The training loop (``qdr_jax.train.loop``) takes the first way, broadcasting with
+``broadcast_arrays``. Arrays placed with ``jax.device_put(host_array, global_sharding)`` or
+``sharding.put_rows`` (as ``init_state`` does) work across processes as long as every
+process passes the same value.
 """
 
 from __future__ import annotations
