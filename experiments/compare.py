@@ -33,6 +33,8 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   summary = compare_modes(_CONFIG.value, workdir, [int(m) for m in _LEVELS.value],
                           list(_MODES.value))
+  if not summary["levels"]:  # not process 0 of a multi-process job: it writes the results
+    return
   plot_comparison(summary, _CONFIG.value.eval.primary_metric, workdir / "compare.png")
   logging.info("wrote %s", workdir / "compare.json")
   print(json.dumps(summary, indent=1))

@@ -29,7 +29,8 @@ def main(argv):
   if results.get("preempted"):
     print(f"stopped at step {results['step']} (checkpoint saved); rerun to resume")
     return
-  print(before_after_table(results))
+  if "before" in results:  # process 0 of a multi-process job, or a single process
+    print(before_after_table(results))
 
 
 if __name__ == "__main__":

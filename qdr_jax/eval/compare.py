@@ -9,6 +9,7 @@ from typing import Sequence
 
 import ml_collections
 
+from qdr_jax import distributed
 from qdr_jax.eval.report import format_table
 from qdr_jax.train.loop import train_and_evaluate
 
@@ -36,6 +37,8 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         run_cfg.index.factory = with_pq_subquantizers(config.index.factory, level)
         run_cfg.table.cache_dir = cache_dir
       results = train_and_evaluate(run_cfg, workdir / f"pq{level}" / mode)
+      if not distributed.is_lead_process():
+        continue  # every process trains; process 0 alone evaluates and summarises
       entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
       entry["factory"] = run_cfg.index.factory
       entry["modes"][mode] = results["after"]["quantized"]
@@ -43,12 +46,15 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       summary.setdefault("flat_before", results["before"]["flat"])
       (workdir / "compare.json").write_text(json.dumps(summary | {"levels": summary["levels"]
                                                                   + [entry]}, indent=1))
+    if not distributed.is_lead_process():
+      continue
     summary["levels"].append(entry)
     print(f"\n{entry['factory']} ({entry['bytes_per_vector']:.0f} bytes/vector), quantized "
           "test metrics after training:")
     print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
                        entry["modes_std"]))
-  (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
+  if distributed.is_lead_process():
+    (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
   return summary
 
 
