@@ -40,3 +40,30 @@ def test_batches_are_shuffled_epochs_by_seed():
   assert first_epoch.tolist() != second_epoch.tolist()
   np.testing.assert_array_equal(batch_indices(7, 20, 4, seed=0), batch_indices(7, 20, 4, seed=0))
   assert batch_indices(7, 20, 4, seed=1).tolist() != batch_indices(7, 20, 4, seed=0).tolist()
+
+
+def test_pq_level_substitution():
+  from qdr_jax.eval.compare import with_pq_subquantizers
+  assert with_pq_subquantizers("IVF64,PQ48x8", 16) == "IVF64,PQ16x8"
+  assert with_pq_subquantizers("OPQ48,IVF64_HNSW32,PQ48x8", 16) == "OPQ16,IVF64_HNSW32,PQ16x8"
+  with pytest.raises(ValueError, match="no PQ part"):
+    with_pq_subquantizers("IVF64,Flat", 16)
+
+
+def test_compare_modes_trains_each_mode_at_each_level(tiny_config, tmp_path):
+  from qdr_jax.eval.compare import compare_modes, plot_comparison
+  tiny_config.train.steps = 6
+  tiny_config.index.rebuild_every = 3
+  summary = compare_modes(tiny_config, tmp_path, [2, 4], ["posthoc", "dback"])
+  assert [e["factory"] for e in summary["levels"]] == ["IVF4,PQ2x8", "IVF4,PQ4x8"]
+  assert [e["bytes_per_vector"] for e in summary["levels"]] == [2, 4]
+  for entry in summary["levels"]:
+    assert set(entry["modes"]) == set(entry["modes_std"]) == {"posthoc", "dback"}
+  # posthoc trains nothing: its row is the quantized index before training.
+  for level, entry in zip((2, 4), summary["levels"]):
+    saved = json.loads((tmp_path / f"pq{level}" / "posthoc" / "results.json").read_text())
+    assert entry["modes"]["posthoc"] == saved["before"]["quantized"]
+    assert entry["modes"]["dback"] != entry["modes"]["posthoc"]
+  assert json.loads((tmp_path / "compare.json").read_text()) == summary
+  plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
+  assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
