@@ -16,6 +16,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qdr_jax import distributed
 from qdr_jax.eval.compare import compare_modes, plot_comparison
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -33,7 +34,7 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   summary = compare_modes(_CONFIG.value, workdir, [int(m) for m in _LEVELS.value],
                           list(_MODES.value))
-  if not summary["levels"]:  # not process 0 of a multi-process job: it writes the results
+  if not distributed.is_lead_process():  # process 0 of a multi-process job summarises
     return
   plot_comparison(summary, _CONFIG.value.eval.primary_metric, workdir / "compare.png")
   logging.info("wrote %s", workdir / "compare.json")

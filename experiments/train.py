@@ -14,6 +14,7 @@ import pathlib
 from absl import app, flags
 from ml_collections import config_flags
 
+from qdr_jax import distributed
 from qdr_jax.eval.report import before_after_table
 from qdr_jax.train.loop import train_and_evaluate
 
@@ -29,7 +30,7 @@ def main(argv):
   if results.get("preempted"):
     print(f"stopped at step {results['step']} (checkpoint saved); rerun to resume")
     return
-  if "before" in results:  # process 0 of a multi-process job, or a single process
+  if distributed.is_lead_process():  # the other processes of a job have no results
     print(before_after_table(results))
 
 

@@ -11,15 +11,14 @@ FAISS runs on hosts, not devices, so every process must see the same negatives. 
 
 * Process 0 builds and searches the index: the query embeddings are gathered to every
   host (``global_to_host``), process 0 builds the pool and sends it to the others with
-  ``jax.experimental.multihost_utils.broadcast_one_to_all`` (``broadcast_from_process_0``
-  here). One index in memory; the other hosts wait for the search.
+  ``broadcast_arrays`` (over ``jax.experimental.multihost_utils.broadcast_one_to_all``).
+  One index in memory; the other hosts wait for the search.
 * Every host keeps its own replica of the index and searches it: no broadcast, but every
   replica must be built from the same table with the same seed (``build_index`` seeds
   every k-means) and searched with the same query batch, so that the pools agree bit for
   bit; the pool's random filling must use the same seed on every host too.
 
-The training loop (``qdr_jax.train.loop``) takes the first way, broadcasting with
-``broadcast_arrays``. Arrays placed with ``jax.device_put(host_array, global_sharding)`` or
+The training loop (``qdr_jax.train.loop``) takes the first way. Arrays placed with ``jax.device_put(host_array, global_sharding)`` or
 ``sharding.put_rows`` (as ``init_state`` does) work across processes as long as every
 process passes the same value.
 """
@@ -193,13 +192,6 @@ def global_to_host(tree: Any) -> Any:
     return jax.device_get(tree)
   return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
                       tree)
-
-
-def broadcast_from_process_0(tree: Any) -> Any:
-  """Process 0's host values (e.g. the negative pool it searched) on every process."""
-  if jax.process_count() == 1:
-    return tree
-  return multihost_utils.broadcast_one_to_all(tree)
 
 
 def is_lead_process() -> bool:

@@ -219,8 +219,8 @@ def multihost_main(out_path: str, process_id: int, num_processes: int, port: int
   """STEPS steps data-parallel over ``num_processes`` processes of 2 CPU devices each.
 
   Each process loads only its block of every batch, process 0 makes the pool and
-  broadcasts it (the other processes deliberately draw a wrong one that must be
-  replaced), and the table is sharded by rows over all processes' devices.
+  broadcasts it (the other processes pass nothing), and the table is sharded by rows over
+  all processes' devices.
   """
   _set_device_count(2)
   from qdr_jax import distributed
@@ -253,9 +253,8 @@ def multihost_main(out_path: str, process_id: int, num_processes: int, port: int
     query_emb, vjp = fns.encode(state.params, tokens_dev)
     # What the host's FAISS search would see: the whole batch's embeddings.
     queries.append(distributed.global_to_host(query_emb))
-    if info.process_index != 0:
-      _, pool = _step_inputs(step, rows, seed=99)  # wrong on purpose: the broadcast wins
-    pool = distributed.broadcast_from_process_0(pool)
+    # Only process 0 has a pool, as only it searches FAISS in the training loop.
+    pool = distributed.broadcast_arrays(pool if info.process_index == 0 else None)
     pool_dev = distributed.replicate_to_global(pool, mesh)
     state, metrics = fns.update(state, vjp, query_emb, pool_dev, quantizer)
   table = distributed.global_to_host(state.table)[:rows]

@@ -91,8 +91,8 @@ def test_processes_end_identical(results):
 
 def test_multihost_matches_single_process(results):
   multi, ref = results["p0"], results["ref"]
-  # The moved rows and the loss equal the single-device run; the pool broadcast from
-  # process 0 replaced process 1's wrong one, or the rows would differ.
+  # The moved rows and the loss equal the single-device run: process 1, which has no
+  # pool of its own, stepped with the one process 0 broadcast.
   np.testing.assert_allclose(multi["table"], ref["table"], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(multi["rowstate.count"], ref["rowstate.count"])
   assert ref["rowstate.count"].max() == 3

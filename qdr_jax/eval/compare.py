@@ -26,6 +26,7 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                   levels: Sequence[int], modes: Sequence[str]) -> dict:
   """Trains each mode at each level; writes and returns the compare.json summary."""
   workdir.mkdir(parents=True, exist_ok=True)
+  lead = distributed.is_lead_process()  # every process trains; process 0 summarises
   cache_dir = config.table.cache_dir or str(workdir / "cache")
   summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
   for level in levels:
@@ -37,8 +38,8 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         run_cfg.index.factory = with_pq_subquantizers(config.index.factory, level)
         run_cfg.table.cache_dir = cache_dir
       results = train_and_evaluate(run_cfg, workdir / f"pq{level}" / mode)
-      if not distributed.is_lead_process():
-        continue  # every process trains; process 0 alone evaluates and summarises
+      if not lead:
+        continue
       entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
       entry["factory"] = run_cfg.index.factory
       entry["modes"][mode] = results["after"]["quantized"]
@@ -46,14 +47,14 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       summary.setdefault("flat_before", results["before"]["flat"])
       (workdir / "compare.json").write_text(json.dumps(summary | {"levels": summary["levels"]
                                                                   + [entry]}, indent=1))
-    if not distributed.is_lead_process():
+    if not lead:
       continue
     summary["levels"].append(entry)
     print(f"\n{entry['factory']} ({entry['bytes_per_vector']:.0f} bytes/vector), quantized "
           "test metrics after training:")
     print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
                        entry["modes_std"]))
-  if distributed.is_lead_process():
+  if lead:
     (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
   return summary
 

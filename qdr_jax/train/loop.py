@@ -121,22 +121,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return evaluate_table(table, query_emb, eval_split, corpus, config.index, config.eval)
 
   start = time.perf_counter()
+  before = None
+  if lead:
+    before = _before_metrics(config, workdir,
+                             lambda: evaluate(table0, encoders.query_params, "eval before"))
+    logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
+  trained = train(config, mode, dataset, encoders, table0, workdir) if mode.trains else None
+  if trained is not None and trained.get("preempted"):
+    # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
+    return {"preempted": True, "step": trained["step"]}
   if not lead:
-    if mode.trains:
-      trained = train(config, mode, dataset, encoders, table0, workdir)
-      if trained.get("preempted"):
-        return {"preempted": True, "step": trained["step"]}
     return {"process_index": jax.process_index(), "steps": config.train.steps}
-  before = _before_metrics(config, workdir,
-                           lambda: evaluate(table0, encoders.query_params, "eval before"))
-  logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "mode": config.train.mode, "index": before["index"], "before": before}
-  if mode.trains:
-    trained = train(config, mode, dataset, encoders, table0, workdir)
-    if trained.get("preempted"):
-      # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
-      return {"preempted": True, "step": trained["step"]}
+  if trained is not None:
     after = evaluate(trained["table"], trained["params"], "eval after")
     if mode.quantize:
       after["quantized_trained_quantizer"] = trained["final_index_metrics"]

@@ -52,7 +52,7 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   """
   rows = sharding.padded_rows(table.shape[0], mesh)
   row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
-  rep = sharding.replicated(mesh)
+  replicate = lambda tree: sharding.place(tree, lambda _: sharding.replicated(mesh))
   fsdp = bool(config.sharding.shard_params)
   by_shape = lambda leaf: sharding.param_sharding(np.shape(leaf), mesh, fsdp)
   table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
@@ -67,12 +67,10 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   codebooks = quantizer.codebooks if mode.learn_codebooks else None
   codebook_opt_state = codebook_tx.init(codebooks) if mode.learn_codebooks else None
   return TrainState(
-      step=sharding.place(np.zeros((), np.int32), lambda _: rep),
-      params=params, encoder_opt_state=encoder_opt_state, table=table_dev,
-      row_opt_state=row_state,
-      codebooks=sharding.place(codebooks, lambda _: rep),
-      codebook_opt_state=sharding.place(codebook_opt_state, lambda _: rep),
-      rng=sharding.place(jax.random.key(config.seed), lambda _: rep))
+      step=replicate(np.zeros((), np.int32)), params=params,
+      encoder_opt_state=encoder_opt_state, table=table_dev, row_opt_state=row_state,
+      codebooks=replicate(codebooks), codebook_opt_state=replicate(codebook_opt_state),
+      rng=replicate(jax.random.key(config.seed)))
 
 
 def host_table(state: TrainState, num_rows: int) -> np.ndarray:
