@@ -58,6 +58,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only
   # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
   c.index.full_rebuild_every = 0  # >0: refreshes between full rebuilds re-add moved rows only
+  # Rows per chunk when the table streams from the devices to the index's owner (process
+  # 0) for a build: bounds that host's extra memory to chunk x d floats.
+  c.index.stream_rows = 65536
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100

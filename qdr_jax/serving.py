@@ -29,13 +29,12 @@ import faiss
 import jax
 import numpy as np
 
-from qdr_jax.eval.evaluate import restore_trained
-from qdr_jax.eval.table_eval import build_quantized
-from qdr_jax.index.faiss_index import (describe_index, load_index, save_index, search,
-                                       set_search_params)
+from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
+                                       search, set_search_params)
 from qdr_jax.models import load_encoder, load_tokenizer, save_encoder_hf
 from qdr_jax.quant import quantizer_from_faiss, write_codebooks_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply
+from qdr_jax.train.restore import restore_trained
 
 BUNDLE_FORMAT = 1
 ENCODER_DIR = "query_encoder"
