@@ -44,7 +44,9 @@ import faiss
 import numpy as np
 from faiss.contrib.factory_tools import reverse_index_factory
 
+from qdr_jax.index.refresh import supports_incremental_refresh
 from qdr_jax.io_utils import atomic_path
+from qdr_jax.quant.faiss_bridge import supports_straight_through
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
@@ -168,7 +170,9 @@ def _make_index(d: int, factory: str, metric: int) -> faiss.Index:
   try:
     index = faiss.index_factory(d, factory, metric)
   except RuntimeError as e:
-    raise ValueError(f"Invalid FAISS factory string {factory!r} for d={d}: {e}") from e
+    # FAISS's message ends with the reason, after the C++ location.
+    reason = str(e).strip().splitlines()[-1].split(": ")[-1] if str(e).strip() else ""
+    raise ValueError(f"Invalid FAISS factory string {factory!r} for d={d}: {reason}") from e
   if index.metric_type != metric:
     match = _HNSW_PQ.fullmatch(factory.replace(" ", ""))
     if match is None:
@@ -177,6 +181,59 @@ def _make_index(d: int, factory: str, metric: int) -> faiss.Index:
     hnsw_m, pq_m, nbits = int(match[1]), int(match[2]), int(match[3] or 8)
     index = faiss.IndexHNSWPQ(d, pq_m, hnsw_m, nbits, metric)
   return index
+
+
+def check_index_for_mode(
+    factory: str,
+    dim: int,
+    *,
+    needs_quantizer: bool,
+    learn_codebooks: bool,
+    incremental: bool,
+    metric: str = "ip",
+) -> None:
+  """Checks at config time, before any embedding, that a run can use `factory`.
+
+  Builds the untrained index for `dim`-dimensional vectors (no data, no training) and
+  looks at its layout.
+
+  Args:
+    factory: the FAISS index_factory string (`config.index.factory`).
+    dim: the embedding dimension.
+    needs_quantizer: the loss quantizes targets with a JAX copy of the index's quantizer
+      (straight-through modes).
+    learn_codebooks: the run trains the PQ codebooks and writes them back into the index.
+    incremental: the run refreshes the index in place between full rebuilds
+      (`full_rebuild_every > 0`).
+    metric: "ip" or "l2".
+
+  Raises:
+    ValueError: one sentence naming the factory string and what is wrong with it.
+  """
+  if metric not in _METRICS:
+    raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}.")
+  try:
+    index = _make_index(dim, factory, _METRICS[metric])
+  except ValueError as e:
+    if "number of subquantizers" in str(e):
+      counts = ", ".join(re.findall(r"(?<![A-Za-z])PQ(\d+)", factory)) or "?"
+      raise ValueError(f"Index factory {factory!r}: the PQ sub-quantizer count ({counts}) "
+                       f"does not divide the dimension {dim}.") from None
+    raise
+  kind = type(faiss.downcast_index(index)).__name__
+  if needs_quantizer and not supports_straight_through(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so it cannot "
+        "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ or "
+        "fast-scan PQ (PQ{m}x4fs), or a mode that only searches.")
+  if learn_codebooks and not supports_straight_through(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) has no PQ codebooks that can be written back, "
+        "so codebook learning is impossible with it.")
+  if incremental and not supports_incremental_refresh(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) cannot be refreshed in place, so set "
+        "full_rebuild_every=0 (every refresh a full rebuild).")
 
 
 def build_index(
