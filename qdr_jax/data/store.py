@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -194,8 +195,8 @@ def open_store(directory: str | os.PathLike) -> Corpus:
 
 def _process_role() -> tuple[bool, bool]:
   """(several processes, this is process 0), without starting a backend early."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not jax.distributed.is_initialized() or jax.process_count() == 1:
+  jax = sys.modules.get("jax")  # Not imported: no distributed runtime, and no import cost.
+  if jax is None or not jax.distributed.is_initialized() or jax.process_count() == 1:
     return False, True
   return True, jax.process_index() == 0
 
