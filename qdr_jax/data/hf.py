@@ -24,7 +24,7 @@ _PASSAGE_TEXT_COLUMNS = ("text", "contents", "passage")
 
 
 def _load(path_or_hub_name: str, split_name: str, hub_split: str | None) -> Any:
-  # Imported here: `datasets` is an optional dependency of the package.
+  # Imported here: importing `datasets` takes about a second.
   import datasets  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(path_or_hub_name):
