@@ -88,7 +88,11 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
     save_encoder_hf(str(tmp / ENCODER_DIR), module, trained["params"],
                     tokenizer_dir=config.model.query_encoder)
     save_index(index, tmp / INDEX_FILE)
-    (tmp / IDS_FILE).write_text(json.dumps(list(corpus.ids)))
+    with open(tmp / IDS_FILE, "w", encoding="utf-8") as f:  # Streamed: ids can be 21M.
+      f.write("[")
+      for i, chunk in enumerate(corpus.ids.chunks()):
+        f.write((", " if i else "") + ", ".join(json.dumps(d) for d in chunk))
+      f.write("]")
     if store_passages:
       with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as f:
         for pid, title, text in zip(corpus.ids, corpus.titles, corpus.texts):
