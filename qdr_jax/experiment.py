@@ -23,7 +23,7 @@ from qdr_jax.eval.compare import with_pq_subquantizers
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.report import format_table
 from qdr_jax.eval.table_eval import evaluate_table
-from qdr_jax.index.faiss_index import describe_index
+from qdr_jax.index.faiss_index import check_index_for_mode
 from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
@@ -51,6 +51,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
   encoders = load_encoders(config.model)
+  # Refuse an index the mode cannot use before the (long) corpus embedding.
+  check_index_for_mode(config.index.factory, encoders.query_module.config.hidden_size,
+                       needs_quantizer=mode.quantize, learn_codebooks=mode.learn_codebooks,
+                       incremental=config.index.full_rebuild_every > 0)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
@@ -75,18 +79,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if trained is not None and trained.preempted:
     # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
     return {"preempted": True, "step": trained.step}
-  final_index = None
-  if trained is not None and mode.quantize:
-    # The quantizer the loss was trained against, with the final table re-encoded (and
-    # the learned codebooks written in): what serving without a retrain gives.
-    trained.lifecycle.write_codebooks(trained.table, trained.codebooks, sync=False)
-    final_index = trained.lifecycle.index
+  final_index = table = None
+  if trained is not None:
+    table = trained.lifecycle.table_to_lead(trained.state.table)
+    if mode.quantize:
+      # The quantizer the loss was trained against, with the final table re-encoded (and
+      # the learned codebooks written in): what serving without a retrain gives.
+      trained.lifecycle.write_codebooks(trained.state.table, trained.state.codebooks,
+                                        sync=False)
+      final_index = trained.lifecycle.index
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "mode": config.train.mode, "index": before["index"], "before": before}
   if trained is not None:
-    after = evaluate_table(trained.table, embed_eval_queries(trained.params, "eval after"),
+    after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
                            eval_split, corpus, config.index, config.eval)
     if final_index is not None:
       after["quantized_trained_quantizer"] = evaluate_in_loop(trained.params, final_index)

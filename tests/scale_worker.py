@@ -318,9 +318,10 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
                   pathlib.Path(args.workdir))
   out = {f"params{k}": v for k, v in _flat(trained.params).items()}
   # Only process 0 (the index's owner) receives the whole trained table.
-  out["holds_table"] = np.asarray(trained.table is not None)
-  if trained.table is not None:
-    out["table"] = trained.table
+  table = trained.lifecycle.table_to_lead(trained.state.table)
+  out["holds_table"] = np.asarray(table is not None)
+  if table is not None:
+    out["table"] = table
   out["table0"] = table0
   out["process_count"] = np.asarray(info.process_count)
   out["devices"] = np.asarray(jax.device_count())

@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from qdr_jax.data import types
-from qdr_jax.data.types import Corpus, DataFormatError, IdLookup
+from qdr_jax.data.types import Corpus, DataFormatError
 
 STORE_VERSION = 1
 META_FILE = "corpus.json"

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import pathlib
 import re
-from typing import Sequence
 
-import ml_collections
 
-from qdr_jax.eval.report import format_table
 
 
 def with_pq_subquantizers(factory: str, num_subquantizers: int) -> str:

@@ -164,9 +164,9 @@ class IndexLifecycle:
       return "full"
     rows = self.changed.take()
     vectors = sharding.rows_to_host(table, rows, self.mesh)
-    new_codes = None
+    new_codes, touched = None, rows.size
     if self.lead:
-      incremental_refresh(self.index, rows, vectors)
+      touched = incremental_refresh(self.index, rows, vectors)
       if self.codes_from_index:
         codes, lists = encoded_like_index(self.index, vectors)
         new_codes = {"codes": codes, "lists": lists}
@@ -176,16 +176,17 @@ class IndexLifecycle:
           name: sharding.set_rows(self.loss_inputs.codes[name], rows, new_codes[name],
                                   self.mesh)
           for name in ("codes", "lists")})
-    self._record(step, "incremental", rows.size, start)
+    self._record(step, "incremental", touched, start)
     return "incremental"
 
-  def write_codebooks(self, table: jax.Array, codebooks: jax.Array | None, *,
+  def write_codebooks(self, table, codebooks: jax.Array | np.ndarray | None, *,
                       sync: bool = True) -> None:
     """Writes ``codebooks`` (or the index's own) into the index and re-encodes every row
     of ``table`` with them, coarse quantizer and rotation kept: what serving the trained
     table with the training's quantizer gives, without retraining k-means. ``sync=False``
     leaves the loss's copy of the quantizer as it was (after the last step)."""
-    codebooks = None if codebooks is None else distributed.global_to_host(codebooks)
+    if isinstance(codebooks, jax.Array):  # a collective: every process takes part
+      codebooks = distributed.global_to_host(codebooks)
     if self.lead:
       quantizer = quantizer_from_faiss(self.index)
       if codebooks is not None:

@@ -47,14 +47,15 @@ __all__ = ["TrainResult", "batch_indices", "train", "training_queries"]
 class TrainResult:
   """What a finished (or preempted) run hands back.
 
-  table: the trained (unpadded) float32 table on process 0, None elsewhere.
+  state: the final train state, still on the devices (the table row-sharded: read it
+    with ``lifecycle.table_to_lead`` or search it with ``index.exact.exact_search``).
+  params: the query encoder's parameters on the host.
   lifecycle: the run's index, whose quantizer the loss was trained against.
   """
   step: int
   preempted: bool = False
+  state: TrainState | None = None
   params: Any = None
-  table: np.ndarray | None = None
-  codebooks: Any = None
   lifecycle: IndexLifecycle | None = None
   train_seconds: float = 0.0
   seconds_per_step: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -231,9 +232,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     return TrainResult(step=done_steps, preempted=True)
   train_seconds = time.perf_counter() - train_start
   return TrainResult(
-      step=done_steps, params=distributed.global_to_host(state.params),
-      table=lifecycle.table_to_lead(state.table),
-      codebooks=None if state.codebooks is None else distributed.global_to_host(state.codebooks),
+      step=done_steps, state=state, params=distributed.global_to_host(state.params),
       lifecycle=lifecycle, train_seconds=train_seconds,
       seconds_per_step=timers.per_step(steps - start_step))
 
