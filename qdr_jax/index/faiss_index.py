@@ -42,6 +42,7 @@ from collections.abc import Iterator
 
 import faiss
 import numpy as np
+from absl import logging
 from faiss.contrib.factory_tools import reverse_index_factory
 
 from qdr_jax.index.refresh import supports_incremental_refresh
@@ -52,6 +53,11 @@ _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
 # FAISS's factory builds "HNSW{M},PQ{m}" with the L2 metric whatever metric it is given.
 _HNSW_PQ = re.compile(r"HNSW(\d+)[,_]PQ(\d+)(?:x(\d+))?(?:np)?")
+# FAISS's k-means wants this many training points per centroid (its default
+# ClusteringParameters.min_points_per_centroid) and prints a warning line for every
+# k-means below it: one per PQ sub-quantizer, hundreds per small build. We lower FAISS's
+# threshold so that it stays quiet and log one warning per build ourselves.
+MIN_POINTS_PER_CENTROID = 39
 
 
 # ----------------------------------------------------------------------------- threads
@@ -144,9 +150,11 @@ def _configure_training(
     cp = getattr(obj, "cp", None)
     if isinstance(cp, faiss.ClusteringParameters):
       cp.seed = seed
+      cp.min_points_per_centroid = 1  # train_index warns once instead
     pq = getattr(obj, "pq", None)
     if isinstance(pq, faiss.ProductQuantizer):
       pq.cp.seed = seed
+      pq.cp.min_points_per_centroid = 1
     if hasattr(obj, "do_polysemous_training"):
       obj.do_polysemous_training = bool(polysemous)
   lent = []
@@ -156,13 +164,56 @@ def _configure_training(
         vt.niter = int(opq_niter)
       # OPQMatrix.train builds a default-seeded PQ unless it is handed one; lend a seeded
       # one (M sub-quantizers of 8 bits, as FAISS's default) over the output space.
-      pq = faiss.ProductQuantizer(vt.d_out, vt.M, 8)
+      pq = faiss.ProductQuantizer(vt.d_out, vt.M, _OPQ_NBITS)
       pq.cp.seed = seed
+      pq.cp.min_points_per_centroid = 1
       vt.pq = pq
       lent.append((vt, pq))
     elif isinstance(vt, faiss.RandomRotationMatrix) and not vt.is_trained:
       vt.init(seed)
   return lent
+
+
+_OPQ_NBITS = 8  # the bits of the PQ OPQ trains through (FAISS's default)
+
+
+def clustering_sizes(index: faiss.Index) -> list[tuple[str, int]]:
+  """(stage, centroids) of every k-means that training `index` runs: the IVF coarse
+  quantizer (nlist), the PQ sub-quantizers (2**nbits each) and OPQ's PQ."""
+  sizes = []
+  for obj in _sub_indexes(index):
+    if isinstance(obj, faiss.IndexIVF):
+      sizes.append(("IVF coarse quantizer", int(obj.nlist)))
+    pq = getattr(obj, "pq", None)
+    if isinstance(pq, faiss.ProductQuantizer):
+      sizes.append((f"PQ{pq.M}x{pq.nbits} sub-quantizers", int(pq.ksub)))
+  for vt in _transforms(index):
+    if isinstance(vt, faiss.OPQMatrix):
+      sizes.append((f"OPQ{vt.M} rotation's PQ", 2 ** _OPQ_NBITS))
+  return sizes
+
+
+def factory_layout(factory: str, dim: int, metric: str = "ip") -> dict:
+  """What an untrained `factory` index over `dim` dimensions is made of, for config-time
+  checks: ``{"nlist": IVF lists (0 without IVF), "clusterings": clustering_sizes}``.
+
+  Raises:
+    ValueError: the factory string is invalid for `dim` (see `check_index_for_mode`).
+  """
+  index = _make_index(dim, factory, _METRICS[metric])
+  ivf = _ivf(index)
+  return {"nlist": int(ivf.nlist) if ivf is not None else 0,
+          "clusterings": clustering_sizes(index)}
+
+
+def _warn_few_points(index: faiss.Index, factory: str, num_points: int) -> None:
+  """One log line per build where FAISS would print one per k-means."""
+  few = [f"{name} ({k} centroids)" for name, k in clustering_sizes(index)
+         if num_points < MIN_POINTS_PER_CENTROID * k]
+  if few:
+    logging.warning("Index %r trains on %d points, fewer than the %d per centroid FAISS "
+                    "recommends for: %s; its clustering may be poor.", factory, num_points,
+                    MIN_POINTS_PER_CENTROID, ", ".join(few))
 
 
 def _make_index(d: int, factory: str, metric: int) -> faiss.Index:
@@ -334,6 +385,7 @@ def train_index(
   with num_threads(threads):
     lent = _configure_training(index, seed, opq_niter, polysemous)
     if not index.is_trained:
+      _warn_few_points(index, factory, train.shape[0])
       try:
         index.train(train)
       finally:
