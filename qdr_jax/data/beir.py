@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -24,6 +25,22 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
   return open(path, "rt", encoding="utf-8", newline="")
 
 
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+  """Yields (1-based line number, line with its ending) of a UTF-8 text file, `*.gz` too.
+
+  Each line is decoded on its own (a text-mode file decodes 8 KiB blocks), so bytes that
+  are not UTF-8 raise a DataFormatError naming their line.
+  """
+  path = os.fspath(path)
+  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        yield line_no, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"not UTF-8 text: byte {raw[e.start:e.start + 1]!r} at "
+                              f"column {e.start + 1}", line_no) from None
+
+
 def find_file(directory: str | os.PathLike, name: str) -> str:
   """Returns `directory/name` or `directory/name.gz`, whichever exists."""
   for candidate in (name, name + ".gz"):
@@ -35,8 +52,8 @@ def find_file(directory: str | os.PathLike, name: str) -> str:
 
 def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
   """Yields (1-based line, object) per non-blank line; never holds the whole file."""
-  with open_text(path) as f:
-    for line_no, line in enumerate(f, start=1):
+  with contextlib.closing(text_lines(path)) as lines:
+    for line_no, line in lines:
       if not line.strip():
         continue
       try:
@@ -120,8 +137,8 @@ def read_beir_qrels(path: str | os.PathLike, corpus: Corpus,
   path = os.fspath(path)
   row_of = corpus.row_of
   qrels: dict[str, dict[str, int]] = {}
-  with open_text(path) as f:
-    for line_no, line in enumerate(f, start=1):
+  with contextlib.closing(text_lines(path)) as lines:
+    for line_no, line in lines:
       line = line.rstrip("\r\n")
       if not line.strip():
         continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import itertools
 import json
@@ -16,7 +17,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from qdr_jax.data import store
-from qdr_jax.data.beir import open_text
+from qdr_jax.data.beir import open_text, text_lines
 from qdr_jax.data.types import Corpus, DataFormatError, Queries, Split
 
 _log = logging.getLogger(__name__)
@@ -61,8 +62,9 @@ def read_dpr_passages(path: str | os.PathLike,
 
   def rows() -> Iterator[dict[str, Any]]:
     _allow_long_csv_fields()
-    with open_text(path) as f:
-      reader = csv.reader(f, delimiter="\t")
+    # Decoded line by line, so that bytes which are not UTF-8 are reported on their line.
+    with contextlib.closing(text_lines(path)) as lines:
+      reader = csv.reader((line for _, line in lines), delimiter="\t")
       header = next(reader, None)
       if header is None:
         raise DataFormatError(path, "corpus is empty (no header row)")
