@@ -19,9 +19,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
 from qdr_jax.models import passage_inputs
@@ -117,4 +118,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

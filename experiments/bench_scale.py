@@ -31,6 +31,8 @@ import time
 
 from absl import app, flags
 
+from qdr_jax.cli import run_main
+
 _ROWS = flags.DEFINE_integer("rows", 1_000_000, "Rows of the synthetic table.")
 _DIM = flags.DEFINE_integer("dim", 384, "Embedding dimension.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Global batch of queries per step.")
@@ -350,4 +352,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

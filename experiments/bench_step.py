@@ -30,9 +30,10 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import Corpus, RetrievalDataset
 from qdr_jax.index import set_num_threads
@@ -164,4 +165,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -13,10 +13,11 @@ bytes per vector, with the flat index before training as the reference line.
 import json
 import pathlib
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from qdr_jax import distributed
+from qdr_jax.cli import run_main
 from qdr_jax.eval.compare import plot_comparison
 from qdr_jax.experiment import compare_modes
 
@@ -43,4 +44,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -15,8 +15,9 @@ import gzip
 import json
 import os
 
-from absl import app, flags
+from absl import flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.data.dpr import squad_to_dpr, write_dpr_json, write_dpr_passages, write_qa_csv
 
 _INPUT = flags.DEFINE_string("input", "../shared/data/squad/dev-v1.1.json.gz",
@@ -47,4 +48,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -19,6 +19,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.experiment import evaluate_checkpoint, evaluate_config
 from qdr_jax.train.checkpoint import has_checkpoint
 
@@ -45,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

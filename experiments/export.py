@@ -8,8 +8,9 @@ The bundle holds the query encoder as a Hugging Face model directory, the FAISS 
 over the trained table, the row -> passage id map and bundle.json; see qdr_jax.serving.
 """
 
-from absl import app, flags
+from absl import flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.serving import export_bundle
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
@@ -28,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -37,7 +37,9 @@ import subprocess
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
+
+from qdr_jax.cli import run_main
 
 _PASSAGES = flags.DEFINE_integer("passages", 250_000, "Synthetic corpus size.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (data, caches, runs, results).")
@@ -402,4 +404,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("out")
-  app.run(main)
+  run_main(main)

@@ -8,6 +8,7 @@ the start of its text when the bundle stores passages).
 
 from absl import app, flags
 
+from qdr_jax.cli import run_main
 from qdr_jax.serving import load_bundle
 
 _BUNDLE = flags.DEFINE_string("bundle", None, "Bundle directory (experiments/export.py).")
@@ -30,4 +31,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

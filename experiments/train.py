@@ -11,10 +11,11 @@ rerunning the same command resumes from the latest one, and SIGTERM saves and ex
 
 import pathlib
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from qdr_jax import distributed
+from qdr_jax.cli import run_main
 from qdr_jax.eval.report import before_after_table
 from qdr_jax.experiment import train_and_evaluate
 
@@ -35,4 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

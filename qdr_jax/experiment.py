@@ -23,13 +23,14 @@ from qdr_jax.eval.compare import with_pq_subquantizers
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.report import format_table
 from qdr_jax.eval.table_eval import evaluate_table
-from qdr_jax.index.faiss_index import check_index_for_mode
-from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
+from qdr_jax.data.types import RetrievalDataset
+from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import get_mode
 from qdr_jax.train.restore import restore_trained
+from qdr_jax.validation import ConfigError, validate_config, validate_runs
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -45,16 +46,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   distributed.initialize_distributed(config)  # before anything touches a device
   lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  dataset, encoders = _validated_inputs(config)
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
-  dataset = load_dataset(config.data)
+  workdir.mkdir(parents=True, exist_ok=True)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
-  encoders = load_encoders(config.model)
-  # Refuse an index the mode cannot use before the (long) corpus embedding.
-  check_index_for_mode(config.index.factory, encoders.query_module.config.hidden_size,
-                       needs_quantizer=mode.quantize, learn_codebooks=mode.learn_codebooks,
-                       incremental=config.index.full_rebuild_every > 0)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
@@ -108,6 +104,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   return results
 
 
+def _validated_inputs(config: ml_collections.ConfigDict, *, training: bool = True
+                      ) -> tuple[RetrievalDataset, Encoders]:
+  """The run's data set and encoders, once the config is validated against them.
+
+  The config alone is checked before anything is loaded, then against the corpus, the
+  splits and the encoder's dimension: every refusal comes before the (long) corpus
+  embedding and before the workdir is touched.
+  """
+  validate_config(config, training=training)
+  dataset = load_dataset(config.data)
+  encoders = load_encoders(config.model)
+  validate_config(config, dataset=dataset, dim=_dim(encoders), training=training)
+  return dataset, encoders
+
+
+def _dim(encoders: Encoders) -> int:
+  return encoders.query_module.config.hidden_size
+
+
 def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
   """The "before" evaluation; a resumed run (the workdir has a checkpoint) reads it back
   from ``eval_before.json`` when the config is unchanged, so its results.json reports
@@ -130,10 +145,9 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
   Returns:
     (results, printable table).
   """
+  dataset, encoders = _validated_inputs(config, training=False)
   workdir.mkdir(parents=True, exist_ok=True)
-  dataset = load_dataset(config.data)
   split = dataset.split(config.data.eval_split)
-  encoders = load_encoders(config.model)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table = build_or_load_table(config, dataset.corpus, cache_dir,
                               embed_passages(encoders, config))
@@ -170,8 +184,11 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
   Returns:
     (results, printable table).
   """
+  if config is not None:
+    validate_config(config, training=False)
   trained = restore_trained(workdir, step=step, config=config)
   config, dataset = trained["config"], trained["dataset"]
+  validate_config(config, dataset=dataset, dim=int(trained["table"].shape[1]), training=False)
   split = dataset.split(config.data.eval_split)
   query_emb = embed_queries(trained["encoders"], trained["params"], split.queries.texts,
                             config)
@@ -193,19 +210,26 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                   levels: Sequence[int], modes: Sequence[str]) -> dict:
-  """Trains each mode at each level; writes and returns the compare.json summary."""
+  """Trains each mode at each level; writes and returns the compare.json summary.
+
+  Every (level, mode) config is validated before the first one trains.
+  """
+  cache_dir = config.table.cache_dir or str(workdir / "cache")
+  runs = {(level, mode): _run_config(config, level, mode, cache_dir)
+          for level in levels for mode in modes}
+  describe = {id(cfg): f"level {level}, mode {mode!r}" for (level, mode), cfg in runs.items()}
+  validate_runs(list(runs.values()), lambda cfg: describe[id(cfg)])
+  dataset, encoders = load_dataset(config.data), load_encoders(config.model)
+  validate_runs(list(runs.values()), lambda cfg: describe[id(cfg)], dataset=dataset,
+                dim=_dim(encoders))
+  del dataset, encoders  # each run loads its own
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead_process()  # every process trains; process 0 summarises
-  cache_dir = config.table.cache_dir or str(workdir / "cache")
   summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
   for level in levels:
     entry: dict = {"modes": {}, "modes_std": {}}
     for mode in modes:
-      run_cfg = config.copy_and_resolve_references()
-      with run_cfg.unlocked():
-        run_cfg.train.mode = mode
-        run_cfg.index.factory = with_pq_subquantizers(config.index.factory, level)
-        run_cfg.table.cache_dir = cache_dir
+      run_cfg = runs[level, mode]
       results = train_and_evaluate(run_cfg, workdir / f"pq{level}" / mode)
       if not lead:
         continue
@@ -226,3 +250,18 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if lead:
     (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
   return summary
+
+
+def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str
+                ) -> ml_collections.ConfigDict:
+  """``config`` for one (PQ level, mode) run of `compare_modes`."""
+  run_cfg = config.copy_and_resolve_references()
+  try:
+    factory = with_pq_subquantizers(config.index.factory, level)
+  except ValueError as e:
+    raise ConfigError([str(e)]) from None
+  with run_cfg.unlocked():
+    run_cfg.train.mode = mode
+    run_cfg.index.factory = factory
+    run_cfg.table.cache_dir = cache_dir
+  return run_cfg

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from qdr_jax.data.types import Corpus
+from qdr_jax.data.types import Corpus, DataFormatError
 from qdr_jax.io_utils import atomic_path
 from qdr_jax.models.tokenization import passage_inputs
 
@@ -46,6 +46,10 @@ def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.n
     table = np.load(path, allow_pickle=False, mmap_mode=None)
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: not a readable .npy table ({e}).") from e
+  if table.dtype not in (np.float16, np.float32, np.float64):
+    # An integer (or other) table cast to float32 would train silently on wrong values.
+    raise DataFormatError(os.fspath(path), f"table holds {table.dtype} values; expected a "
+                          "floating-point embedding table")
   if table.ndim != 2:
     raise ValueError(f"{path}: expected an (N, d) table, got shape {table.shape}.")
   if num_rows is not None and table.shape[0] != num_rows:
