@@ -56,9 +56,7 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   def wrapped(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except Exception as e:  # re-raised unless it is one of user_errors()
-      if not isinstance(e, user_errors()):
-        raise
+    except user_errors() as e:  # evaluated only once something is raised
       if verbose():
         traceback.print_exc()
       print("\n".join(error_lines(e)), file=sys.stderr)
