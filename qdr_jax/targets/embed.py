@@ -16,7 +16,9 @@ devices.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -280,6 +282,45 @@ def _prepare(path: pathlib.Path, rows: int, dim: int, spec: dict) -> None:
     del created
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path, take: bool) -> Iterator[None]:
+  """Holds an exclusive ``flock`` on ``lock_path`` if ``take`` (released on exit or death)."""
+  if not take:
+    yield
+    return
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class _ChunkWriter:
+  """Writes a process's rows into the shared table; records each chunk once it is whole."""
+
+  def __init__(self, table: np.ndarray, path: pathlib.Path, process: int, spec: dict,
+               on_chunk: Callable[[int], None] | None):
+    self.table, self.spec, self.on_chunk = table, spec, on_chunk
+    self.manifest = _manifest_path(path, process)
+    self.done = _read_manifest(self.manifest, spec) or set()
+    self.written: dict[int, int] = {}
+    self.computed = 0
+
+  def __call__(self, chunk: int, rows: np.ndarray, emb: np.ndarray, chunk_size: int) -> None:
+    self.table[rows] = emb
+    self.written[chunk] = self.written.get(chunk, 0) + rows.size
+    if self.written[chunk] < chunk_size:
+      return
+    self.table.flush()  # the rows reach the file before the manifest says they did
+    self.done.add(chunk)
+    write_text_atomic(self.manifest, json.dumps({**self.spec, "done": sorted(self.done)}))
+    self.computed += 1
+    if self.on_chunk is not None:
+      self.on_chunk(chunk)
+
+
 def chunk_block(num_chunks: int, process: int, count: int) -> range:
   """The contiguous block of chunks (so of rows) that ``process`` of ``count`` embeds."""
   return range(process * num_chunks // count, (process + 1) * num_chunks // count)
@@ -332,61 +373,56 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
   # A resumed run must cut the same batches, or its chunks would differ in the last bits.
   spec = {"rows": rows, "dim": dim, "chunk_rows": chunk_rows, **dataclasses.asdict(batching)}
   process, count = jax.process_index(), jax.process_count()
-  if process == 0:
-    _prepare(path, rows, dim, spec)
-  _sync(f"embed_corpus open {path.name}")
-  partial = partial_path(path)
-  try:
-    table = np.lib.format.open_memmap(partial, mode="r+")
-  except FileNotFoundError as e:
-    raise FileNotFoundError(f"{partial}: process 0 created it but process {process} cannot see "
-                            "it; the table cache directory must be shared by all "
-                            "processes.") from e
-  mine_done = _read_manifest(_manifest_path(path, process), spec) or set()
-  done = _done_chunks(path, spec)
   block = chunk_block(num_chunks, process, count)
-  todo = [c for c in block if c not in done]
-  left = {c: min(chunk_rows, rows - c * chunk_rows) for c in todo}
+  stats = {"rows": rows, "dim": dim, "chunks": num_chunks, "computed": 0,
+           "skipped": len(block), "seconds": 0.0}
+  # One job at a time per table: another job sharing the cache waits, then finds it done.
+  with _exclusive(path.with_name(path.name + ".lock"), process == 0):
+    if process == 0 and not path.exists():
+      _prepare(path, rows, dim, spec)
+    _sync(f"embed_corpus open {path.name}")
+    if path.exists():  # completed by another job while this one waited for the lock
+      return stats
+    partial = partial_path(path)
+    try:
+      table = np.lib.format.open_memmap(partial, mode="r+")
+    except FileNotFoundError as e:
+      raise FileNotFoundError(f"{partial}: process 0 created it but process {process} cannot "
+                              "see it; the table cache directory must be shared by all "
+                              "processes.") from e
+    done = _done_chunks(path, spec)
+    todo = [c for c in block if c not in done]
+    start_time = time.perf_counter()
+    write_chunks = _ChunkWriter(table, path, process, spec, on_chunk)
+    sizes = {c: min(chunk_rows, rows - c * chunk_rows) for c in block}
 
-  def windows():
-    for c in todo:
-      start, stop = c * chunk_rows, c * chunk_rows + left[c]
-      texts, pairs = passage_inputs(corpus.titles[start:stop], corpus.texts[start:stop],
-                                    passage_style)
-      yield c, texts, pairs
+    def windows():
+      for c in todo:
+        start, stop = c * chunk_rows, c * chunk_rows + sizes[c]
+        texts, pairs = passage_inputs(corpus.titles[start:stop], corpus.texts[start:stop],
+                                      passage_style)
+        yield c, texts, pairs
 
-  block_rows = sum(min(chunk_rows, rows - c * chunk_rows) for c in block)
-  bar = tqdm(total=block_rows, initial=block_rows - sum(left.values()), desc="corpus",
-             unit="passage", disable=not progress or process != 0)
-  start_time = time.perf_counter()
-  computed = 0
-  with _Prefetch(_windows(tokenizer, windows(), batching, devices)) as batches:
-    for c, chunk_rows_idx, emb in _encode_stream(encode, params, batches, mesh):
-      table[c * chunk_rows + chunk_rows_idx] = emb
-      left[c] -= chunk_rows_idx.size
-      bar.update(chunk_rows_idx.size)
-      if left[c] == 0:
-        table.flush()  # the rows reach the file before the manifest says they did
-        mine_done.add(c)
-        write_text_atomic(_manifest_path(path, process),
-                          json.dumps({**spec, "done": sorted(mine_done)}))
-        computed += 1
-        if on_chunk is not None:
-          on_chunk(c)
-  bar.close()
-  del table
-  seconds = time.perf_counter() - start_time
-  _sync(f"embed_corpus written {path.name}")
-  # Every process checks, so that all of them fail together rather than wait for process 0.
-  missing = sorted(set(range(num_chunks)) - _done_chunks(path, spec))
-  if missing:
-    raise RuntimeError(f"{partial}: chunks {missing[:10]} of {num_chunks} are not recorded "
-                       "as done after every process finished.")
-  _sync(f"embed_corpus checked {path.name}")
-  if process == 0:
-    os.replace(partial, path)
-    for file in _manifests(path):
-      file.unlink()
-  _sync(f"embed_corpus renamed {path.name}")
-  return {"rows": rows, "dim": dim, "chunks": num_chunks, "computed": computed,
-          "skipped": len(block) - len(todo), "seconds": seconds}
+    bar = tqdm(total=sum(sizes.values()), initial=sum(sizes[c] for c in block if c in done),
+               desc="corpus", unit="passage", disable=not progress or process != 0)
+    with _Prefetch(_windows(tokenizer, windows(), batching, devices)) as batches:
+      for c, chunk_row_ids, emb in _encode_stream(encode, params, batches, mesh):
+        write_chunks(c, c * chunk_rows + chunk_row_ids, emb, sizes[c])
+        bar.update(chunk_row_ids.size)
+    bar.close()
+    del table
+    stats.update(computed=write_chunks.computed, skipped=len(block) - len(todo),
+                 seconds=time.perf_counter() - start_time)
+    _sync(f"embed_corpus written {path.name}")
+    # Every process checks, so that all of them fail together rather than wait for process 0.
+    missing = sorted(set(range(num_chunks)) - _done_chunks(path, spec))
+    if missing:
+      raise RuntimeError(f"{partial}: chunks {missing[:10]} of {num_chunks} are not recorded "
+                         "as done after every process finished.")
+    _sync(f"embed_corpus checked {path.name}")
+    if process == 0:
+      os.replace(partial, path)
+      for file in _manifests(path):
+        file.unlink()
+    _sync(f"embed_corpus renamed {path.name}")
+  return stats
