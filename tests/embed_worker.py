@@ -46,12 +46,11 @@ def main(argv: list[str]) -> None:
 
   config = make_tiny_config(args.beir, args.encoder, args.cache)
   config.table.embed_chunk_rows = CHUNK_ROWS
-  if args.num_processes > 1:
-    config.distributed.coordinator_address = f"localhost:{args.port}"
-    config.distributed.num_processes = args.num_processes
-    config.distributed.process_id = args.process_id
-    config.distributed.initialization_timeout = 60
-    config.distributed.cpu_collectives = "gloo"
+  if args.num_processes > 1:  # the environment route of initialize_distributed
+    os.environ.update({distributed.ENV_COORDINATOR: f"localhost:{args.port}",
+                       distributed.ENV_NUM_PROCESSES: str(args.num_processes),
+                       distributed.ENV_PROCESS_ID: str(args.process_id)})
+    config.distributed.update(initialization_timeout=60, cpu_collectives="gloo")
   info = distributed.initialize_distributed(config)
 
   import pathlib

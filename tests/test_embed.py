@@ -1,5 +1,6 @@
 """Corpus embedding: pipelined, sharded over processes, resumable, never half-cached."""
 
+import concurrent.futures
 import json
 import os
 import pathlib
@@ -129,23 +130,18 @@ def _free_port() -> int:
 
 
 def _run(jobs: dict[str, list[str]], tmp: pathlib.Path) -> dict[str, int]:
-  env = dict(os.environ)
-  for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
-  logs = {name: open(tmp / f"{name}.log", "w") for name in jobs}
-  procs = {name: subprocess.Popen([sys.executable, str(WORKER), *args], stdout=logs[name],
-                                  stderr=subprocess.STDOUT, cwd=WORKER.parent.parent, env=env)
-           for name, args in jobs.items()}
-  try:
-    codes = {name: p.wait(timeout=TIMEOUT_S) for name, p in procs.items()}
-  finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-    for f in logs.values():
-      f.close()
-  return codes
+  """Runs the workers at once (logs in ``tmp``); their exit codes."""
+  env = {k: v for k, v in os.environ.items() if k not in (
+      "XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+
+  def run(name):
+    with open(tmp / f"{name}.log", "w") as log:
+      return subprocess.run([sys.executable, str(WORKER), *jobs[name]], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=WORKER.parent.parent, env=env,
+                            timeout=TIMEOUT_S, check=False).returncode
+
+  with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+    return dict(zip(jobs, pool.map(run, jobs)))
 
 
 def _tail(tmp, name):

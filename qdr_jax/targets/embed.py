@@ -355,8 +355,10 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
     on_chunk: called with a chunk's number once it is recorded (tests).
 
   Returns:
-    ``{"rows", "dim", "chunks", "computed", "skipped", "seconds"}``; ``computed`` counts
-    this process's chunks embedded by this call.
+    ``{"rows", "dim", "chunks", "computed", "computed_rows", "skipped", "seconds",
+    "cached"}``: ``computed`` (``computed_rows``) counts the chunks (rows) this process
+    embedded in this call, ``skipped`` its chunks found done; ``cached`` says another job
+    completed the table while this one waited for it.
   """
   path = pathlib.Path(path)
   rows = len(corpus)
@@ -375,14 +377,14 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
   process, count = jax.process_index(), jax.process_count()
   block = chunk_block(num_chunks, process, count)
   stats = {"rows": rows, "dim": dim, "chunks": num_chunks, "computed": 0,
-           "skipped": len(block), "seconds": 0.0}
+           "computed_rows": 0, "skipped": len(block), "seconds": 0.0, "cached": False}
   # One job at a time per table: another job sharing the cache waits, then finds it done.
   with _exclusive(path.with_name(path.name + ".lock"), process == 0):
     if process == 0 and not path.exists():
       _prepare(path, rows, dim, spec)
     _sync(f"embed_corpus open {path.name}")
     if path.exists():  # completed by another job while this one waited for the lock
-      return stats
+      return {**stats, "cached": True}
     partial = partial_path(path)
     try:
       table = np.lib.format.open_memmap(partial, mode="r+")
@@ -412,6 +414,7 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
     bar.close()
     del table
     stats.update(computed=write_chunks.computed, skipped=len(block) - len(todo),
+                 computed_rows=sum(sizes[c] for c in todo),
                  seconds=time.perf_counter() - start_time)
     _sync(f"embed_corpus written {path.name}")
     # Every process checks, so that all of them fail together rather than wait for process 0.

@@ -102,20 +102,22 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
   start = time.perf_counter()
   if hasattr(encode_passages, "embed_corpus"):
     stats = encode_passages.embed_corpus(corpus, path)
-    dim = stats["dim"]
   else:
     n = len(corpus)
     texts, pairs = passage_inputs(corpus.titles[0:n], corpus.texts[0:n],
                                   config.model.passage_style)
     table = encode_passages(texts, pairs)
     save_npy_atomic(path, table)
-    dim = table.shape[1]
+    stats = {"dim": table.shape[1], "computed_rows": n, "skipped": 0, "cached": False}
   seconds = time.perf_counter() - start
-  if jax.process_index() == 0:
-    meta = {"rows": len(corpus), "dim": int(dim), "seconds": seconds,
-            "passages_per_second": len(corpus) / seconds,
+  if jax.process_index() == 0 and not stats["cached"]:
+    # This process's own rate: rows it embedded in this call (a resume skips some).
+    rate = stats["computed_rows"] / seconds
+    meta = {"rows": len(corpus), "dim": int(stats["dim"]), "seconds": seconds,
+            "passages_per_second": rate, "resumed_chunks": stats["skipped"],
+            "processes": jax.process_count(),
             "encoder": config.model.passage_encoder or config.model.query_encoder}
     write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
-  logging.info("Embedded %d passages in %.1fs (%.1f/s) -> %s", len(corpus), seconds,
-               len(corpus) / seconds, path)
+    logging.info("Embedded %d passages in %.1fs (%.1f/s on process 0) -> %s",
+                 stats["computed_rows"], seconds, rate, path)
   return load_npy_table(path, len(corpus))
