@@ -23,8 +23,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.eval.table_eval import build_quantized
-from qdr_jax.index.faiss_index import bytes_per_vector, search
+from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
 from qdr_jax.models import passage_inputs
 from qdr_jax.targets.embed import embed_texts
 from qdr_jax.targets.encoders import embed_passages, load_encoders

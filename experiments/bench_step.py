@@ -39,7 +39,8 @@ from qdr_jax.index import set_num_threads
 from qdr_jax.models import tokenize
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.train.loop import batch_indices, train, training_queries
+from qdr_jax.train.loop import train
+from qdr_jax.train.negatives import batch_indices, training_queries
 from qdr_jax.train.modes import get_mode
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

@@ -17,7 +17,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qdr_jax import distributed
-from qdr_jax.eval.compare import compare_modes, plot_comparison
+from qdr_jax.eval.compare import plot_comparison
+from qdr_jax.experiment import compare_modes
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

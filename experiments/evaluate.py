@@ -19,7 +19,7 @@ import pathlib
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from qdr_jax.eval.evaluate import evaluate_checkpoint, evaluate_config
+from qdr_jax.experiment import evaluate_checkpoint, evaluate_config
 from qdr_jax.train.checkpoint import has_checkpoint
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

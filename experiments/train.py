@@ -16,7 +16,7 @@ from ml_collections import config_flags
 
 from qdr_jax import distributed
 from qdr_jax.eval.report import before_after_table
-from qdr_jax.train.loop import train_and_evaluate
+from qdr_jax.experiment import train_and_evaluate
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

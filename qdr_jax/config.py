@@ -26,6 +26,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
   c.data.split_seed = 0           # format=squad: article split seed
   c.data.allow_missing_positives = False  # dpr: skip positives absent from the corpus
+  c.data.cache_dir = ""           # corpus store root; "" = ~/.cache/qdr_jax/corpora
 
   c.model = ml_collections.ConfigDict()
   c.model.query_encoder = "all-MiniLM-L6-v2"
@@ -60,6 +61,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only
   # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
   c.index.full_rebuild_every = 0  # >0: refreshes between full rebuilds re-add moved rows only
+  # Rows per chunk when the table streams from the devices to the index's owner (process
+  # 0) for a build: bounds that host's extra memory to chunk x d floats.
+  c.index.stream_rows = 65536
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100

@@ -29,13 +29,12 @@ import faiss
 import jax
 import numpy as np
 
-from qdr_jax.eval.evaluate import restore_trained
-from qdr_jax.eval.table_eval import build_quantized
-from qdr_jax.index.faiss_index import (describe_index, load_index, save_index, search,
-                                       set_search_params)
+from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
+                                       search, set_search_params)
 from qdr_jax.models import load_encoder, load_tokenizer, save_encoder_hf
 from qdr_jax.quant import quantizer_from_faiss, write_codebooks_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply
+from qdr_jax.train.restore import restore_trained
 
 BUNDLE_FORMAT = 1
 ENCODER_DIR = "query_encoder"
@@ -89,7 +88,11 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
     save_encoder_hf(str(tmp / ENCODER_DIR), module, trained["params"],
                     tokenizer_dir=config.model.query_encoder)
     save_index(index, tmp / INDEX_FILE)
-    (tmp / IDS_FILE).write_text(json.dumps(list(corpus.ids)))
+    with open(tmp / IDS_FILE, "w", encoding="utf-8") as f:  # Streamed: ids can be 21M.
+      f.write("[")
+      for i, chunk in enumerate(corpus.ids.chunks()):
+        f.write((", " if i else "") + ", ".join(json.dumps(d) for d in chunk))
+      f.write("]")
     if store_passages:
       with open(tmp / PASSAGES_FILE, "w", encoding="utf-8") as f:
         for pid, title, text in zip(corpus.ids, corpus.titles, corpus.texts):

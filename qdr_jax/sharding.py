@@ -9,6 +9,7 @@ their updates inside the jitted step are partitioned by XLA (an all-reduce) with
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -105,3 +106,52 @@ def put_rows(host: np.ndarray, mesh: Mesh, shard_rows: bool, num_rows: int,
     return out
 
   return jax.make_array_from_callback(shape, row_sharding(mesh, shard_rows), block)
+
+
+# Gathers are padded to a multiple of this many rows so that refreshes of varying size
+# reuse a handful of compiled gathers instead of compiling one per size.
+_GATHER_BUCKET = 4096
+
+
+@functools.lru_cache(maxsize=None)
+def _row_gather(mesh: Mesh):
+  # Pinned replicated output: XLA gathers across devices (and hosts), so every process
+  # gets the rows as one local array without a second collective.
+  return jax.jit(lambda table, rows: table[rows].astype(jax.numpy.float32),
+                 out_shardings=replicated(mesh))
+
+
+def rows_to_host(table: jax.Array, rows: np.ndarray, mesh: Mesh) -> np.ndarray:
+  """Rows ``rows`` of a row-sharded device array as float32 numpy, on every process.
+
+  Only the requested rows travel (padded to a bucket), never the whole table: the way the
+  index's owner reads a training table in chunks. A collective in a multi-process job.
+  """
+  rows = np.asarray(rows, dtype=np.int32).reshape(-1)
+  padded = np.zeros(max(_GATHER_BUCKET, -(-rows.size // _GATHER_BUCKET) * _GATHER_BUCKET),
+                    np.int32)
+  padded[:rows.size] = rows
+  ids = jax.make_array_from_process_local_data(replicated(mesh), padded)
+  out = _row_gather(mesh)(table, ids)
+  return np.asarray(out.addressable_data(0))[:rows.size]
+
+
+def set_rows(array: jax.Array, rows: np.ndarray, values: np.ndarray, mesh: Mesh) -> jax.Array:
+  """``array`` with rows ``rows`` replaced by ``values`` (same on every process), keeping
+  its sharding; only those rows are written, so the cost follows their number."""
+  rows = np.asarray(rows, dtype=np.int32).reshape(-1)
+  if rows.size == 0:
+    return array
+  size = max(_GATHER_BUCKET, -(-rows.size // _GATHER_BUCKET) * _GATHER_BUCKET)
+  # Padding repeats the first row with its own value, so the scatter stays exact.
+  pad = size - rows.size
+  rows = np.concatenate([rows, np.full(pad, rows[0], np.int32)])
+  values = np.concatenate([values, np.repeat(values[:1], pad, axis=0)]).astype(array.dtype)
+  put = lambda x: jax.make_array_from_process_local_data(replicated(mesh), x)
+  return _row_scatter(array.sharding)(array, put(rows), put(values))
+
+
+@functools.lru_cache(maxsize=None)
+def _row_scatter(sharding: NamedSharding):
+  return jax.jit(lambda a, rows, values: a.at[rows].set(values), out_shardings=sharding,
+                 donate_argnums=0)

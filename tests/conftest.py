@@ -17,6 +17,20 @@ from qdr_jax.models import save_encoder_hf  # noqa: E402
 WORDS = [f"w{i}" for i in range(400)]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def corpus_cache(tmp_path_factory):
+  """Corpus stores (qdr_jax.data.store) go to a session tmp dir instead of ~/.cache;
+  set in the environment so that worker subprocesses use it too."""
+  path = str(tmp_path_factory.mktemp("corpus_cache"))
+  old = os.environ.get("QDR_JAX_CORPUS_CACHE")
+  os.environ["QDR_JAX_CORPUS_CACHE"] = path
+  yield path
+  if old is None:
+    os.environ.pop("QDR_JAX_CORPUS_CACHE", None)
+  else:
+    os.environ["QDR_JAX_CORPUS_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_beir(tmp_path_factory):
   """600 passages of random words; each query repeats 4 words of its one positive."""

@@ -90,7 +90,7 @@ def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
   encoder_tx, _ = optim.make_encoder_optimizer(config.optim, config.train.steps)
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, config.train.steps)
-  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, None)
+  state = init_state(config, mode, params, table, quantizer.codebooks, mesh, encoder_tx, row_tx, None)
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
   fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None, mesh)
@@ -316,8 +316,12 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
                                embed_passages(encoders, config))
   trained = train(config, get_mode(config.train.mode), dataset, encoders, table0,
                   pathlib.Path(args.workdir))
-  out = {f"params{k}": v for k, v in _flat(trained["params"]).items()}
-  out["table"] = trained["table"]
+  out = {f"params{k}": v for k, v in _flat(trained.params).items()}
+  # Only process 0 (the index's owner) receives the whole trained table.
+  table = trained.lifecycle.table_to_lead(trained.state.table)
+  out["holds_table"] = np.asarray(table is not None)
+  if table is not None:
+    out["table"] = table
   out["table0"] = table0
   out["process_count"] = np.asarray(info.process_count)
   out["devices"] = np.asarray(jax.device_count())

@@ -14,10 +14,12 @@ import pytest
 
 from checkpoint_worker import NUM_ROWS, make_state, metadata
 from conftest import make_tiny_config
-from qdr_jax.eval.evaluate import evaluate_checkpoint, restore_trained
+from qdr_jax.experiment import evaluate_checkpoint
+from qdr_jax.train.restore import restore_trained
 from qdr_jax.models import load_encoder
 from qdr_jax.serving import export_bundle, load_bundle
-from qdr_jax.train import loop
+from qdr_jax import experiment
+from qdr_jax.train import negatives
 from qdr_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointWarning,
                                       MetadataMismatchError, checkpoint_dir)
 
@@ -40,9 +42,9 @@ def runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
   """One uninterrupted run, and one stopped by SIGTERM at STOP_AT and resumed."""
   root = tmp_path_factory.mktemp("runs")
   config = _config(tiny_beir, tiny_encoder_dir, root / "cache")
-  straight = loop.train_and_evaluate(config, root / "straight")
+  straight = experiment.train_and_evaluate(config, root / "straight")
 
-  real_batch_indices = loop.batch_indices
+  real_batch_indices = negatives.batch_indices
 
   def sigterm_during(step, *args, **kwargs):
     if step == STOP_AT:
@@ -53,10 +55,10 @@ def runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
 
   previous = signal.getsignal(signal.SIGTERM)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(loop, "batch_indices", sigterm_during)
-    stopped = loop.train_and_evaluate(config, root / "resumed")
+    mp.setattr(negatives, "batch_indices", sigterm_during)
+    stopped = experiment.train_and_evaluate(config, root / "resumed")
   assert signal.getsignal(signal.SIGTERM) is previous  # the loop's handler is gone
-  resumed = loop.train_and_evaluate(config, root / "resumed")
+  resumed = experiment.train_and_evaluate(config, root / "resumed")
   return {"config": config, "root": root, "straight": straight, "stopped": stopped,
           "resumed": resumed}
 

@@ -1,4 +1,4 @@
-"""Tests for the data readers, the config loader and the SQuAD conversion."""
+"""Tests for the data readers, the corpus store, the config loader and the SQuAD conversion."""
 
 from __future__ import annotations
 
@@ -9,19 +9,33 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ml_collections import ConfigDict
 
+from qdr_jax.config import base_config
 from qdr_jax.data import dpr as dpr_lib
 from qdr_jax.data import loader as loader_lib
-from qdr_jax.data import (DataFormatError, load_dataset, read_beir, read_dpr_passages,
-                          read_dpr_train_json, read_hf_split, read_qa_csv, squad_to_dpr,
-                          write_dpr_json, write_dpr_passages, write_qa_csv)
+from qdr_jax.data import store
+from qdr_jax.data import types as types_lib
+from qdr_jax.data import (DataFormatError, load_dataset, read_beir, read_corpus,
+                          read_dpr_passages, read_dpr_train_json, read_hf_corpus, read_hf_split,
+                          read_qa_csv, squad_to_dpr, write_dpr_json, write_dpr_passages,
+                          write_qa_csv)
+from qdr_jax.data.beir import read_beir_corpus
 from qdr_jax.data.types import Corpus
+from qdr_jax.targets.table import table_cache_key
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _corpus_cache(tmp_path, monkeypatch):
+  """Readers called without a cache_dir convert into the test's tmp dir."""
+  monkeypatch.setenv(store.ENV_CACHE_DIR, str(tmp_path / "corpus_cache"))
 SQUAD_PATH = REPO_ROOT / ".." / "shared" / "data" / "squad" / "dev-v1.1.json.gz"
 
 
@@ -488,3 +502,204 @@ def test_convert_squad_script_output_loads(tmp_path):
   for q in test.queries.ids:
     (pos,) = test.positives(q)
     assert any(a in ds.corpus.texts[ds.corpus.row_of[pos]] for a in test.answers[q])
+
+
+# ----------------------------------------------------------------------------- store
+
+@pytest.fixture
+def conversions(monkeypatch):
+  """Counts store conversions (cache misses)."""
+  calls = []
+  convert = store._convert
+
+  def spy(final, source, rows, line_kind):
+    calls.append(source)
+    return convert(final, source, rows, line_kind)
+
+  monkeypatch.setattr(store, "_convert", spy)
+  return calls
+
+
+def _lists(corpus):
+  return list(corpus.ids), list(corpus.titles), list(corpus.texts)
+
+
+def _big_rows(n):
+  return [{"_id": f"p{i}", "title": f"T{i % 7}", "text": f"passage {i} " + "word " * 50}
+          for i in range(n)]
+
+
+def test_store_beir_round_trip_maps_second_load(tmp_path, conversions):
+  rows = _big_rows(3000)
+  path = _write(tmp_path / "src" / "corpus.jsonl.gz", _jsonl(rows))
+  cache = tmp_path / "cache"
+  corpus = read_beir_corpus(path, cache)
+  expected = ([r["_id"] for r in rows], [r["title"] for r in rows], [r["text"] for r in rows])
+  assert _lists(corpus) == expected
+  assert corpus.store_dir is not None and corpus.store_dir.startswith(str(cache))
+  assert sorted(os.listdir(corpus.store_dir)) == [
+      "corpus.json", "data-00000.arrow", "id_hash.npy", "id_rows.npy"]
+  assert len(conversions) == 1
+  before = pa.total_allocated_bytes()
+  again = read_beir_corpus(path, cache)
+  # Mapped, not read: the 3000 passages (about 800 KB of text) are not in Arrow's heap.
+  assert pa.total_allocated_bytes() - before < 50_000
+  assert len(conversions) == 1
+  assert again.store_dir == corpus.store_dir
+  assert again.fingerprint() == corpus.fingerprint() == Corpus(*expected).fingerprint()
+  assert again.texts[[2999, 0, 1500]] == [expected[2][2999], expected[2][0], expected[2][1500]]
+  np.testing.assert_array_equal(again.rows(expected[0]), np.arange(3000))
+  # An edited source converts again into a new store.
+  _write(path, _jsonl(rows[:10]))
+  assert len(read_beir_corpus(path, cache)) == 10
+  assert len(conversions) == 2
+
+
+def test_store_dpr_round_trip(tmp_path, conversions):
+  path = _write(tmp_path / "psgs.tsv", PASSAGES_TSV)
+  corpus = read_dpr_passages(path, tmp_path / "cache")
+  assert corpus.store_dir is not None
+  assert _lists(corpus) == (["1", "2", "3"], ["Aaron", "Odd", "Plain"],
+                            ['Aaron ( or ; "Aharon") is a prophet', "has a\ttab and a\nnewline",
+                             "plain text"])
+  read_corpus(str(path), tmp_path / "cache")
+  assert len(conversions) == 1
+
+
+def test_store_hf_round_trip(tmp_path, conversions):
+  datasets = pytest.importorskip("datasets")
+  datasets.Dataset.from_dict({"docid": [7, 8, 9], "title": ["A", "B", ""],
+                              "text": ["a", "b", "c"], "extra": [1, 2, 3]}).save_to_disk(
+                                  str(tmp_path / "psgs"))
+  corpus = read_hf_corpus(tmp_path / "psgs", cache_dir=tmp_path / "cache")
+  assert _lists(corpus) == (["7", "8", "9"], ["A", "B", ""], ["a", "b", "c"])
+  assert corpus.store_dir is not None
+  # A dpr config may name the directory as its corpus; the store is reused.
+  ds = load_dataset(ConfigDict({"name": "h", "format": "dpr", "corpus": str(tmp_path / "psgs"),
+                                "cache_dir": str(tmp_path / "cache"),
+                                "splits": {"test": str(_write(tmp_path / "t.csv", "q\t['a']\n"))}}))
+  assert ds.corpus.store_dir == corpus.store_dir
+  assert len(conversions) == 1
+  datasets.Dataset.from_dict({"docid": ["x", "y", "x"], "text": ["a", "b", "c"]}).save_to_disk(
+      str(tmp_path / "dup"))
+  _raises(lambda: read_hf_corpus(tmp_path / "dup", cache_dir=tmp_path / "cache"),
+          tmp_path / "dup", None, "row 2: duplicate passage id 'x' (already passage #1)")
+  datasets.Dataset.from_dict({"docid": ["x"], "body": ["a"]}).save_to_disk(str(tmp_path / "bad"))
+  _raises(lambda: read_hf_corpus(tmp_path / "bad", cache_dir=tmp_path / "cache"),
+          tmp_path / "bad", None, "missing a text column (text, contents, passage); "
+          "columns found: ['docid', 'body']")
+
+
+def test_store_squad_round_trip(tmp_path, conversions):
+  squad = {"data": [
+      {"title": f"Article_{a}", "paragraphs": [
+          {"context": f"Paragraph {a}.{p} says answer{a}{p}.",
+           "qas": [{"id": f"{a}{p}", "question": f"What does {a}.{p} say?",
+                    "answers": [{"text": f"answer{a}{p}", "answer_start": 0}]}]}
+          for p in range(2)]} for a in range(4)]}
+  path = _write(tmp_path / "squad.json.gz", json.dumps(squad))
+  cfg = ConfigDict({"name": "sq", "format": "squad", "root": str(path), "test_fraction": 0.25,
+                    "cache_dir": str(tmp_path / "cache")})
+  ds = load_dataset(cfg)
+  assert ds.corpus.store_dir is not None
+  assert list(ds.corpus.ids) == [str(i) for i in range(1, 9)]
+  assert ds.corpus.titles[0] == "Article 0"
+  assert ds.corpus.texts[-1] == "Paragraph 3.1 says answer31."
+  test = ds.split("test")
+  for q in test.queries.ids:
+    (pos,) = test.positives(q)
+    assert any(a in ds.corpus.texts[ds.corpus.row_of[pos]] for a in test.answers[q])
+  assert len(ds.split("train").queries) + len(test.queries) == 8
+  load_dataset(cfg)
+  assert len(conversions) == 1
+
+
+def test_store_config_cache_dir_and_default(tmp_path, monkeypatch):
+  root = _beir_dir(tmp_path / "toy")
+  ds = load_dataset(ConfigDict({"name": "t", "format": "beir", "root": str(root),
+                                "cache_dir": str(tmp_path / "cfg_cache")}))
+  assert os.path.dirname(ds.corpus.store_dir) == str(tmp_path / "cfg_cache")
+  monkeypatch.setenv(store.ENV_CACHE_DIR, "")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+  assert store.default_cache_dir() == str(tmp_path / "xdg" / "qdr_jax" / "corpora")
+  assert base_config().data.cache_dir == ""
+
+
+def test_store_failed_conversion_leaves_nothing(tmp_path, conversions):
+  root = _beir_dir(tmp_path / "b", corpus=_jsonl(CORPUS_ROWS) + "{oops\n")
+  cache = tmp_path / "cache"
+  _raises(lambda: read_beir(root, cache_dir=cache), root / "corpus.jsonl", 4, "bad JSON")
+  assert os.listdir(cache) == []
+  root = _beir_dir(tmp_path / "d", corpus=_jsonl(CORPUS_ROWS + [{"_id": "d1", "text": "x"}]))
+  _raises(lambda: read_beir(root, cache_dir=cache), root / "corpus.jsonl", 4,
+          "duplicate passage id 'd1' (already passage #1)")
+  assert os.listdir(cache) == []
+  assert len(conversions) == 2
+
+
+def _chunked_corpus(ids, titles, texts, chunk):
+  """The same passages in an Arrow table of several chunks, as the store writes them."""
+  table = pa.Table.from_batches(
+      pa.table({"id": ids, "title": titles, "text": texts}).to_batches(max_chunksize=chunk))
+  return Corpus.from_arrow(table)
+
+
+def test_corpus_lookup_every_id_and_missing_ones():
+  ids = [f"id-{i}" for i in range(1000)]
+  corpus = _chunked_corpus(ids, [""] * 1000, [f"t{i}" for i in range(1000)], chunk=77)
+  assert corpus.table.column("id").num_chunks == 13
+  order = np.random.default_rng(0).permutation(1000)
+  np.testing.assert_array_equal(corpus.rows([ids[i] for i in order]), order)
+  np.testing.assert_array_equal(corpus.find_rows(["id-5", "nope", "id-999", ""]),
+                                [5, -1, 999, -1])
+  with pytest.raises(KeyError, match="'nope' is not in the corpus .2 of 3 ids missing"):
+    corpus.rows(["id-1", "nope", "nope2"])
+  row_of = corpus.row_of
+  assert "id-42" in row_of and "id-1000" not in row_of and 42 not in row_of
+  assert row_of["id-42"] == 42 and row_of.get("x", -7) == -7 and len(row_of) == 1000
+  with pytest.raises(KeyError):
+    row_of["x"]
+  assert corpus.first_duplicate() is None
+  assert corpus.rows([]).shape == (0,)
+
+
+def test_corpus_hash_collisions_are_verified(monkeypatch):
+  # Two hash values for every id: every lookup lands in a run of colliding ids.
+  monkeypatch.setattr(types_lib, "_hash_id", lambda data: len(data) % 2)
+  ids = ["a", "bb", "c", "dd", "eee", "f"]
+  corpus = Corpus(ids=ids, titles=[""] * 6, texts=[""] * 6)
+  assert len(set(corpus.lookup.keys.tolist())) == 2
+  np.testing.assert_array_equal(corpus.rows(ids[::-1]), np.arange(6)[::-1])
+  np.testing.assert_array_equal(corpus.find_rows(["g", "hh", "eee"]), [-1, -1, 4])
+  dup = Corpus(ids=["a", "bb", "c", "bb", "a"], titles=[""] * 5, texts=[""] * 5)
+  assert dup.first_duplicate() == (3, 1)  # "bb" repeats first (row 3), then "a" (row 4).
+
+
+def test_str_column_indexing():
+  texts = [f"text {i}" for i in range(50)]
+  col = _chunked_corpus([str(i) for i in range(50)], [""] * 50, texts, chunk=8).texts
+  assert len(col) == 50 and col[0] == "text 0" and col[-1] == "text 49"
+  assert col[np.int64(17)] == "text 17"
+  assert col[5:20] == texts[5:20] and col[40:] == texts[40:] and col[::-7] == texts[::-7]
+  rows = np.array([49, 0, 8, 7, 8, -2])
+  assert col[rows] == [texts[r] for r in rows] and col[[3]] == ["text 3"]
+  assert list(col) == texts and col == texts and col != texts[:-1]
+  assert [len(c) for c in col.chunks(5)] == [5, 3] * 6 + [2]
+  with pytest.raises(IndexError):
+    col[50]
+  with pytest.raises(IndexError):
+    col[np.array([0, -51])]
+
+
+def test_fingerprint_covers_ids_and_text_not_chunking():
+  ids, titles, texts = ["a", "b", "c"], ["", "T", ""], ["x", "y", "z"]
+  base = Corpus(ids, titles, texts).fingerprint()
+  assert _chunked_corpus(ids, titles, texts, chunk=1).fingerprint() == base
+  assert _chunked_corpus(ids, titles, texts, chunk=2).table.column("id").num_chunks == 2
+  assert Corpus(ids, titles, ["x", "y", "zz"]).fingerprint() != base
+  assert Corpus(["a", "b", "d"], titles, texts).fingerprint() != base
+  # Moving a character between neighbouring passages changes it too.
+  assert Corpus(ids, titles, ["x", "yz", ""]).fingerprint() != base
+  model = base_config().model
+  assert table_cache_key(model, Corpus(ids, titles, texts)) != table_cache_key(
+      model, Corpus(ids, titles, ["x", "y", "zz"]))

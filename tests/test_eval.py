@@ -304,7 +304,7 @@ def test_evaluate_run_matches_trec_file(tmp_path, synthetic):
 
 
 def test_answer_matcher_contains_answer_by_row():
-  from qdr_jax.eval.answers import AnswerMatcher
+  from qdr_jax.data.answers import AnswerMatcher
   matcher = AnswerMatcher(["Barack Obama was born in Hawaii.", "Obamacare is a law.",
                            "The year was 1,000 AD."])
   np.testing.assert_array_equal(matcher.contains_answer(["Obama"], [0, 1, 2]),

@@ -249,8 +249,8 @@ def test_residual_encoding(data, indexes):
 
 
 def test_unsupported_indexes_raise():
-  with pytest.raises(ValueError, match="8-bit"):
-    quant.quantizer_from_faiss(faiss.IndexPQ(16, 4, 4, faiss.METRIC_INNER_PRODUCT))
+  with pytest.raises(ValueError, match="at most 8 bits"):
+    quant.quantizer_from_faiss(faiss.IndexPQ(16, 4, 10, faiss.METRIC_INNER_PRODUCT))
   with pytest.raises(ValueError, match="Unsupported index"):
     quant.quantizer_from_faiss(faiss.IndexFlatIP(16))
   with pytest.raises(ValueError, match="not trained"):

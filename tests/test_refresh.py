@@ -49,7 +49,7 @@ def test_incremental_equals_full_add_to_same_quantizer(factory):
   reference = emptied_copy(index)
   reference.add(new)
 
-  incremental_refresh(index, changed, new[changed])
+  assert incremental_refresh(index, changed, new[changed]) == changed.size
 
   assert index.ntotal == ROWS
   codes, lists = stored_codes(index)
@@ -83,10 +83,10 @@ def test_refresh_rejects_bad_input():
     incremental_refresh(index, np.array([1, 1]), new[:2])
   with pytest.raises(ValueError, match="shape"):
     incremental_refresh(index, changed, new[:3])
-  assert incremental_refresh(index, np.zeros(0, np.int64), new[:0]) is index
-  hnsw = build_index(table[:500], "HNSW8,PQ8", seed=0)
-  with pytest.raises(TypeError, match="IndexHNSW"):
-    incremental_refresh(hnsw, changed[:2], new[changed[:2]])
+  assert incremental_refresh(index, np.zeros(0, np.int64), new[:0]) == 0
+  refine = build_index(table, "IVF16,PQ8,Refine(Flat)", seed=0)
+  with pytest.raises(TypeError, match="IndexRefine"):
+    incremental_refresh(refine, changed[:2], new[changed[:2]])
 
 
 def test_changed_rows_accumulate_and_reset():

@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from qdr_jax.train.loop import batch_indices, train_and_evaluate
+from qdr_jax.experiment import train_and_evaluate
+from qdr_jax.train.negatives import batch_indices
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["exact", "overlap-incremental"])
@@ -51,7 +52,8 @@ def test_pq_level_substitution():
 
 
 def test_compare_modes_trains_each_mode_at_each_level(tiny_config, tmp_path):
-  from qdr_jax.eval.compare import compare_modes, plot_comparison
+  from qdr_jax.eval.compare import plot_comparison
+  from qdr_jax.experiment import compare_modes
   tiny_config.train.steps = 6
   tiny_config.index.rebuild_every = 3
   summary = compare_modes(tiny_config, tmp_path, [2, 4], ["posthoc", "dback"])

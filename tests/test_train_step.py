@@ -44,7 +44,7 @@ def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0):
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
   cb_tx = optim.make_codebook_optimizer(config.optim, steps)[0] if mode.learn_codebooks else None
-  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, cb_tx)
+  state = init_state(config, mode, params, table, quantizer.codebooks, mesh, encoder_tx, row_tx, cb_tx)
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
   fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, cb_tx)

@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from qdr_jax.data import store
 from qdr_jax.data.types import Corpus, DataFormatError, Queries, RetrievalDataset, Split
 
 # BEIR writes the first header; some re-exports use the second.
@@ -70,42 +71,24 @@ def _str_field(obj: dict[str, Any], key: str, path: str, line: int,
   return value
 
 
-def read_beir_corpus(path: str | os.PathLike) -> Corpus:
+def read_beir_corpus(path: str | os.PathLike,
+                     cache_dir: str | os.PathLike | None = None) -> Corpus:
   """Reads a BEIR `corpus.jsonl[.gz]`: one `{"_id", "title", "text"}` object per line.
 
-  `title` may be missing or null (read as ""); `_id` and `text` are required.
+  `title` may be missing or null (read as ""); `_id` and `text` are required. The file
+  is converted once into the corpus store under `cache_dir` (see `qdr_jax.data.store`)
+  and memory-mapped from there.
   """
   path = os.fspath(path)
-  ids: list[str] = []
-  titles: list[str] = []
-  texts: list[str] = []
-  row_of: dict[str, int] = {}
-  for line, obj in _iter_jsonl(path):
-    doc_id = _id_field(obj, path, line)
-    text = _str_field(obj, "text", path, line)
-    title = _str_field(obj, "title", path, line, required=False)
-    if doc_id in row_of:
-      raise DataFormatError(
-          path, f"duplicate passage id {doc_id!r} (already passage #{row_of[doc_id] + 1})", line)
-    row_of[doc_id] = len(ids)
-    ids.append(doc_id)
-    titles.append(title)
-    texts.append(text)
-  if not ids:
-    raise DataFormatError(path, "corpus is empty")
-  return corpus_with_index(ids, titles, texts, row_of)
 
+  def rows() -> Iterator[dict[str, Any]]:
+    for line, obj in _iter_jsonl(path):
+      doc_id = _id_field(obj, path, line)
+      text = _str_field(obj, "text", path, line)
+      title = _str_field(obj, "title", path, line, required=False)
+      yield {"id": doc_id, "title": title, "text": text, "line": line}
 
-def corpus_with_index(ids: list[str], titles: list[str], texts: list[str],
-                      row_of: dict[str, int]) -> Corpus:
-  """Builds a Corpus whose `row_of` is the given map.
-
-  A 21M-passage id map costs gigabytes, so readers that already built one for the
-  duplicate check hand it over instead of letting `row_of` build a second.
-  """
-  corpus = Corpus(ids=ids, titles=titles, texts=texts)
-  corpus.__dict__["row_of"] = row_of  # Pre-fills the cached_property.
-  return corpus
+  return store.cached_corpus(path, "beir", rows, cache_dir=cache_dir)
 
 
 def read_beir_queries(path: str | os.PathLike) -> dict[str, str]:
@@ -173,13 +156,15 @@ def available_splits(root: str | os.PathLike) -> list[str]:
 
 
 def read_beir(root: str | os.PathLike, splits: Sequence[str] | None = None,
-              name: str | None = None) -> RetrievalDataset:
+              name: str | None = None,
+              cache_dir: str | os.PathLike | None = None) -> RetrievalDataset:
   """Reads a BEIR data set directory.
 
   Args:
     root: directory holding `corpus.jsonl[.gz]`, `queries.jsonl[.gz]` and `qrels/`.
     splits: split names to read (`qrels/{split}.tsv`); None reads every split found.
     name: data set name; defaults to the directory's base name.
+    cache_dir: root of the corpus store; None = `store.default_cache_dir()`.
 
   Returns:
     The data set; each split's queries are those its qrels judge, in order of first
@@ -206,7 +191,7 @@ def read_beir(root: str | os.PathLike, splits: Sequence[str] | None = None,
           f"missing split file(s) {', '.join(s + '.tsv' for s in missing)}; "
           f"splits that exist: {existing or 'none'}")
 
-  corpus = read_beir_corpus(find_file(root, "corpus.jsonl"))
+  corpus = read_beir_corpus(find_file(root, "corpus.jsonl"), cache_dir)
   all_queries = read_beir_queries(find_file(root, "queries.jsonl"))
   split_map: dict[str, Split] = {}
   for split in splits:

@@ -15,7 +15,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from qdr_jax.data.beir import corpus_with_index, open_text
+from qdr_jax.data import store
+from qdr_jax.data.beir import open_text
 from qdr_jax.data.types import Corpus, DataFormatError, Queries, Split
 
 _log = logging.getLogger(__name__)
@@ -43,52 +44,46 @@ def _allow_long_csv_fields() -> None:
 # ----------------------------------------------------------------------------- passages
 
 
-def read_dpr_passages(path: str | os.PathLike) -> Corpus:
+def read_dpr_passages(path: str | os.PathLike,
+                      cache_dir: str | os.PathLike | None = None) -> Corpus:
   """Reads a DPR passages file such as `psgs_w100.tsv[.gz]`.
 
   The header row names the columns (`id`, `text`, `title` in any order; `title` is
   optional). Fields follow the csv module's tab dialect, as DPR writes and reads
-  them, so quoted fields may contain tabs, newlines and doubled quotes.
+  them, so quoted fields may contain tabs, newlines and doubled quotes. The file is
+  converted once into the corpus store under `cache_dir` (see `qdr_jax.data.store`)
+  and memory-mapped from there.
 
   Raises:
     DataFormatError: bad header, wrong column count, duplicate id or no passages.
   """
   path = os.fspath(path)
-  _allow_long_csv_fields()
-  ids: list[str] = []
-  titles: list[str] = []
-  texts: list[str] = []
-  row_of: dict[str, int] = {}
-  with open_text(path) as f:
-    reader = csv.reader(f, delimiter="\t")
-    header = next(reader, None)
-    if header is None:
-      raise DataFormatError(path, "corpus is empty (no header row)")
-    names = [h.strip().lower() for h in header]
-    if "id" not in names or "text" not in names:
-      raise DataFormatError(path, f"header must name columns 'id' and 'text' (and 'title'), "
-                            f"got {header!r}", 1)
-    id_col, text_col = names.index("id"), names.index("text")
-    title_col = names.index("title") if "title" in names else None
-    n_cols = len(names)
-    for row in reader:
-      if not row:
-        continue
-      if len(row) != n_cols:
-        raise DataFormatError(path, f"expected {n_cols} tab-separated columns, got {len(row)}",
-                              reader.line_num)
-      doc_id = row[id_col].strip()
-      if doc_id in row_of:
-        raise DataFormatError(
-            path, f"duplicate passage id {doc_id!r} (already passage #{row_of[doc_id] + 1})",
-            reader.line_num)
-      row_of[doc_id] = len(ids)
-      ids.append(doc_id)
-      texts.append(row[text_col])
-      titles.append(row[title_col] if title_col is not None else "")
-  if not ids:
-    raise DataFormatError(path, "corpus is empty")
-  return corpus_with_index(ids, titles, texts, row_of)
+
+  def rows() -> Iterator[dict[str, Any]]:
+    _allow_long_csv_fields()
+    with open_text(path) as f:
+      reader = csv.reader(f, delimiter="\t")
+      header = next(reader, None)
+      if header is None:
+        raise DataFormatError(path, "corpus is empty (no header row)")
+      names = [h.strip().lower() for h in header]
+      if "id" not in names or "text" not in names:
+        raise DataFormatError(path, f"header must name columns 'id' and 'text' (and 'title'), "
+                              f"got {header!r}", 1)
+      id_col, text_col = names.index("id"), names.index("text")
+      title_col = names.index("title") if "title" in names else None
+      n_cols = len(names)
+      for row in reader:
+        if not row:
+          continue
+        if len(row) != n_cols:
+          raise DataFormatError(path, f"expected {n_cols} tab-separated columns, got "
+                                f"{len(row)}", reader.line_num)
+        yield {"id": row[id_col].strip(), "text": row[text_col],
+               "title": row[title_col] if title_col is not None else "",
+               "line": reader.line_num}
+
+  return store.cached_corpus(path, "dpr", rows, cache_dir=cache_dir)
 
 
 def _tsv_field(value: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from qdr_jax.data import store
 from qdr_jax.data.dpr import SplitBuilder
 from qdr_jax.data.types import Corpus, DataFormatError, Split
 
@@ -17,10 +18,13 @@ _ID_LIST_COLUMNS = ("positive_passage_ids", "positive_ids", "positive_pids",
 _CTX_COLUMNS = ("positive_ctxs", "positive_passages", "positives")
 _CTX_ID_KEYS = ("passage_id", "psg_id", "docid", "doc_id", "id")
 _BATCH_ROWS = 1024
+# Corpus columns: the passage id, its body and (optional) title.
+_PASSAGE_ID_COLUMNS = ("id", "_id", "docid", "doc_id", "passage_id", "pid")
+_PASSAGE_TEXT_COLUMNS = ("text", "contents", "passage")
 
 
 def _load(path_or_hub_name: str, split_name: str, hub_split: str | None) -> Any:
-  # Imported here: `datasets` is an optional dependency of the package.
+  # Imported here: importing `datasets` takes about a second.
   import datasets  # pylint: disable=g-import-not-at-top
 
   if os.path.isdir(path_or_hub_name):
@@ -132,3 +136,51 @@ def read_hf_split(path_or_hub_name: str | os.PathLike, corpus: Corpus, split_nam
       builder.add(query_id, question, positive_ids, answers, where)
       row += 1
   return builder.build(with_answers=answers_col is not None)
+
+
+def read_hf_corpus(path_or_hub_name: str | os.PathLike, split: str = "train",
+                   cache_dir: str | os.PathLike | None = None) -> Corpus:
+  """Reads passages from a `datasets` data set (a `save_to_disk` directory or a hub name).
+
+  Columns: the id (`id`, `_id`, `docid`, ...; numbers are read as strings), the text
+  (`text`, `contents` or `passage`) and optionally `title`. The rows are copied once
+  into the corpus store under `cache_dir` (see `qdr_jax.data.store`), batch by batch.
+
+  Raises:
+    DataFormatError: a missing column (naming the columns found), a null or non-string
+      value, a repeated id (naming the row) or no passages.
+  """
+  source = os.fspath(path_or_hub_name)
+  ds = _load(source, split, None)
+  columns = list(ds.column_names)
+  id_col = _first_present(columns, _PASSAGE_ID_COLUMNS)
+  text_col = _first_present(columns, _PASSAGE_TEXT_COLUMNS)
+  if id_col is None or text_col is None:
+    wanted = (f"an id column ({', '.join(_PASSAGE_ID_COLUMNS)})" if id_col is None
+              else f"a text column ({', '.join(_PASSAGE_TEXT_COLUMNS)})")
+    raise DataFormatError(source, f"missing {wanted}; columns found: {columns}")
+  title_col = "title" if "title" in columns else None
+  wanted_cols = [c for c in (id_col, text_col, title_col) if c]
+  if os.path.isdir(source):
+    stamp = [store.source_stamp(source), split]
+  else:  # A hub data set: its files in the `datasets` cache say which revision it is.
+    stamp = [source, split, [store.source_stamp(f["filename"]) for f in ds.cache_files]]
+
+  def rows():
+    row = 0
+    for batch in ds.select_columns(wanted_cols).iter(batch_size=_BATCH_ROWS):
+      for i, doc_id in enumerate(batch[id_col]):
+        text = batch[text_col][i]
+        title = batch[title_col][i] if title_col else ""
+        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+          raise DataFormatError(source, f"row {row}: column {id_col!r} must hold strings or "
+                                f"integers, got {doc_id!r}")
+        for col, value in ((text_col, text), ("title", title)):
+          if not isinstance(value, str):
+            raise DataFormatError(source, f"row {row}: column {col!r} must hold strings, "
+                                  f"got {value!r}")
+        yield {"id": str(doc_id).strip(), "title": title, "text": text, "line": row}
+        row += 1
+
+  return store.cached_corpus(source, f"hf:{split}", rows, cache_dir=cache_dir, stamp=stamp,
+                             line_kind="row")

@@ -10,11 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from qdr_jax.data.beir import read_beir
+from qdr_jax.data import store
+from qdr_jax.data.beir import open_text, read_beir
 from qdr_jax.data.dpr import (dpr_records_to_split, read_dpr_passages, read_dpr_train_json,
                               read_qa_csv, squad_to_dpr)
-from qdr_jax.data.beir import open_text
-from qdr_jax.data.hf import read_hf_split
+from qdr_jax.data.hf import read_hf_corpus, read_hf_split
 from qdr_jax.data.types import Corpus, DataFormatError, RetrievalDataset, Split
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
@@ -74,19 +74,16 @@ def truncate_corpus(dataset: RetrievalDataset, max_passages: int) -> RetrievalDa
   corpus = dataset.corpus
   if max_passages <= 0 or len(corpus) <= max_passages:
     return dataset
-  row_of = corpus.row_of
   keep = np.zeros(len(corpus), dtype=bool)
-  positive_rows = [row_of[d] for split in dataset.splits.values()
-                   for judged in split.qrels.values() for d, rel in judged.items() if rel > 0]
-  keep[np.asarray(positive_rows, dtype=np.int64)] = True
+  keep[corpus.rows([d for split in dataset.splits.values()
+                    for judged in split.qrels.values() for d, rel in judged.items() if rel > 0])
+       ] = True
   budget = max_passages - int(keep.sum())
   if budget > 0:
     others = np.flatnonzero(~keep)[:budget]
     keep[others] = True
   rows = np.flatnonzero(keep)
-  new_corpus = Corpus(ids=[corpus.ids[r] for r in rows],
-                      titles=[corpus.titles[r] for r in rows],
-                      texts=[corpus.texts[r] for r in rows])
+  new_corpus = corpus.select(rows)  # In memory: at most max_passages passages.
   kept_ids = new_corpus.row_of
   splits = {}
   for name, split in dataset.splits.items():
@@ -99,9 +96,14 @@ def truncate_corpus(dataset: RetrievalDataset, max_passages: int) -> RetrievalDa
   return RetrievalDataset(name=dataset.name, corpus=new_corpus, splits=splits)
 
 
-def read_squad(path: str, name: str, test_fraction: float, seed: int) -> RetrievalDataset:
-  """SQuAD v1.1 JSON converted in memory, exactly as ``experiments/convert_squad.py`` writes
-  it: paragraphs as passages, train/test split by article, answers kept for matching."""
+def read_squad(path: str, name: str, test_fraction: float, seed: int,
+               cache_dir: str | os.PathLike | None = None) -> RetrievalDataset:
+  """SQuAD v1.1 JSON converted exactly as ``experiments/convert_squad.py`` writes it:
+  paragraphs as passages, train/test split by article, answers kept for matching.
+
+  The passages (every paragraph, whatever the split) go into the corpus store like any
+  other corpus, so later loads map them; the questions are read from the JSON each time.
+  """
   try:
     with open_text(path) as f:
       squad = json.load(f)
@@ -110,11 +112,24 @@ def read_squad(path: str, name: str, test_fraction: float, seed: int) -> Retriev
   if not isinstance(squad, dict) or "data" not in squad:
     raise DataFormatError(path, "expected a SQuAD object with a 'data' list of articles")
   converted = squad_to_dpr(squad, test_fraction, seed)
+  corpus = store.store_corpus(converted.corpus, path, "squad", cache_dir=cache_dir)
   splits = {split: dpr_records_to_split(((None, i, r) for i, r in enumerate(records)),
-                                        converted.corpus, path, split)[0]
+                                        corpus, path, split)[0]
             for split, records in (("train", converted.train_records),
                                    ("test", converted.test_records))}
-  return RetrievalDataset(name=name, corpus=converted.corpus, splits=splits)
+  return RetrievalDataset(name=name, corpus=corpus, splits=splits)
+
+
+def read_corpus(spec: str, cache_dir: str | os.PathLike | None = None) -> Corpus:
+  """Reads the `corpus` of a dpr config: a passages TSV, a save_to_disk directory or
+  `hf:NAME[:SPLIT]` (split default 'train')."""
+  if spec.startswith(_HUB_PREFIX):
+    hub_name, _, split = spec[len(_HUB_PREFIX):].partition(":")
+    return read_hf_corpus(hub_name, split or "train", cache_dir)
+  path = resolve_path(spec)
+  if os.path.isdir(path):
+    return read_hf_corpus(path, cache_dir=cache_dir)
+  return read_dpr_passages(path, cache_dir)
 
 
 def load_dataset(cfg: Any) -> RetrievalDataset:
@@ -129,7 +144,9 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     splits: (beir, optional) split names to read, default all; (dpr) a mapping from
       split name to a path: `*.json[.gz]` DPR JSON, `*.csv`/`*.tsv` QA file, a
       `save_to_disk` directory, or `hf:NAME[:SPLIT]` for the hub.
-    corpus: (dpr) the passages TSV.
+    corpus: (dpr) the passages: a TSV, a `save_to_disk` directory or `hf:NAME[:SPLIT]`.
+    cache_dir: (optional) root of the corpus store, "" = `~/.cache/qdr_jax/corpora`
+      (see `qdr_jax.data.store`); corpora are converted there once and memory-mapped.
     max_passages: (optional) cap on the corpus size, 0 = all; positives are kept.
     allow_missing_positives: (optional, dpr) skip positives absent from the corpus.
 
@@ -142,6 +159,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
   """
   name = _get(cfg, "name", required=True)
   fmt = _get(cfg, "format", required=True)
+  cache_dir = _get(cfg, "cache_dir", "") or None
   splits_cfg = _get(cfg, "splits")
   if fmt == "beir":
     if hasattr(splits_cfg, "keys") and not list(splits_cfg.keys()):
@@ -152,9 +170,10 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
       raise ValueError("Data config key 'splits' must be a list of split names for format "
                        f"'beir', got {type(splits_cfg).__name__}.")
     dataset = read_beir(resolve_path(_get(cfg, "root", required=True)),
-                        splits=list(splits_cfg) if splits_cfg else None, name=name)
+                        splits=list(splits_cfg) if splits_cfg else None, name=name,
+                        cache_dir=cache_dir)
   elif fmt == "dpr":
-    corpus = read_dpr_passages(resolve_path(_get(cfg, "corpus", required=True)))
+    corpus = read_corpus(str(_get(cfg, "corpus", required=True)), cache_dir)
     if not splits_cfg or not (isinstance(splits_cfg, Mapping) or hasattr(splits_cfg, "items")):
       raise ValueError("Data config key 'splits' must map split names to paths for format "
                        "'dpr'.")
@@ -164,7 +183,8 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     dataset = RetrievalDataset(name=name, corpus=corpus, splits=splits)
   elif fmt == "squad":
     dataset = read_squad(resolve_path(_get(cfg, "root", required=True)), name,
-                         float(_get(cfg, "test_fraction", 0.25)), int(_get(cfg, "split_seed", 0)))
+                         float(_get(cfg, "test_fraction", 0.25)), int(_get(cfg, "split_seed", 0)),
+                         cache_dir)
   else:
     raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
   return truncate_corpus(dataset, int(_get(cfg, "max_passages", 0) or 0))

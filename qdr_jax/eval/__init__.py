@@ -1,6 +1,6 @@
 """Retrieval evaluation: ranking metrics, DPR answer accuracy, TREC run files, index evaluation."""
 
-from qdr_jax.eval.answers import (
+from qdr_jax.data.answers import (
     AnswerMatcher,
     accuracy_from_ranks,
     answer_accuracy,

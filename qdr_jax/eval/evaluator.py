@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
-from qdr_jax.eval.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
+from qdr_jax.data.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
 from qdr_jax.eval.metrics import DEFAULT_MEASURES, ranking_metrics, run_from_search
 from qdr_jax.index.faiss_index import search
 

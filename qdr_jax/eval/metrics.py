@@ -112,8 +112,11 @@ def run_from_search(
   valid = ids >= 0
   if (ids[valid] >= n).any():
     raise ValueError(f"Search returned a row id >= corpus size {n}.")
-  doc_table = np.asarray(corpus_ids, dtype=object)
-  docs = doc_table[np.where(valid, ids, 0)]
+  rows = np.where(valid, ids, 0)
+  if hasattr(corpus_ids, "take"):  # A corpus column: read only the retrieved rows.
+    docs = np.asarray(corpus_ids.take(rows.ravel()), dtype=object).reshape(rows.shape)
+  else:
+    docs = np.asarray(corpus_ids, dtype=object)[rows]
   run: dict[str, dict[str, float]] = {}
   score_rows = scores.astype(np.float64).tolist()
   for qid, d_row, s_row, v_row in zip(query_ids, docs, score_rows, valid):

@@ -15,15 +15,7 @@ import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.eval.evaluator import evaluate_index
-from qdr_jax.index.faiss_index import build_index, describe_index
-
-
-def build_quantized(table: np.ndarray, index_cfg: ml_collections.ConfigDict, seed: int,
-                    factory: str | None = None):
-  """The config's quantized index over ``table`` with k-means seed ``seed``."""
-  return build_index(table, factory or index_cfg.factory, train_size=index_cfg.train_size,
-                     seed=seed, nprobe=index_cfg.nprobe, ef_search=index_cfg.ef_search or None,
-                     opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None)
+from qdr_jax.index.faiss_index import build_index, build_quantized, describe_index
 
 
 def _eval_kwargs(eval_cfg: ml_collections.ConfigDict) -> dict:

@@ -2,6 +2,7 @@
 
 from qdr_jax.index.faiss_index import (
     build_index,
+    check_index_for_mode,
     bytes_per_vector,
     compression_ratio,
     describe_index,
@@ -20,11 +21,13 @@ from qdr_jax.index.refresh import (
     emptied_copy,
     incremental_refresh,
     refresh_kind,
+    supports_incremental_refresh,
 )
 
 __all__ = [
     "ChangedRows",
     "build_index",
+    "check_index_for_mode",
     "bytes_per_vector",
     "compression_ratio",
     "describe_index",
@@ -40,4 +43,5 @@ __all__ = [
     "search",
     "set_num_threads",
     "set_search_params",
+    "supports_incremental_refresh",
 ]

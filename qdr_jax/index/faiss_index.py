@@ -44,7 +44,9 @@ import faiss
 import numpy as np
 from faiss.contrib.factory_tools import reverse_index_factory
 
+from qdr_jax.index.refresh import supports_incremental_refresh
 from qdr_jax.io_utils import atomic_path
+from qdr_jax.quant.faiss_bridge import supports_straight_through
 
 _METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 _METRIC_NAMES = {v: k for k, v in _METRICS.items()}
@@ -168,7 +170,9 @@ def _make_index(d: int, factory: str, metric: int) -> faiss.Index:
   try:
     index = faiss.index_factory(d, factory, metric)
   except RuntimeError as e:
-    raise ValueError(f"Invalid FAISS factory string {factory!r} for d={d}: {e}") from e
+    # FAISS's message ends with the reason, after the C++ location.
+    reason = str(e).strip().splitlines()[-1].split(": ")[-1] if str(e).strip() else ""
+    raise ValueError(f"Invalid FAISS factory string {factory!r} for d={d}: {reason}") from e
   if index.metric_type != metric:
     match = _HNSW_PQ.fullmatch(factory.replace(" ", ""))
     if match is None:
@@ -179,18 +183,67 @@ def _make_index(d: int, factory: str, metric: int) -> faiss.Index:
   return index
 
 
+def check_index_for_mode(
+    factory: str,
+    dim: int,
+    *,
+    needs_quantizer: bool,
+    learn_codebooks: bool,
+    incremental: bool,
+    metric: str = "ip",
+) -> None:
+  """Checks at config time, before any embedding, that a run can use `factory`.
+
+  Builds the untrained index for `dim`-dimensional vectors (no data, no training) and
+  looks at its layout.
+
+  Args:
+    factory: the FAISS index_factory string (`config.index.factory`).
+    dim: the embedding dimension.
+    needs_quantizer: the loss quantizes targets with a JAX copy of the index's quantizer
+      (straight-through modes).
+    learn_codebooks: the run trains the PQ codebooks and writes them back into the index.
+    incremental: the run refreshes the index in place between full rebuilds
+      (`full_rebuild_every > 0`).
+    metric: "ip" or "l2".
+
+  Raises:
+    ValueError: one sentence naming the factory string and what is wrong with it.
+  """
+  if metric not in _METRICS:
+    raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}.")
+  try:
+    index = _make_index(dim, factory, _METRICS[metric])
+  except ValueError as e:
+    if "number of subquantizers" in str(e):
+      counts = ", ".join(re.findall(r"(?<![A-Za-z])PQ(\d+)", factory)) or "?"
+      raise ValueError(f"Index factory {factory!r}: the PQ sub-quantizer count ({counts}) "
+                       f"does not divide the dimension {dim}.") from None
+    raise
+  kind = type(faiss.downcast_index(index)).__name__
+  if needs_quantizer and not supports_straight_through(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so it cannot "
+        "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ or "
+        "fast-scan PQ (PQ{m}x4fs), or a mode that only searches.")
+  if learn_codebooks and not supports_straight_through(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) has no PQ codebooks that can be written back, "
+        "so codebook learning is impossible with it.")
+  if incremental and not supports_incremental_refresh(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) cannot be refreshed in place, so set "
+        "full_rebuild_every=0 (every refresh a full rebuild).")
+
+
 def build_index(
     vectors: np.ndarray,
     factory: str,
     *,
     train_size: int = 0,
     seed: int = 0,
-    nprobe: int | None = None,
-    ef_search: int | None = None,
-    opq_niter: int | None = None,
     threads: int | None = None,
-    metric: str = "ip",
-    polysemous: bool = False,
+    **options,
 ) -> faiss.Index:
   """Trains an index described by a FAISS factory string and adds all `vectors` to it.
 
@@ -200,38 +253,80 @@ def build_index(
     vectors: (N, d) table; converted to contiguous float32.
     factory: FAISS index_factory string, e.g. "IVF256,PQ48x8" or "OPQ48,IVF256,PQ48".
     train_size: rows used to train the quantizers; 0 means all rows, otherwise a seeded
-      random sample of min(train_size, N) rows.
+      random sample of min(train_size, N) rows (`training_rows`).
     seed: seeds the training sample and every k-means (see the module docstring).
+    threads: FAISS threads for building (restored afterwards); None keeps the current count.
+    **options: `train_index`'s options (nprobe, ef_search, opq_niter, metric, polysemous).
+
+  Returns:
+    The trained, filled index.
+  """
+  x = _as_matrix(vectors, "vectors")
+  n = x.shape[0]
+  if n == 0:
+    raise ValueError("Cannot build an index from an empty table.")
+  if train_size < 0:
+    raise ValueError(f"train_size must be >= 0, got {train_size}.")
+  rows = training_rows(n, train_size, seed)
+  index = train_index(x if rows is None else x[rows], factory, seed=seed, threads=threads,
+                      **options)
+  add_vectors(index, x, threads=threads)
+  return index
+
+
+def training_rows(num_rows: int, train_size: int, seed: int) -> np.ndarray | None:
+  """The sorted rows a quantizer of `train_size` rows trains on; None means all rows.
+
+  A pure function of its arguments, so a caller that streams the table from elsewhere
+  (the devices of a training run) trains on exactly the rows `build_index` would.
+  """
+  if 0 < train_size < num_rows:
+    return np.sort(np.random.default_rng(seed).choice(num_rows, size=train_size,
+                                                      replace=False))
+  return None
+
+
+def train_index(
+    sample: np.ndarray,
+    factory: str,
+    *,
+    seed: int = 0,
+    nprobe: int | None = None,
+    ef_search: int | None = None,
+    opq_niter: int | None = None,
+    threads: int | None = None,
+    metric: str = "ip",
+    polysemous: bool = False,
+) -> faiss.Index:
+  """An empty index of `factory` whose quantizers are trained on `sample`.
+
+  The first half of `build_index`: fill it with `add_vectors`, in chunks if the table
+  does not fit in one host's memory.
+
+  Args:
+    sample: (n, d) training vectors.
+    factory: FAISS index_factory string, e.g. "IVF256,PQ48x8" or "OPQ48,IVF256,PQ48".
+    seed: seeds every k-means (see the module docstring).
     nprobe: IVF lists probed at search time (None: FAISS default, 1).
     ef_search: HNSW search breadth, for an HNSW index or an IVF's HNSW coarse quantizer.
     opq_niter: OPQ iterations (FAISS default 50; 10 is about 4x faster to train).
       nprobe, ef_search and opq_niter are ignored where the layout has no IVF / HNSW / OPQ
       stage, so that one config can serve every factory string; `describe_index` shows what
       applied. `set_search_params` is strict instead.
-    threads: FAISS threads for building (restored afterwards); None keeps the current count.
+    threads: FAISS threads for training (restored afterwards); None keeps the current count.
     metric: "ip" (inner product) or "l2".
     polysemous: keep FAISS's polysemous PQ training (slow; off by default).
-
-  Returns:
-    The trained, filled index.
   """
   if metric not in _METRICS:
     raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}.")
-  x = _as_matrix(vectors, "vectors")
-  n, d = x.shape
-  if n == 0:
-    raise ValueError("Cannot build an index from an empty table.")
-  if not np.isfinite(x).all():
+  train = _as_matrix(sample, "training vectors")
+  if train.shape[0] == 0:
+    raise ValueError("Cannot train an index on no vectors.")
+  if not np.isfinite(train).all():
     raise ValueError("vectors contain NaN or infinite values.")
-  if train_size < 0:
-    raise ValueError(f"train_size must be >= 0, got {train_size}.")
-  index = _make_index(d, factory, _METRICS[metric])
+  index = _make_index(train.shape[1], factory, _METRICS[metric])
   # Search parameters survive training and adding; set them first so bad values fail fast.
   set_search_params(index, nprobe=nprobe, ef_search=ef_search, strict=False)
-  train = x
-  if 0 < train_size < n:
-    rows = np.sort(np.random.default_rng(seed).choice(n, size=train_size, replace=False))
-    train = x[rows]
   ivf = _ivf(index)
   if ivf is not None and not index.is_trained and train.shape[0] < ivf.nlist:
     raise ValueError(
@@ -245,8 +340,17 @@ def build_index(
         # The lent PQs die with this frame; leave no dangling pointer behind.
         for vt, _ in lent:
           vt.pq = None
-    index.add(x)
   return index
+
+
+def add_vectors(index: faiss.Index, vectors: np.ndarray, *, threads: int | None = None
+                ) -> None:
+  """Appends `vectors` to a trained index; they get the next ids (ntotal, ntotal+1, ...)."""
+  x = _as_matrix(vectors, "vectors", d=index.d)
+  if not np.isfinite(x).all():
+    raise ValueError("vectors contain NaN or infinite values.")
+  with num_threads(threads):
+    index.add(x)
 
 
 def rebuild_index(
@@ -514,3 +618,20 @@ def reconstruct_all(index: faiss.Index, *, return_ids: bool = False):
         "The index's ids are not a permutation of 0..N-1, so they do not name table rows; "
         "call reconstruct_all(index, return_ids=True).")
   return vectors[order]
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def index_options(index_cfg) -> dict:
+  """`train_index` / `build_index` keyword arguments from a config's `index` section
+  (everything but the factory string, the seed and the training sample)."""
+  return dict(nprobe=index_cfg.nprobe, ef_search=index_cfg.ef_search or None,
+              opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None)
+
+
+def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None = None
+                    ) -> faiss.Index:
+  """The config's quantized index over `table` with k-means seed `seed`."""
+  return build_index(table, factory or index_cfg.factory, train_size=index_cfg.train_size,
+                     seed=seed, **index_options(index_cfg))

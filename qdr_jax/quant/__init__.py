@@ -1,7 +1,8 @@
-"""Product quantization in JAX that mirrors a trained FAISS (OPQ +) (IVF +) PQ index."""
+"""Product quantization in JAX that mirrors a trained FAISS PQ-family index."""
 
 from qdr_jax.quant.faiss_bridge import quantizer_from_faiss
 from qdr_jax.quant.faiss_bridge import stored_codes
+from qdr_jax.quant.faiss_bridge import supports_straight_through
 from qdr_jax.quant.faiss_bridge import write_codebooks_to_faiss
 from qdr_jax.quant.pq import Quantizer
 from qdr_jax.quant.pq import adc_scores
@@ -28,6 +29,7 @@ __all__ = [
     "rotate",
     "stored_codes",
     "straight_through",
+    "supports_straight_through",
     "unrotate",
     "write_codebooks_to_faiss",
 ]

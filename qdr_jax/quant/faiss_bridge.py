@@ -1,10 +1,13 @@
-"""Conversion between trained FAISS (OPQ +) (IVF +) PQ indexes and JAX `Quantizer`s.
+"""Conversion between trained FAISS PQ-family indexes and JAX `Quantizer`s.
 
-Supported index layouts (all 8-bit PQ):
-  * IndexPQ
-  * IndexIVFPQ, by_residual True or False, with a flat (IP or L2) or HNSW coarse
-    quantizer (`IVF{n}_HNSW32,PQ{m}`)
-  * IndexPreTransform with a single OPQMatrix in front of either of the above.
+Supported layouts (PQ codes of 1..8 bits per sub-quantizer; row id = search id):
+  * IndexPQ, and IndexPQFastScan (`PQ{m}x4fs`, codes packed in blocks of 32 rows);
+  * IndexIVFPQ and IndexIVFPQFastScan (`IVF{n},PQ{m}x4fs[r]`), by_residual True or False,
+    with a flat (IP or L2) or HNSW coarse quantizer (`IVF{n}_HNSW32,PQ{m}`);
+  * IndexHNSWPQ (`HNSW32,PQ{m}`): an HNSW graph over an IndexPQ storage, row = position;
+  * any of the above behind an IndexPreTransform holding a single OPQMatrix.
+Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, refine stages, id maps) has codes
+JAX does not reproduce: `supports_straight_through` says so without raising.
 """
 
 from __future__ import annotations
@@ -17,18 +20,26 @@ import numpy as np
 
 from qdr_jax.quant.pq import Quantizer
 
+# The trainer keeps codes as uint8 (one byte per sub-quantizer), hence the 8-bit ceiling.
+MAX_NBITS = 8
+
 
 @dataclasses.dataclass(frozen=True)
 class _Parts:
   """The pieces of a FAISS index that matter for PQ encoding."""
 
   transform: faiss.LinearTransform | None
-  base: faiss.Index  # downcast IndexPQ or IndexIVFPQ
+  base: faiss.Index  # downcast IndexPQ, IndexPQFastScan, IndexIVFPQ(FastScan), IndexHNSWPQ
   pq: faiss.ProductQuantizer
-  ivf: faiss.IndexIVFPQ | None
+  ivf: faiss.IndexIVF | None  # IndexIVFPQ or IndexIVFPQFastScan
+  storage: faiss.Index  # what holds the codes: `base`, or an HNSW's IndexPQ storage
 
 
-def _split(index: faiss.Index) -> _Parts:
+_FLAT_PQ = (faiss.IndexPQ, faiss.IndexPQFastScan)
+_IVF_PQ = (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)
+
+
+def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
   index = faiss.downcast_index(index)
   transform = None
   if isinstance(index, faiss.IndexPreTransform):
@@ -39,22 +50,42 @@ def _split(index: faiss.Index) -> _Parts:
     if not isinstance(transform, faiss.OPQMatrix):
       raise ValueError(f"Only OPQMatrix pre-transforms are supported, got "
                        f"{type(transform).__name__}.")
-    if transform.have_bias or not transform.is_orthonormal:
+    # An untrained OPQMatrix reports itself non-orthonormal until training sets A.
+    if transform.have_bias or (transform.is_trained and not transform.is_orthonormal):
       raise ValueError("The OPQ matrix must be orthonormal and without bias.")
     index = faiss.downcast_index(index.index)
-  if type(index) is faiss.IndexIVFPQ:
-    parts = _Parts(transform, index, index.pq, index)
-  elif type(index) is faiss.IndexPQ:
-    parts = _Parts(transform, index, index.pq, None)
+  # Exact types: subclasses (e.g. IndexIVFPQR, IndexPQFastScan's relatives) encode otherwise.
+  if type(index) in _IVF_PQ:
+    parts = _Parts(transform, index, index.pq, index, index)
+  elif type(index) in _FLAT_PQ:
+    parts = _Parts(transform, index, index.pq, None, index)
+  elif type(index) is faiss.IndexHNSWPQ:
+    storage = faiss.downcast_index(index.storage)
+    parts = _Parts(transform, index, storage.pq, None, storage)
   else:
-    raise ValueError(f"Unsupported index type {type(index).__name__}: expected IndexPQ or "
-                     "IndexIVFPQ, optionally behind an OPQ IndexPreTransform.")
-  if parts.pq.nbits != 8:
-    raise ValueError(f"Only 8-bit PQ (one byte per sub-quantizer) is supported, got "
-                     f"nbits={parts.pq.nbits}.")
-  if not index.is_trained:
+    raise ValueError(f"Unsupported index type {type(index).__name__}: expected IndexPQ, "
+                     "IndexIVFPQ, their fast-scan variants or IndexHNSWPQ, optionally behind "
+                     "an OPQ IndexPreTransform.")
+  if not 1 <= parts.pq.nbits <= MAX_NBITS:
+    raise ValueError(f"Only PQ codes of at most {MAX_NBITS} bits per sub-quantizer are "
+                     f"supported, got nbits={parts.pq.nbits}.")
+  if require_trained and not index.is_trained:
     raise ValueError("The FAISS index is not trained.")
   return parts
+
+
+def supports_straight_through(index: faiss.Index) -> bool:
+  """Whether JAX reproduces `index`'s codes (`quantizer_from_faiss` accepts it).
+
+  Looks at the layout only, so an untrained index (e.g. fresh from `index_factory`)
+  answers too. Codebook write-back (`write_codebooks_to_faiss`) works for the same
+  layouts.
+  """
+  try:
+    _split(index, require_trained=False)
+  except ValueError:
+    return False
+  return True
 
 
 def _coarse_quantizer(ivf: faiss.IndexIVF) -> faiss.Index:
@@ -82,11 +113,11 @@ def quantizer_from_faiss(index: faiss.Index) -> Quantizer:
   """Reads the rotation, coarse centroids and PQ codebooks of a trained FAISS index.
 
   Args:
-    index: a trained IndexPQ / IndexIVFPQ, optionally wrapped in an OPQ
-      IndexPreTransform.
+    index: a trained index of a supported layout (see the module docstring).
 
   Returns:
-    A `Quantizer` with float32 leaves; `encode` on it reproduces the index's codes.
+    A `Quantizer` with float32 leaves, K = 2**nbits centroids per sub-quantizer (16 for
+    fast-scan); `encode` on it reproduces the index's codes.
   """
   parts = _split(index)
   rotation = None
@@ -110,38 +141,88 @@ def quantizer_from_faiss(index: faiss.Index) -> Quantizer:
   )
 
 
+def unpack_codes(raw: np.ndarray, m: int, nbits: int) -> np.ndarray:
+  """(n, M) int32 sub-quantizer codes from (n, code_size) uint8 FAISS PQ codes.
+
+  FAISS writes the M codes of a vector as one little-endian bit string (code j in bits
+  j*nbits .. (j+1)*nbits - 1), so 8-bit codes are plain bytes and 4-bit ones share a
+  byte, the first in its low nibble.
+  """
+  raw = np.ascontiguousarray(raw, np.uint8)
+  if nbits == 8:
+    return raw[:, :m].astype(np.int32)
+  bits = np.unpackbits(raw, axis=1, bitorder="little")[:, :m * nbits]
+  weights = (1 << np.arange(nbits)).astype(np.int32)
+  return bits.reshape(len(raw), m, nbits).astype(np.int32) @ weights
+
+
+def _unpack_blocks(packer: faiss.CodePacker, blocks: np.ndarray, n: int) -> np.ndarray:
+  """(n, code_size) flat codes from fast-scan's blocks of `packer.nvec` interleaved rows."""
+  flat = np.empty((len(blocks) * packer.nvec, packer.code_size), np.uint8)
+  for b, block in enumerate(blocks):
+    packer.unpack_all(faiss.swig_ptr(block), faiss.swig_ptr(flat[b * packer.nvec:]))
+  return flat[:n]
+
+
+def _block_view(ptr, n: int, packer: faiss.CodePacker) -> np.ndarray:
+  """The (num_blocks, block_size) uint8 blocks behind `ptr` holding `n` rows."""
+  num_blocks = -(-n // packer.nvec)
+  return faiss.rev_swig_ptr(ptr, num_blocks * packer.block_size).reshape(
+      num_blocks, packer.block_size)
+
+
+def _flat_codes(parts: _Parts) -> np.ndarray:
+  """(N, code_size) uint8 codes of a non-IVF layout, row i = position i."""
+  storage = parts.storage
+  n = storage.ntotal
+  if isinstance(storage, faiss.IndexPQFastScan):
+    if n == 0:
+      return np.zeros((0, parts.pq.code_size), np.uint8)
+    packer = storage.get_CodePacker()
+    return _unpack_blocks(packer, _block_view(storage.codes.get(), n, packer), n)
+  return faiss.vector_to_array(storage.codes).reshape(n, storage.code_size)
+
+
+def _ivf_list_codes(ivf: faiss.IndexIVF, l: int, size: int) -> np.ndarray:
+  """(size, code_size) uint8 codes stored in IVF list `l` (unpacked for fast-scan)."""
+  invlists = faiss.downcast_InvertedLists(ivf.invlists)
+  if isinstance(invlists, faiss.BlockInvertedLists):
+    packer = invlists.packer
+    return _unpack_blocks(packer, _block_view(invlists.get_codes(l), size, packer), size)
+  code_size = invlists.code_size
+  raw = faiss.rev_swig_ptr(invlists.get_codes(l), size * code_size)
+  return np.asarray(raw, np.uint8).reshape(size, code_size)
+
+
 def stored_codes(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
   """The PQ codes a FAISS index stores, in row-id order.
 
   Args:
-    index: a populated IndexPQ / IndexIVFPQ (optionally behind OPQ). For IVF, the ids
-      must be 0..ntotal-1 (as `index.add` assigns them).
+    index: a populated index of a supported layout (see the module docstring). For IVF,
+      the ids must be 0..ntotal-1 (as `index.add` assigns them); elsewhere row i is the
+      i-th vector added.
 
   Returns:
-    codes: (N, M) int32; coarse_ids: (N,) int32 IVF list of each row (zeros for
-    IndexPQ).
+    codes: (N, M) int32 in [0, 2**nbits); coarse_ids: (N,) int32 IVF list of each row
+    (zeros without IVF).
   """
   parts = _split(index)
-  m = parts.pq.M
-  n = parts.base.ntotal
+  m, nbits = parts.pq.M, parts.pq.nbits
   if parts.ivf is None:
-    codes = faiss.vector_to_array(parts.base.codes).reshape(n, parts.pq.code_size)
-    return codes[:, :m].astype(np.int32), np.zeros(n, np.int32)
+    flat = _flat_codes(parts)
+    return unpack_codes(flat, m, nbits), np.zeros(len(flat), np.int32)
   ivf = parts.ivf
-  invlists = ivf.invlists
-  code_size = invlists.code_size
+  n = ivf.ntotal
   codes = np.full((n, m), -1, np.int32)
   lists = np.full(n, -1, np.int32)
   for l in range(ivf.nlist):
-    size = invlists.list_size(l)
+    size = ivf.invlists.list_size(l)
     if size == 0:
       continue
-    ids = faiss.rev_swig_ptr(invlists.get_ids(l), size).copy()
-    raw = faiss.rev_swig_ptr(invlists.get_codes(l), size * code_size)
-    raw = np.asarray(raw, np.uint8).reshape(size, code_size)
+    ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(l), size).copy()
     if ids.min() < 0 or ids.max() >= n:
       raise ValueError("stored_codes needs ids 0..ntotal-1; this index has others.")
-    codes[ids] = raw[:, :m]
+    codes[ids] = unpack_codes(_ivf_list_codes(ivf, l, size), m, nbits)
     lists[ids] = l
   if (lists < 0).any():
     raise ValueError("stored_codes needs ids 0..ntotal-1; some rows are missing.")
@@ -158,16 +239,18 @@ def write_codebooks_to_faiss(
 
   The rotation and coarse centroids are not written: they must still match the index
   (checked), so only the PQ centroids change. No re-training happens. The index is
-  modified in place and also returned.
+  modified in place and also returned. Works for every supported layout; an HNSW-PQ
+  index rebuilds its graph over the re-encoded vectors (as adding them does).
 
   Args:
-    index: a trained IndexPQ / IndexIVFPQ (optionally behind OPQ).
+    index: a trained index of a supported layout (see the module docstring).
     quantizer: the quantizer whose `codebooks` to write (e.g. after optax updates).
     vectors: (N, d) float32 vectors to re-add after clearing the index.
     ids: optional (N,) int64 ids for `add_with_ids` (IVF only); default 0..N-1.
 
   Returns:
-    `index`, now searching with scores equal to `adc_scores` under `quantizer`.
+    `index`, now searching with scores equal to `adc_scores` under `quantizer` (up to
+    fast-scan's 8-bit lookup tables, for the fast-scan layouts).
   """
   parts = _split(index)
   pq = parts.pq
@@ -185,7 +268,8 @@ def write_codebooks_to_faiss(
   if quantizer.by_residual != reference.by_residual:
     raise ValueError("The quantizer's by_residual differs from the index's.")
   if ids is not None and parts.ivf is None:
-    raise ValueError("IndexPQ does not support add_with_ids.")
+    raise ValueError(f"{type(parts.base).__name__} numbers rows by position and does not "
+                     "support add_with_ids.")
 
   faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.reshape(-1)), pq.centroids)
   # Derived tables would otherwise keep encoding/searching with the old centroids.

@@ -25,12 +25,12 @@ from qdr_jax.models.tokenization import passage_inputs
 
 
 def table_cache_key(model_cfg: ml_collections.ConfigDict, corpus: Corpus) -> str:
-  """Changes whenever the encoder, its tokenization or the corpus rows change."""
-  ids_hash = hashlib.sha1("\n".join(corpus.ids).encode()).hexdigest()
+  """Changes whenever the encoder, its tokenization or the corpus rows (ids or text) change."""
   spec = {"encoder": model_cfg.passage_encoder or model_cfg.query_encoder,
           "pooling": model_cfg.pooling, "normalize": model_cfg.normalize,
           "max_passage_length": model_cfg.max_passage_length,
-          "passage_style": model_cfg.passage_style, "rows": len(corpus), "ids": ids_hash}
+          "passage_style": model_cfg.passage_style, "rows": len(corpus),
+          "corpus": corpus.fingerprint()}
   return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -41,14 +41,15 @@ class TrainState:
 
 
 def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
-               quantizer, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
+               codebooks, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
   """The initial state, placed on the mesh.
 
   The table and its per-row optimizer state are split by rows (``sharding.shard_table``);
   encoder weights and their optimizer state are replicated, or split FSDP-style with
   ``sharding.shard_params``; the rest is replicated. The table goes straight from the host
   to its row shards (``sharding.put_rows``) and the per-row state is created sharded, so
-  no device ever holds all rows.
+  no device ever holds all rows. ``codebooks`` are the initial learned PQ codebooks
+  (the index's), used when ``mode.learn_codebooks``.
   """
   rows = sharding.padded_rows(table.shape[0], mesh)
   row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
@@ -64,7 +65,7 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   params = sharding.place(jax.device_get(params), by_shape)
   encoder_opt_state = (sharding.place(encoder_tx.init(params), by_shape)
                        if mode.update_encoder else None)
-  codebooks = quantizer.codebooks if mode.learn_codebooks else None
+  codebooks = codebooks if mode.learn_codebooks else None
   codebook_opt_state = codebook_tx.init(codebooks) if mode.learn_codebooks else None
   return TrainState(
       step=replicate(np.zeros((), np.int32)), params=params,

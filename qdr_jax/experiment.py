@@ -1,0 +1,228 @@
+"""The workflows the experiment scripts run: train then evaluate, evaluate a config or a
+checkpoint, compare modes.
+
+This is the top of the package: it joins the trainer (``qdr_jax.train``) and the
+evaluators (``qdr_jax.eval``), which do not import each other; the trainer receives its
+in-loop evaluation as a callback.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Sequence
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from qdr_jax import distributed
+from qdr_jax.data.loader import load_dataset
+from qdr_jax.eval.compare import with_pq_subquantizers
+from qdr_jax.eval.evaluator import evaluate_index
+from qdr_jax.eval.report import format_table
+from qdr_jax.eval.table_eval import evaluate_table
+from qdr_jax.index.faiss_index import check_index_for_mode
+from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
+from qdr_jax.targets.table import build_or_load_table
+from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
+from qdr_jax.train.loop import train
+from qdr_jax.train.modes import get_mode
+from qdr_jax.train.restore import restore_trained
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains per ``config`` and writes ``metrics.jsonl`` and ``results.json`` in ``workdir``.
+
+  In a multi-process job (``config.distributed``, see ``qdr_jax.distributed``) every
+  process trains its part; process 0 alone evaluates and writes files.
+
+  Returns:
+    The results dictionary written to ``results.json`` (on other processes than 0, only
+    ``process_index`` and ``steps``); ``{"preempted": True, "step"}`` after a SIGTERM.
+  """
+  distributed.initialize_distributed(config)  # before anything touches a device
+  lead = distributed.is_lead_process()
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  mode = get_mode(config.train.mode, config.quant.learn_codebooks)
+  dataset = load_dataset(config.data)
+  corpus = dataset.corpus
+  eval_split = dataset.split(config.data.eval_split)
+  encoders = load_encoders(config.model)
+  # Refuse an index the mode cannot use before the (long) corpus embedding.
+  check_index_for_mode(config.index.factory, encoders.query_module.config.hidden_size,
+                       needs_quantizer=mode.quantize, learn_codebooks=mode.learn_codebooks,
+                       incremental=config.index.full_rebuild_every > 0)
+  cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
+  table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
+
+  def embed_eval_queries(params, desc: str) -> np.ndarray:
+    return embed_queries(encoders, params, eval_split.queries.texts, config, desc=desc)
+
+  def evaluate_in_loop(params, index) -> dict[str, float]:
+    return evaluate_index(index, embed_eval_queries(params, "eval"), eval_split, corpus,
+                          depth=config.eval.depth, answer_ks=tuple(config.eval.answer_ks),
+                          measures=tuple(config.eval.measures))
+
+  start = time.perf_counter()
+  before = None
+  if lead:
+    before = _before_metrics(config, workdir, lambda: evaluate_table(
+        np.asarray(table0, np.float32), embed_eval_queries(encoders.query_params,
+                                                           "eval before"),
+        eval_split, corpus, config.index, config.eval))
+    logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
+  trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop)
+             if mode.trains else None)
+  if trained is not None and trained.preempted:
+    # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
+    return {"preempted": True, "step": trained.step}
+  final_index = table = None
+  if trained is not None:
+    table = trained.lifecycle.table_to_lead(trained.state.table)
+    if mode.quantize:
+      # The quantizer the loss was trained against, with the final table re-encoded (and
+      # the learned codebooks written in): what serving without a retrain gives.
+      trained.lifecycle.write_codebooks(trained.state.table, trained.state.codebooks,
+                                        sync=False)
+      final_index = trained.lifecycle.index
+  if not lead:
+    return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
+  results = {"dataset": config.data.name, "model": config.model.query_encoder,
+             "mode": config.train.mode, "index": before["index"], "before": before}
+  if trained is not None:
+    after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
+                           eval_split, corpus, config.index, config.eval)
+    if final_index is not None:
+      after["quantized_trained_quantizer"] = evaluate_in_loop(trained.params, final_index)
+    results.update(after=after, steps=config.train.steps,
+                   train_seconds=trained.train_seconds,
+                   seconds_per_step=trained.seconds_per_step)
+  else:
+    results.update(after=before, steps=0, train_seconds=0.0,
+                   seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
+  results["total_seconds"] = time.perf_counter() - start
+  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  return results
+
+
+def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
+  """The "before" evaluation; a resumed run (the workdir has a checkpoint) reads it back
+  from ``eval_before.json`` when the config is unchanged, so its results.json reports
+  the same figures without re-embedding and re-indexing."""
+  path = workdir / "eval_before.json"
+  key = json.loads(config.to_json_best_effort())
+  if path.exists() and has_checkpoint(workdir):
+    saved = json.loads(path.read_text())
+    if saved.get("config") == key:
+      return saved["before"]
+  before = compute()
+  path.write_text(json.dumps({"config": key, "before": before}))
+  return before
+
+
+def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                    ) -> tuple[dict, str]:
+  """Embeds (or loads the cached table), evaluates both indexes, writes results.json.
+
+  Returns:
+    (results, printable table).
+  """
+  workdir.mkdir(parents=True, exist_ok=True)
+  dataset = load_dataset(config.data)
+  split = dataset.split(config.data.eval_split)
+  encoders = load_encoders(config.model)
+  cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
+  table = build_or_load_table(config, dataset.corpus, cache_dir,
+                              embed_passages(encoders, config))
+  query_emb = embed_queries(encoders, encoders.query_params, split.queries.texts, config)
+  metrics = evaluate_table(table, query_emb, split, dataset.corpus, config.index, config.eval)
+  results = {"dataset": config.data.name, "model": config.model.query_encoder,
+             "split": config.data.eval_split,
+             "index": {"factory": config.index.factory, **metrics["index"]},
+             "flat": metrics["flat"], "quantized": metrics["quantized"],
+             "quantized_std": metrics["quantized_std"],
+             "quantized_per_seed": metrics["quantized_per_seed"]}
+  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
+                      {config.index.factory: metrics["quantized_std"]})
+  return results, text
+
+
+def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
+                        config: ml_collections.ConfigDict | None = None,
+                        out: str | pathlib.Path | None = None) -> tuple[dict, str]:
+  """Evaluates a checkpoint's query encoder and table on flat and quantized indexes.
+
+  The quantized index is rebuilt over the trained table for each of
+  ``config.eval.index_seeds``, as the "after" figures of training are. Writes
+  ``out`` (default ``{workdir}/eval_step_{step}.json``).
+
+  Args:
+    workdir: the training workdir.
+    step: checkpoint step; None = the latest readable one.
+    config: optional config (e.g. to change the eval split or the index); it must match
+      the checkpoint's model, dimension and corpus size. None = the checkpoint's config.
+    out: results path.
+
+  Returns:
+    (results, printable table).
+  """
+  trained = restore_trained(workdir, step=step, config=config)
+  config, dataset = trained["config"], trained["dataset"]
+  split = dataset.split(config.data.eval_split)
+  query_emb = embed_queries(trained["encoders"], trained["params"], split.queries.texts,
+                            config)
+  metrics = evaluate_table(trained["table"], query_emb, split, dataset.corpus, config.index,
+                           config.eval)
+  results = {"dataset": config.data.name, "model": config.model.query_encoder,
+             "split": config.data.eval_split, "step": trained["step"],
+             "checkpoint": str(checkpoint_dir(workdir) / str(trained["step"])),
+             "index": {"factory": config.index.factory, **metrics["index"]},
+             "flat": metrics["flat"], "quantized": metrics["quantized"],
+             "quantized_std": metrics["quantized_std"],
+             "quantized_per_seed": metrics["quantized_per_seed"]}
+  out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
+  out.write_text(json.dumps(results, indent=1))
+  text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
+                      {config.index.factory: metrics["quantized_std"]})
+  return results, text
+
+
+def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                  levels: Sequence[int], modes: Sequence[str]) -> dict:
+  """Trains each mode at each level; writes and returns the compare.json summary."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  lead = distributed.is_lead_process()  # every process trains; process 0 summarises
+  cache_dir = config.table.cache_dir or str(workdir / "cache")
+  summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
+  for level in levels:
+    entry: dict = {"modes": {}, "modes_std": {}}
+    for mode in modes:
+      run_cfg = config.copy_and_resolve_references()
+      with run_cfg.unlocked():
+        run_cfg.train.mode = mode
+        run_cfg.index.factory = with_pq_subquantizers(config.index.factory, level)
+        run_cfg.table.cache_dir = cache_dir
+      results = train_and_evaluate(run_cfg, workdir / f"pq{level}" / mode)
+      if not lead:
+        continue
+      entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
+      entry["factory"] = run_cfg.index.factory
+      entry["modes"][mode] = results["after"]["quantized"]
+      entry["modes_std"][mode] = results["after"]["quantized_std"]
+      summary.setdefault("flat_before", results["before"]["flat"])
+      (workdir / "compare.json").write_text(json.dumps(summary | {"levels": summary["levels"]
+                                                                  + [entry]}, indent=1))
+    if not lead:
+      continue
+    summary["levels"].append(entry)
+    print(f"\n{entry['factory']} ({entry['bytes_per_vector']:.0f} bytes/vector), quantized "
+          "test metrics after training:")
+    print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
+                       entry["modes_std"]))
+  if lead:
+    (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
+  return summary

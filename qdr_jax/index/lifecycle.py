@@ -1,0 +1,316 @@
+"""The quantized index of a training run, from its first build to its last refresh.
+
+``IndexLifecycle`` owns the FAISS index a run searches for negatives and everything the
+loss reads from it: the JAX copy of its quantizer and, for ``quant.codes='index'``, the
+codes it stores for every row, placed on the devices like the table. Process 0 alone
+holds the FAISS index; every method is called by every process (the table's rows reach
+process 0 through collectives), so the same code runs on one host or many.
+
+What each refresh costs:
+  * full: the quantizer is retrained on ``index.train_size`` rows and the table is
+    streamed to process 0 in chunks of ``index.stream_rows`` rows; no host ever holds
+    the whole float table, only the index's codes.
+  * incremental: only the rows moved since the last refresh are gathered, re-encoded in
+    FAISS (``incremental_refresh``) and rewritten in the devices' code array.
+  * skipped: nothing moved (e.g. ``query_only``, whose table never changes).
+Learned codebooks change every code, so their refresh writes them into FAISS and
+re-encodes the whole table (streamed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Literal
+
+import faiss
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from qdr_jax import distributed, sharding
+from qdr_jax.index.faiss_index import (add_vectors, index_options, set_search_params,
+                                       train_index, training_rows)
+from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
+from qdr_jax.quant import Quantizer, quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
+
+RefreshOutcome = Literal["full", "incremental", "codebooks", "skipped"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossInputs:
+  """What the straight-through loss reads from the index, on the devices.
+
+  quantizer: the index's quantizer (replicated), or None for modes that do not quantize.
+  codes: ``{"codes": (rows, M) uint8, "lists": (rows,) int32}`` row-sharded like the
+    table: the codes the index stores (``quant.codes='index'``), else None.
+  """
+  quantizer: Quantizer | None
+  codes: dict[str, jax.Array] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RefreshRecord:
+  """What the last refresh did: its kind, the rows it re-encoded and its seconds."""
+  step: int
+  kind: RefreshOutcome
+  rows: int
+  seconds: float
+
+
+class IndexLifecycle:
+  """Builds, refreshes and describes the FAISS index of one training run.
+
+  Args:
+    index_cfg: the config's ``index`` section.
+    mesh: the training mesh (the table is row-sharded over it).
+    num_rows: passages in the corpus (the table may be padded beyond).
+    padded_rows: rows of the device table.
+    quantize: the loss decodes through the index's quantizer.
+    codes_from_index: the loss decodes the codes the index stores (else it re-encodes).
+    learn_codebooks: the run trains the PQ codebooks; refreshes write them into FAISS.
+    shard_rows: the table is split by rows (else replicated), for the code array.
+  """
+
+  def __init__(self, index_cfg: ml_collections.ConfigDict, *, mesh: Mesh, num_rows: int,
+               padded_rows: int, quantize: bool, codes_from_index: bool,
+               learn_codebooks: bool, shard_rows: bool = True):
+    self.cfg = index_cfg
+    self.mesh = mesh
+    self.num_rows = num_rows
+    self.padded_rows = padded_rows
+    self.quantize = quantize
+    self.codes_from_index = quantize and codes_from_index
+    self.learn_codebooks = learn_codebooks
+    self.shard_rows = shard_rows
+    self.lead = distributed.is_lead_process()
+    self.index: faiss.Index | None = None  # process 0 only
+    self.loss_inputs = LossInputs(None, None)
+    self.changed = ChangedRows(num_rows)  # rows written since the last refresh
+    self.history: list[RefreshRecord] = []
+
+  # ------------------------------------------------------------------ building
+
+  def build(self, table, step: int = 0) -> None:
+    """A fresh index over ``table``: quantizer trained, every row added.
+
+    ``table`` is the device table (row-sharded) or, before training, the host table every
+    process holds (e.g. a memory-mapped ``.npy``, read by process 0 in chunks).
+    """
+    start = time.perf_counter()
+    sample = training_rows(self.num_rows, self.cfg.train_size, self.cfg.seed)
+    if sample is None:
+      sample = np.arange(self.num_rows)
+    train_x = self._gather_chunks(table, sample)
+    index = None
+    if self.lead:
+      index = train_index(train_x, self.cfg.factory, seed=self.cfg.seed,
+                          **index_options(self.cfg))
+    del train_x
+    self.index = self._add_table(index, table)
+    self.changed.clear()
+    self._sync_loss_inputs()
+    self._record(step, "full", self.num_rows, start)
+
+  def adopt(self, index: faiss.Index | None, *, moved_since: bool) -> None:
+    """Takes over an index restored from a checkpoint (process 0; others pass None).
+
+    ``moved_since``: rows may have moved after the index was last refreshed (a resumed
+    run does not know which), so the next incremental refresh re-encodes them all.
+    """
+    if self.lead:
+      if index is None:
+        raise ValueError("IndexLifecycle.adopt needs the restored index on process 0.")
+      set_search_params(index, nprobe=self.cfg.nprobe, ef_search=self.cfg.ef_search or None,
+                        strict=False)
+    self.index = index
+    if moved_since:
+      self.changed.add(np.arange(self.num_rows))
+    self._sync_loss_inputs()
+
+  # ------------------------------------------------------------------ refreshing
+
+  def note_updated(self, rows: np.ndarray) -> None:
+    """Rows a step wrote (its valid pooled rows); they are re-encoded at the next refresh."""
+    self.changed.add(rows)
+
+  def refresh_due(self, step: int) -> bool:
+    return refresh_kind(step, self.cfg.rebuild_every, self.cfg.full_rebuild_every) is not None
+
+  def maybe_refresh(self, step: int, table: jax.Array, codebooks: jax.Array | None = None
+                    ) -> RefreshOutcome | None:
+    """The refresh ``index.rebuild_every`` / ``full_rebuild_every`` schedule after
+    ``step`` completed steps, or None when none is due.
+
+    Returns what was done: a scheduled refresh is skipped when no row moved (and no
+    codebook is learned), since it would rebuild the very same index.
+    """
+    kind = refresh_kind(step, self.cfg.rebuild_every, self.cfg.full_rebuild_every)
+    if kind is None:
+      return None
+    start = time.perf_counter()
+    if self.learn_codebooks:
+      self.write_codebooks(table, codebooks)
+      self._record(step, "codebooks", self.num_rows, start)
+      return "codebooks"
+    if not len(self.changed):
+      self._record(step, "skipped", 0, start)
+      return "skipped"
+    if kind == "full":
+      self.build(table, step)
+      return "full"
+    rows = self.changed.take()
+    vectors = sharding.rows_to_host(table, rows, self.mesh)
+    new_codes, touched = None, rows.size
+    if self.lead:
+      touched = incremental_refresh(self.index, rows, vectors)
+      if self.codes_from_index:
+        codes, lists = encoded_like_index(self.index, vectors)
+        new_codes = {"codes": codes, "lists": lists}
+    if self.codes_from_index:
+      new_codes = distributed.broadcast_arrays(new_codes)
+      self.loss_inputs = dataclasses.replace(self.loss_inputs, codes={
+          name: sharding.set_rows(self.loss_inputs.codes[name], rows, new_codes[name],
+                                  self.mesh)
+          for name in ("codes", "lists")})
+    self._record(step, "incremental", touched, start)
+    return "incremental"
+
+  def write_codebooks(self, table, codebooks: jax.Array | np.ndarray | None, *,
+                      sync: bool = True) -> None:
+    """Writes ``codebooks`` (or the index's own) into the index and re-encodes every row
+    of ``table`` with them, coarse quantizer and rotation kept: what serving the trained
+    table with the training's quantizer gives, without retraining k-means. ``sync=False``
+    leaves the loss's copy of the quantizer as it was (after the last step)."""
+    if isinstance(codebooks, jax.Array):  # a collective: every process takes part
+      codebooks = distributed.global_to_host(codebooks)
+    if self.lead:
+      quantizer = quantizer_from_faiss(self.index)
+      if codebooks is not None:
+        quantizer = quantizer.replace(codebooks=jnp.asarray(codebooks))
+      empty = np.zeros((0, self.index.d), np.float32)
+      write_codebooks_to_faiss(self.index, quantizer, empty)
+    self.index = self._add_table(self.index, table)
+    self.changed.clear()
+    if sync:
+      self._sync_loss_inputs()
+
+  # ------------------------------------------------------------------ internals
+
+  def table_to_lead(self, table) -> np.ndarray | None:
+    """The whole (unpadded) table as float32 on process 0, None elsewhere."""
+    return self._gather_chunks(table, np.arange(self.num_rows))
+
+  def _rows(self, table, rows: np.ndarray) -> np.ndarray | None:
+    """``table[rows]`` as float32 on process 0; a collective for a device table."""
+    if isinstance(table, jax.Array):
+      part = sharding.rows_to_host(table, rows, self.mesh)
+      return part if self.lead else None
+    return np.asarray(table[rows], np.float32) if self.lead else None
+
+  def _gather_chunks(self, table, rows: np.ndarray) -> np.ndarray | None:
+    """``table[rows]`` as float32 on process 0 (None elsewhere), gathered in chunks."""
+    chunk = int(self.cfg.stream_rows)
+    parts = [self._rows(table, rows[start:start + chunk])
+             for start in range(0, rows.size, chunk)]
+    return np.concatenate(parts) if self.lead else None
+
+  def _add_table(self, index: faiss.Index | None, table) -> faiss.Index | None:
+    """Streams every row of ``table`` into ``index`` (process 0) in chunks."""
+    chunk = int(self.cfg.stream_rows)
+    for start in range(0, self.num_rows, chunk):
+      part = self._rows(table, np.arange(start, min(start + chunk, self.num_rows)))
+      if self.lead:
+        add_vectors(index, part, threads=self.cfg.threads or None)
+    return index
+
+  def _sync_loss_inputs(self) -> None:
+    """Process 0's quantizer (and stored codes) on every process's devices."""
+    if not self.quantize:
+      self.loss_inputs = LossInputs(None, None)
+      return
+    arrays = None
+    if self.lead:
+      q = quantizer_from_faiss(self.index)
+      arrays = {"codebooks": np.asarray(q.codebooks),
+                "static": np.asarray([q.by_residual, q.coarse_metric == "ip"], np.int32)}
+      for name in ("rotation", "coarse_centroids"):
+        if getattr(q, name) is not None:
+          arrays[name] = np.asarray(getattr(q, name))
+      if self.codes_from_index:
+        codes, lists = stored_codes(self.index)
+        arrays["codes"], arrays["lists"] = codes.astype(np.uint8), lists.astype(np.int32)
+    arrays = distributed.broadcast_arrays(arrays)
+    by_residual, ip = (bool(v) for v in arrays["static"])
+    optional = lambda name: jnp.asarray(arrays[name]) if name in arrays else None
+    quantizer = distributed.replicate_to_global(
+        Quantizer(codebooks=jnp.asarray(arrays["codebooks"]), rotation=optional("rotation"),
+                  coarse_centroids=optional("coarse_centroids"), by_residual=by_residual,
+                  coarse_metric="ip" if ip else "l2"), self.mesh)
+    codes = None
+    if self.codes_from_index:
+      codes = {name: sharding.put_rows(arrays[name], self.mesh, self.shard_rows,
+                                       self.padded_rows) for name in ("codes", "lists")}
+    self.loss_inputs = LossInputs(quantizer, codes)
+
+  def _record(self, step: int, kind: RefreshOutcome, rows: int, start: float) -> None:
+    record = RefreshRecord(step, kind, int(rows), time.perf_counter() - start)
+    self.history.append(record)
+    if kind != "skipped":
+      logging.info("index %s refresh at step %d: %d rows in %.2fs", kind, step, rows,
+                   record.seconds)
+
+
+def encoded_like_index(index: faiss.Index, vectors: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+  """The PQ codes and IVF lists ``index`` stores for ``vectors`` when it adds them.
+
+  FAISS's standalone encoding (``sa_encode``) runs the same coarse assignment (HNSW
+  search included) and residual PQ encoding as ``add``; its bytes are the list number
+  (IVF) followed by the packed PQ code, which are unpacked here to one code per
+  sub-quantizer.
+
+  Returns:
+    codes (n, M) uint8 and lists (n,) int32 (zeros without IVF).
+  """
+  x = np.ascontiguousarray(vectors, np.float32)
+  top = faiss.downcast_index(index)
+  if isinstance(top, faiss.IndexPreTransform):
+    for i in range(top.chain.size()):
+      x = faiss.downcast_VectorTransform(top.chain.at(i)).apply(x)
+    top = faiss.downcast_index(top.index)
+  if isinstance(top, faiss.IndexHNSW):  # the graph has no codes; its storage does
+    top = faiss.downcast_index(top.storage)
+  raw = top.sa_encode(x)
+  lists = np.zeros(x.shape[0], np.int32)
+  if isinstance(top, faiss.IndexIVF):
+    width = top.coarse_code_size()
+    lists = (raw[:, :width].astype(np.int64) << (8 * np.arange(width))).sum(1).astype(np.int32)
+    raw = raw[:, width:]
+  pq = top.pq
+  if pq.nbits == 8:
+    codes = raw[:, :pq.M]
+  elif pq.nbits == 4:  # two codes a byte, the first in the low nibble
+    codes = np.empty((x.shape[0], pq.M), np.uint8)
+    codes[:, 0::2] = raw[:, :(pq.M + 1) // 2] & 0x0F
+    codes[:, 1::2] = raw[:, :pq.M // 2] >> 4
+  else:
+    raise ValueError(f"PQ codes of {pq.nbits} bits are not supported.")
+  return np.ascontiguousarray(codes, np.uint8), lists
+
+
+def pq_codebook_shape(factory: str, dim: int) -> tuple[int, int, int]:
+  """(M, ksub, dsub) of the product quantizer a factory string describes, without
+  training anything (e.g. to lay out a state before restoring learned codebooks)."""
+  index = faiss.downcast_index(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+  if isinstance(index, faiss.IndexPreTransform):
+    index = faiss.downcast_index(index.index)
+  if isinstance(index, faiss.IndexHNSW):
+    index = faiss.downcast_index(index.storage)
+  pq = getattr(index, "pq", None)
+  if pq is None:
+    raise ValueError(f"{factory!r} has no product quantizer.")
+  return int(pq.M), int(pq.ksub), int(pq.dsub)

@@ -1,0 +1,181 @@
+"""The negative source of a training run: a step's queries, their embeddings, the index's
+top-k for them, and the cross-batch pool the jitted update scores, on every process.
+
+Split in two calls so the loop can overlap them: ``encode`` dispatches the query
+forward of a step (device futures and the encoder's VJP); ``negatives`` fetches the
+embeddings, searches the quantized index on process 0, builds the pool there and
+broadcasts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Iterator
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from qdr_jax import distributed
+from qdr_jax.data.types import Corpus, Split
+from qdr_jax.index.faiss_index import search
+from qdr_jax.index.lifecycle import IndexLifecycle
+from qdr_jax.models import tokenize
+from qdr_jax.negatives.pool import build_pool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainQueries:
+  """Training queries that have at least one positive in the corpus."""
+  texts: list[str]
+  positives: list[np.ndarray]
+  answers: list[list[str]] | None
+
+
+def training_queries(split: Split, corpus: Corpus) -> TrainQueries:
+  texts, positives, answers = [], [], []
+  for qid, text in zip(split.queries.ids, split.queries.texts):
+    rows = [corpus.row_of[d] for d in split.positives(qid) if d in corpus.row_of]
+    if not rows:
+      continue
+    texts.append(text)
+    positives.append(np.asarray(sorted(set(rows)), dtype=np.int64))
+    if split.answers is not None:
+      answers.append(list(split.answers.get(qid, ())))
+  if not texts:
+    raise ValueError("the training split has no query with a positive passage in the corpus.")
+  return TrainQueries(texts, positives, answers if split.answers is not None else None)
+
+
+def batch_indices(step: int, num_queries: int, batch_size: int, seed: int) -> np.ndarray:
+  """Queries of ``step``: shuffled epochs by seed, last partial batch dropped.
+
+  A pure function of the step, so a resumed run sees exactly the batches it would have.
+  """
+  per_epoch = num_queries // batch_size
+  if per_epoch == 0:
+    raise ValueError(f"config.train.batch_size={batch_size} exceeds the {num_queries} "
+                     "training queries.")
+  epoch, slot = divmod(step, per_epoch)
+  order = np.random.default_rng((seed, epoch)).permutation(num_queries)
+  return order[slot * batch_size:(slot + 1) * batch_size]
+
+
+class PhaseTimers:
+  """Wall seconds spent per phase of the loop (encode, search, step, rebuild)."""
+
+  PHASES = ("encode", "search", "step", "rebuild")
+
+  def __init__(self):
+    self.seconds = {name: 0.0 for name in self.PHASES}
+
+  @contextlib.contextmanager
+  def time(self, phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[phase] += time.perf_counter() - start
+
+  def per_step(self, steps: int) -> dict[str, float]:
+    return {name: value / max(steps, 1) for name, value in self.seconds.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedBatch:
+  """A step's queries dispatched through the encoder (device futures)."""
+  step: int
+  query_rows: np.ndarray  # indices into TrainQueries
+  query_emb: jax.Array
+  encoder_vjp: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+  """Everything the jitted update of one step consumes, plus the host pool for logging."""
+  query_emb: jax.Array
+  encoder_vjp: Any
+  pool: dict[str, np.ndarray]   # host copy, identical on every process
+  pool_dev: dict[str, jax.Array]  # replicated on the mesh
+
+  @property
+  def updated_rows(self) -> np.ndarray:
+    """The rows the update writes (valid pooled rows)."""
+    return self.pool["row_ids"][self.pool["valid"]]
+
+
+class NegativeSource:
+  """Batches of training queries with their similarity-guided negative pools.
+
+  Args:
+    config: the full config (``train``, ``negatives``, ``model``, ``seed`` are read).
+    queries: the training queries.
+    tokenizer: the query tokenizer.
+    encode_fn: the jitted ``(params, tokens) -> (query_emb, vjp)`` half of the step.
+    mesh: the training mesh.
+    lifecycle: the run's index (searched on process 0).
+    num_rows: passages in the corpus.
+    step_seeds: (steps, key words) host seeds, one per step, for pool subsampling.
+    relevance_fn: ``(query rows of the batch, candidate rows) -> (B, n) mask`` of
+      candidates to hide (answer-matching passages), or None.
+    timers: where the encode and search seconds go.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, queries: TrainQueries, tokenizer,
+               encode_fn: Callable, mesh: Mesh, lifecycle: IndexLifecycle, num_rows: int,
+               step_seeds: np.ndarray, relevance_fn: Callable | None, timers: PhaseTimers):
+    self.config = config
+    self.queries = queries
+    self.tokenizer = tokenizer
+    self.encode_fn = encode_fn
+    self.mesh = mesh
+    self.lifecycle = lifecycle
+    self.num_rows = num_rows
+    self.step_seeds = step_seeds
+    self.relevance_fn = relevance_fn
+    self.timers = timers
+    self.batch_size = config.train.batch_size
+    self.k = config.negatives.k
+    # A corpus smaller than B*k is pooled whole: the softmax is then exact.
+    self.pool_size = config.negatives.pool_size or min(self.batch_size * self.k, num_rows)
+
+  def encode(self, step: int, params) -> EncodedBatch:
+    """Dispatches the query forward of ``step``'s batch; returns device futures."""
+    rows = batch_indices(step, len(self.queries.texts), self.batch_size, self.config.seed)
+    # The whole batch is tokenized on every host, so all pad to the same length; each
+    # then places only its own block (one block per process, see distributed.py).
+    tokens = tokenize(self.tokenizer, [self.queries.texts[i] for i in rows],
+                      self.config.model.max_query_length,
+                      pad_to_multiple_of=self.config.model.length_bucket)
+    local = {name: distributed.process_batch_slice(a, jax.process_index(),
+                                                   jax.process_count())
+             for name, a in tokens.items()}
+    query_emb, vjp = self.encode_fn(params, distributed.host_local_to_global(local, self.mesh))
+    return EncodedBatch(step, rows, query_emb, vjp)
+
+  def negatives(self, batch: EncodedBatch) -> StepInputs:
+    """Searches the index with the batch's embeddings and pools the results."""
+    with self.timers.time("encode"):  # waits for the forward to finish
+      query_host = np.asarray(distributed.global_to_host(batch.query_emb))
+    with self.timers.time("search"):
+      pool = self._pool(batch, query_host) if self.lifecycle.lead else None
+      pool = distributed.broadcast_arrays(pool)
+      pool_dev = distributed.replicate_to_global(
+          {name: a for name, a in pool.items() if name != "num_candidates"}, self.mesh)
+    return StepInputs(batch.query_emb, batch.encoder_vjp, pool, pool_dev)
+
+  def _pool(self, batch: EncodedBatch, query_host: np.ndarray) -> dict[str, np.ndarray]:
+    _, candidates = search(self.lifecycle.index, query_host, self.k)
+    relevance = None
+    if self.relevance_fn is not None:
+      relevance = lambda b, rows: self.relevance_fn(batch.query_rows[b], rows)
+    built = build_pool(candidates, [self.queries.positives[i] for i in batch.query_rows],
+                       pool_size=self.pool_size, num_rows=self.num_rows,
+                       max_positives=self.config.negatives.max_positives,
+                       rng=np.random.default_rng(self.step_seeds[batch.step]),
+                       fill_valid=self.config.negatives.fill_valid, relevance_fn=relevance)
+    return {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}

@@ -1,0 +1,63 @@
+"""Loads what evaluation and serving need from a training checkpoint (read-only)."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from qdr_jax.data.loader import load_dataset
+from qdr_jax.index.lifecycle import pq_codebook_shape
+from qdr_jax.targets.encoders import load_encoders
+from qdr_jax.train.checkpoint import (Checkpointer, checkpoint_dir, config_from_metadata,
+                                      validate_metadata)
+
+
+def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
+                    config: ml_collections.ConfigDict | None = None,
+                    extra: tuple[str, ...] = ()) -> dict:
+  """Loads what serving and evaluation need from a training checkpoint.
+
+  Args:
+    workdir: the training workdir (its ``checkpoints/`` are read, never written).
+    step: checkpoint step; None = the latest readable one.
+    config: when given, used instead of the checkpoint's own config, after checking that
+      it describes the same model, dimension and corpus (`validate_metadata`).
+    extra: ``("codebooks",)`` also restores learned PQ codebooks (None when the mode
+      learns none).
+
+  Returns:
+    ``{"config", "metadata", "step", "dataset", "encoders", "params", "table" (unpadded
+    float32, host), "codebooks", "index" (the FAISS index saved with the state)}``.
+
+  Raises:
+    MetadataMismatchError: ``config`` does not match the checkpoint.
+  """
+  ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
+  meta = ckpt.read_metadata(step)
+  config = config if config is not None else config_from_metadata(meta)
+  dataset = load_dataset(config.data)
+  encoders = load_encoders(config.model)
+  validate_metadata(meta, config, len(dataset.corpus),
+                    encoders.query_module.config.hidden_size)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  targets = {"params": encoders.query_params,
+             "table": jax.ShapeDtypeStruct((meta["table_rows"], meta["table_dim"]),
+                                           np.dtype(meta["table_dtype"]), sharding=device)}
+  # step=None falls back past a corrupt latest checkpoint (same run, same config).
+  restored = ckpt.restore_arrays(targets, step=step, with_index=True)
+  out = {"config": config, "metadata": restored.metadata, "step": restored.step,
+         "dataset": dataset, "encoders": encoders, "index": restored.index,
+         "params": restored.state["params"],
+         "table": np.asarray(jax.device_get(restored.state["table"][:meta["corpus_size"]]),
+                             np.float32),
+         "codebooks": None}
+  if "codebooks" in extra and meta.get("has_codebooks"):
+    # Learned codebooks have the PQ shape of the run's factory string.
+    shape = pq_codebook_shape(config.index.factory, meta["table_dim"])
+    out["codebooks"] = ckpt.restore_arrays(
+        {"codebooks": jax.ShapeDtypeStruct(shape, np.float32, sharding=device)},
+        step=restored.step).state["codebooks"]
+  return out
