@@ -39,6 +39,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.passage_style = "concat"  # concat (title + text) | pair (DPR segments)
   c.model.embed_batch_size = 32
   c.model.length_bucket = 32
+  c.model.embed_row_bucket = 8    # an embedding window's last batch is padded to k*this rows
 
   c.table = ml_collections.ConfigDict()
   c.table.init = "encode"         # encode | npy | faiss
@@ -46,6 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.table.cache_dir = ""          # "" = {workdir}/cache
   c.table.dtype = "float32"       # storage: float32 | bfloat16
   c.table.normalize_rows = False  # re-project updated rows onto the unit sphere
+  c.table.embed_chunk_rows = 16384  # rows per resumable embedding chunk (also the sort window)
 
   c.index = ml_collections.ConfigDict()
   c.index.factory = "IVF64,PQ48x8"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
 import numpy as np
 
 from qdr_jax.models import load_encoder, load_tokenizer
-from qdr_jax.targets.embed import embed_texts, make_apply
+from qdr_jax.targets.embed import Batching, embed_corpus, embed_texts, make_apply
 
 
 @dataclasses.dataclass
@@ -45,17 +46,43 @@ def embed_queries(encoders: Encoders, params: Any, texts: Sequence[str],
   return embed_texts(None, params, encoders.tokenizer, texts, jitted=encoders.query_apply,
                      max_length=config.model.max_query_length,
                      batch_size=config.eval.batch_size, bucket=config.model.length_bucket,
-                     desc=desc)
+                     row_bucket=config.model.embed_row_bucket, desc=desc)
 
 
-def embed_passages(encoders: Encoders, config: ml_collections.ConfigDict):
-  """``(texts, pair_texts) -> table`` with the passage encoder, for the table cache."""
+@dataclasses.dataclass(frozen=True)
+class PassageEmbedder:
+  """The passage encoder and its tokenization: what ``build_or_load_table`` embeds with.
 
-  def encode(texts, pair_texts):
-    return embed_texts(None, encoders.passage_params, encoders.tokenizer, texts,
-                       pair_texts=pair_texts, jitted=encoders.passage_apply,
-                       max_length=config.model.max_passage_length,
-                       batch_size=config.model.embed_batch_size,
-                       bucket=config.model.length_bucket, desc="corpus")
+  ``embed_corpus`` streams a whole corpus into a resumable ``.npy``; calling the object
+  embeds ``(texts, pair_texts)`` into memory (the older interface).
+  """
+  encoders: Encoders
+  config: ml_collections.ConfigDict
 
-  return encode
+  @property
+  def batching(self) -> Batching:
+    model = self.config.model
+    return Batching(max_length=model.max_passage_length, batch_size=model.embed_batch_size,
+                    bucket=model.length_bucket, row_bucket=model.embed_row_bucket)
+
+  def __call__(self, texts: Sequence[str], pair_texts: Sequence[str] | None = None
+               ) -> np.ndarray:
+    b = self.batching
+    return embed_texts(None, self.encoders.passage_params, self.encoders.tokenizer, texts,
+                       pair_texts=pair_texts, jitted=self.encoders.passage_apply,
+                       max_length=b.max_length, batch_size=b.batch_size, bucket=b.bucket,
+                       row_bucket=b.row_bucket, desc="corpus")
+
+  def embed_corpus(self, corpus, path: str | os.PathLike, *, progress: bool = True,
+                   on_chunk: Callable[[int], None] | None = None) -> dict:
+    """``qdr_jax.targets.embed.embed_corpus`` with this encoder and the config's batching."""
+    return embed_corpus(self.encoders.passage_apply, self.encoders.passage_params,
+                        self.encoders.tokenizer, corpus, path, batching=self.batching,
+                        passage_style=self.config.model.passage_style,
+                        chunk_rows=self.config.table.embed_chunk_rows, progress=progress,
+                        on_chunk=on_chunk)
+
+
+def embed_passages(encoders: Encoders, config: ml_collections.ConfigDict) -> PassageEmbedder:
+  """The passage embedder of ``build_or_load_table`` (also ``(texts, pair_texts) -> table``)."""
+  return PassageEmbedder(encoders, config)

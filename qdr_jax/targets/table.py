@@ -14,12 +14,13 @@ import os
 import pathlib
 import time
 
+import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
 from qdr_jax.data.types import Corpus, DataFormatError
-from qdr_jax.io_utils import atomic_path
+from qdr_jax.io_utils import atomic_path, write_text_atomic
 from qdr_jax.models.tokenization import passage_inputs
 
 
@@ -41,9 +42,14 @@ def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
 
 
 def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.ndarray:
-  """Loads an (N, d) table; never unpickles; checks the shape against the corpus."""
+  """A read-only memory map of an (N, d) ``.npy`` table; never unpickles; checks the shape.
+
+  Nothing is read until rows are used, so callers can place the table shard by shard
+  (``sharding.put_rows``) or stream it to FAISS. A table stored in another dtype than
+  float32 is converted, which loads it whole.
+  """
   try:
-    table = np.load(path, allow_pickle=False, mmap_mode=None)
+    table = np.load(path, allow_pickle=False, mmap_mode="r")
   except (OSError, ValueError) as e:
     raise ValueError(f"{path}: not a readable .npy table ({e}).") from e
   if table.dtype not in (np.float16, np.float32, np.float64):
@@ -55,7 +61,9 @@ def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.n
   if num_rows is not None and table.shape[0] != num_rows:
     raise ValueError(f"{path}: table has {table.shape[0]} rows but the corpus has "
                      f"{num_rows} passages.")
-  return np.ascontiguousarray(table, dtype=np.float32)
+  if table.dtype != np.float32 or not table.flags.c_contiguous:
+    return np.ascontiguousarray(table, dtype=np.float32)
+  return table
 
 
 def table_from_faiss(path: str | os.PathLike, num_rows: int) -> np.ndarray:
@@ -71,11 +79,17 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
                         cache_dir: pathlib.Path, encode_passages) -> np.ndarray:
   """The initial (N, d) float32 table, from ``config.table.init``.
 
+  With ``init=encode`` and ``npy`` the table is a read-only ``np.memmap`` of the file.
+  In a multi-process job every process must call this; with ``encode`` each embeds its
+  block of the corpus (see ``embed_corpus``) and all return once the cache is complete.
+
   Args:
     config: full config (``table`` and ``model`` sections are read).
     corpus: the passages, in row order.
-    cache_dir: where encoded tables are cached.
-    encode_passages: ``(texts, pair_texts) -> (N, d)``, called on a cache miss.
+    cache_dir: where encoded tables are cached (shared by all processes).
+    encode_passages: a ``PassageEmbedder`` (``encoders.embed_passages``), which streams
+      the corpus into the cache chunk by chunk and resumes after an interruption; or any
+      ``(texts, pair_texts) -> (N, d)`` callable, called on the whole corpus (one process).
   """
   init = config.table.init
   if init == "npy":
@@ -89,15 +103,25 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
   if path.exists():
     logging.info("Loading cached table %s", path)
     return load_npy_table(path, len(corpus))
-  texts, pairs = passage_inputs(corpus.titles, corpus.texts, config.model.passage_style)
   start = time.perf_counter()
-  table = encode_passages(texts, pairs)
+  if hasattr(encode_passages, "embed_corpus"):
+    stats = encode_passages.embed_corpus(corpus, path)
+  else:
+    n = len(corpus)
+    texts, pairs = passage_inputs(corpus.titles[0:n], corpus.texts[0:n],
+                                  config.model.passage_style)
+    table = encode_passages(texts, pairs)
+    save_npy_atomic(path, table)
+    stats = {"dim": table.shape[1], "computed_rows": n, "skipped": 0, "cached": False}
   seconds = time.perf_counter() - start
-  save_npy_atomic(path, table)
-  meta = {"rows": len(corpus), "dim": int(table.shape[1]), "seconds": seconds,
-          "passages_per_second": len(corpus) / seconds,
-          "encoder": config.model.passage_encoder or config.model.query_encoder}
-  path.with_suffix(".json").write_text(json.dumps(meta, indent=1))
-  logging.info("Embedded %d passages in %.1fs (%.1f/s) -> %s", len(corpus), seconds,
-               len(corpus) / seconds, path)
-  return table
+  if jax.process_index() == 0 and not stats["cached"]:
+    # This process's own rate: rows it embedded in this call (a resume skips some).
+    rate = stats["computed_rows"] / seconds
+    meta = {"rows": len(corpus), "dim": int(stats["dim"]), "seconds": seconds,
+            "passages_per_second": rate, "resumed_chunks": stats["skipped"],
+            "processes": jax.process_count(),
+            "encoder": config.model.passage_encoder or config.model.query_encoder}
+    write_text_atomic(path.with_suffix(".json"), json.dumps(meta, indent=1))
+    logging.info("Embedded %d passages in %.1fs (%.1f/s on process 0) -> %s",
+                 stats["computed_rows"], seconds, rate, path)
+  return load_npy_table(path, len(corpus))
