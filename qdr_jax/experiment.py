@@ -23,10 +23,12 @@ from qdr_jax.eval.compare import with_pq_subquantizers
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.report import format_table
 from qdr_jax.eval.table_eval import evaluate_table
+from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.faiss_index import check_index_for_mode
 from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
+from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import get_mode
 from qdr_jax.train.restore import restore_trained
@@ -51,7 +53,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
   encoders = load_encoders(config.model)
-  # Refuse an index the mode cannot use before the (long) corpus embedding.
+  inputs = input_fingerprints(corpus, encoders)
+  # Refuse a resume with another corpus, encoder or config, and an index the mode cannot
+  # use, before the (long) corpus embedding.
+  check_resumable(config, workdir, corpus_size=len(corpus),
+                  dim=encoders.query_module.config.hidden_size, inputs=inputs)
   check_index_for_mode(config.index.factory, encoders.query_module.config.hidden_size,
                        needs_quantizer=mode.quantize, learn_codebooks=mode.learn_codebooks,
                        incremental=config.index.full_rebuild_every > 0)
@@ -91,7 +97,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
-             "mode": config.train.mode, "index": before["index"], "before": before}
+             "mode": config.train.mode, "index": before["index"], "before": before,
+             **_provenance(config, inputs)}
   if trained is not None:
     after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
                            eval_split, corpus, config.index, config.eval)
@@ -104,8 +111,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results.update(after=before, steps=0, train_seconds=0.0,
                    seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
   results["total_seconds"] = time.perf_counter() - start
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
   return results
+
+
+def _provenance(config: ml_collections.ConfigDict, inputs: dict[str, str]) -> dict:
+  """What a results file records to be checked later: the whole config and the corpus
+  and encoder fingerprints (`qdr_jax.fingerprint`)."""
+  return {"config": json.loads(config.to_json_best_effort()), "input_fingerprints": inputs}
 
 
 def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
@@ -144,8 +157,9 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "index": {"factory": config.index.factory, **metrics["index"]},
              "flat": metrics["flat"], "quantized": metrics["quantized"],
              "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"]}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+             "quantized_per_seed": metrics["quantized_per_seed"],
+             **_provenance(config, input_fingerprints(dataset.corpus, encoders))}
+  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -165,6 +179,8 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
     step: checkpoint step; None = the latest readable one.
     config: optional config (e.g. to change the eval split or the index); it must match
       the checkpoint's model, dimension and corpus size. None = the checkpoint's config.
+      Either way the corpus and encoder must have the fingerprints the checkpoint
+      recorded (`restore_trained`); a refusal writes nothing.
     out: results path.
 
   Returns:
@@ -183,9 +199,11 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
              "index": {"factory": config.index.factory, **metrics["index"]},
              "flat": metrics["flat"], "quantized": metrics["quantized"],
              "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"]}
+             "quantized_per_seed": metrics["quantized_per_seed"],
+             # Checked equal to the current files by restore_trained.
+             **_provenance(config, trained["metadata"].get("input_fingerprints", {}))}
   out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
-  out.write_text(json.dumps(results, indent=1))
+  write_text_atomic(out, json.dumps(results, indent=1))
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
