@@ -180,15 +180,13 @@ def _check_bundle(directory: pathlib.Path, manifest: dict, params: Any) -> None:
   before fingerprints were recorded are not checked)."""
   recorded = manifest.get("fingerprints") or {}
   files = manifest["files"]
-  current = {name: (lambda name=name: file_fingerprint(directory / files[key]))
-             for name, key in ((IDS_FILE, "ids"), (INDEX_FILE, "index"))}
-  current["encoder"] = lambda: params_fingerprint(params)
-  labels = {IDS_FILE: directory / files["ids"], INDEX_FILE: directory / files["index"],
-            "encoder": directory / files["encoder"]}
+  checks = [(IDS_FILE, directory / files["ids"], file_fingerprint),
+            (INDEX_FILE, directory / files["index"], file_fingerprint),
+            ("encoder", directory / files["encoder"], lambda _: params_fingerprint(params))]
   problems = []
-  for name, compute in current.items():
-    if name in recorded and (now := compute()) != recorded[name]:
-      problems.append(f"{labels[name]}: {directory / MANIFEST} records fingerprint "
+  for name, path, compute in checks:
+    if name in recorded and (now := compute(path)) != recorded[name]:
+      problems.append(f"{path}: {directory / MANIFEST} records fingerprint "
                       f"{recorded[name]}, the file now has {now}")
   if problems:
     raise FingerprintMismatchError("bundle files changed since export (" + "; ".join(problems)

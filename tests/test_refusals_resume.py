@@ -16,7 +16,7 @@ from conftest import make_tiny_config
 from qdr_jax import experiment, sharding
 from qdr_jax.config import base_config
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.fingerprint import FingerprintMismatchError, params_fingerprint
+from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
 from qdr_jax.serving import export_bundle, load_bundle
 from qdr_jax.train import checkpoint, optim
 from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, checkpoint_dir,
@@ -216,10 +216,12 @@ def test_load_bundle_refuses_edited_ids(base, tmp_path):
   bundle = export_bundle(base["workdir"], tmp_path / "bundle")
   manifest = json.loads((bundle / "bundle.json").read_text())
   assert manifest["source"]["input_fingerprints"] == base["meta"]["input_fingerprints"]
+  assert load_bundle(bundle).ids[:2] == ["d0", "d1"]  # untouched: every fingerprint agrees
   ids_path = bundle / "ids.json"
   ids = json.loads(ids_path.read_text())
   ids[0], ids[1] = ids[1], ids[0]  # same ids, same size: rows mapped to the wrong passages
   ids_path.write_text(json.dumps(ids))
   with pytest.raises(FingerprintMismatchError, match=rf"{ids_path}: .*bundle.json records "
-                     rf"fingerprint {manifest['fingerprints']['ids.json']}, the file now has"):
+                     rf"fingerprint {manifest['fingerprints']['ids.json']}, the file now has "
+                     rf"{file_fingerprint(ids_path)}\)$"):
     load_bundle(bundle)
