@@ -48,6 +48,17 @@ def file_fingerprint(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
   return digest.hexdigest()
 
 
+def weights_stamp(name_or_path: str) -> list[list[Any]]:
+  """``[file, size, mtime_ns]`` of each weight file of an encoder: a cheap key (no read)
+  that changes when the weights are replaced at the same path, as the corpus store's
+  key does for its source."""
+  from qdr_jax.models.loading import resolve_model_path  # pylint: disable=g-import-not-at-top
+  directory = resolve_model_path(name_or_path)
+  files = sorted(glob.glob(os.path.join(directory, "**", "*.safetensors"), recursive=True))
+  return [[os.path.relpath(f, directory), os.stat(f).st_size, os.stat(f).st_mtime_ns]
+          for f in files]
+
+
 def encoder_fingerprint(encoders: Any) -> str:
   """The initial weights of a run: the query encoder's, and the passage encoder's when it
   is a separate checkpoint (``encoders`` is a `qdr_jax.targets.encoders.Encoders`)."""

@@ -16,8 +16,10 @@ from conftest import make_tiny_config
 from qdr_jax import experiment, sharding
 from qdr_jax.config import base_config
 from qdr_jax.data.loader import load_dataset
+from qdr_jax.data.types import Corpus
 from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
 from qdr_jax.serving import export_bundle, load_bundle
+from qdr_jax.targets.table import table_cache_key
 from qdr_jax.train import checkpoint, optim
 from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, checkpoint_dir,
                                       validate_metadata)
@@ -225,3 +227,17 @@ def test_load_bundle_refuses_edited_ids(base, tmp_path):
                      rf"fingerprint {manifest['fingerprints']['ids.json']}, the file now has "
                      rf"{file_fingerprint(ids_path)}\)$"):
     load_bundle(bundle)
+
+
+def test_table_cache_key_sees_replaced_encoder_weights(tiny_encoder_dir, tmp_path):
+  encoder = tmp_path / "encoder"
+  shutil.copytree(tiny_encoder_dir, encoder)
+  model = make_tiny_config(pathlib.Path("/data/tiny"), str(encoder), tmp_path).model
+  corpus = Corpus(["a", "b"], ["", ""], ["x", "y"])
+  before = table_cache_key(model, corpus)
+  assert table_cache_key(model, corpus) == before
+  weights = encoder / "model.safetensors"
+  raw = bytearray(weights.read_bytes())
+  raw[-1] ^= 1  # other weights, same path and size
+  weights.write_bytes(bytes(raw))
+  assert table_cache_key(model, corpus) != before
