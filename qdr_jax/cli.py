@@ -25,15 +25,15 @@ def user_errors() -> tuple[type[BaseException], ...]:
   """What a user can fix: the config, the data files, the checkpoint they point at.
 
   Imported when an error is raised, not with this module, so that a script importing it
-  can still set up JAX (XLA_FLAGS, platforms) before JAX is first imported. The lead adds
-  the error classes of other checks (fingerprints, workdir lock) here.
+  can still set up JAX (XLA_FLAGS, platforms) before JAX is first imported.
   """
   # pylint: disable=import-outside-toplevel
   from qdr_jax.data.types import DataFormatError
+  from qdr_jax.fingerprint import FingerprintMismatchError
   from qdr_jax.train.checkpoint import MetadataMismatchError
   from qdr_jax.validation import ConfigError
-  return (ConfigError, DataFormatError, MetadataMismatchError, FileNotFoundError,
-          NotADirectoryError, IsADirectoryError, PermissionError)
+  return (ConfigError, DataFormatError, MetadataMismatchError, FingerprintMismatchError,
+          FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def verbose() -> bool:

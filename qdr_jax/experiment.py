@@ -24,9 +24,11 @@ from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.report import format_table
 from qdr_jax.eval.table_eval import evaluate_table
 from qdr_jax.data.types import RetrievalDataset
+from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
+from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import get_mode
 from qdr_jax.train.restore import restore_trained
@@ -48,9 +50,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   dataset, encoders = _validated_inputs(config)
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
-  workdir.mkdir(parents=True, exist_ok=True)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
+  inputs = input_fingerprints(corpus, encoders)
+  # Refuse a resume with another corpus, encoder or config before the corpus embedding.
+  check_resumable(config, workdir, corpus_size=len(corpus), dim=_dim(encoders), inputs=inputs)
+  workdir.mkdir(parents=True, exist_ok=True)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
@@ -87,7 +92,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
-             "mode": config.train.mode, "index": before["index"], "before": before}
+             "mode": config.train.mode, "index": before["index"], "before": before,
+             **_provenance(config, inputs)}
   if trained is not None:
     after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
                            eval_split, corpus, config.index, config.eval)
@@ -100,7 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results.update(after=before, steps=0, train_seconds=0.0,
                    seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
   results["total_seconds"] = time.perf_counter() - start
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
   return results
 
 
@@ -121,6 +127,12 @@ def _validated_inputs(config: ml_collections.ConfigDict, *, training: bool = Tru
 
 def _dim(encoders: Encoders) -> int:
   return encoders.query_module.config.hidden_size
+
+
+def _provenance(config: ml_collections.ConfigDict, inputs: dict[str, str]) -> dict:
+  """What a results file records to be checked later: the whole config and the corpus
+  and encoder fingerprints (`qdr_jax.fingerprint`)."""
+  return {"config": json.loads(config.to_json_best_effort()), "input_fingerprints": inputs}
 
 
 def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
@@ -158,8 +170,9 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "index": {"factory": config.index.factory, **metrics["index"]},
              "flat": metrics["flat"], "quantized": metrics["quantized"],
              "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"]}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+             "quantized_per_seed": metrics["quantized_per_seed"],
+             **_provenance(config, input_fingerprints(dataset.corpus, encoders))}
+  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -179,6 +192,8 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
     step: checkpoint step; None = the latest readable one.
     config: optional config (e.g. to change the eval split or the index); it must match
       the checkpoint's model, dimension and corpus size. None = the checkpoint's config.
+      Either way the corpus and encoder must have the fingerprints the checkpoint
+      recorded (`restore_trained`); a refusal writes nothing.
     out: results path.
 
   Returns:
@@ -200,9 +215,11 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
              "index": {"factory": config.index.factory, **metrics["index"]},
              "flat": metrics["flat"], "quantized": metrics["quantized"],
              "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"]}
+             "quantized_per_seed": metrics["quantized_per_seed"],
+             # Checked equal to the current files by restore_trained.
+             **_provenance(config, trained["metadata"].get("input_fingerprints", {}))}
   out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
-  out.write_text(json.dumps(results, indent=1))
+  write_text_atomic(out, json.dumps(results, indent=1))
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text

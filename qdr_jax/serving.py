@@ -4,7 +4,10 @@ A bundle is a plain directory that needs neither the training data nor this pack
 checkpoints to serve:
 
   bundle.json        model settings (pooling, normalize, max query length, dtype) and
-                     index settings (factory, nprobe, efSearch, size), provenance
+                     index settings (factory, nprobe, efSearch, size), provenance (the
+                     training corpus and initial encoder fingerprints) and fingerprints
+                     of the trained encoder weights and of ids.json and index.faiss,
+                     which `load_bundle` checks
   query_encoder/     the trained query encoder as a Hugging Face model directory
                      (config.json, model.safetensors, tokenizer files); loads with
                      transformers' AutoModel and with `qdr_jax.models.load_encoder`
@@ -29,6 +32,7 @@ import faiss
 import jax
 import numpy as np
 
+from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
 from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
                                        search, set_search_params)
 from qdr_jax.models import load_encoder, load_tokenizer, save_encoder_hf
@@ -61,6 +65,10 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
     step: checkpoint step (None = latest readable).
     store_passages: also write ``passages.jsonl`` (titles and texts) for display.
     config: optional config checked against the checkpoint (see `restore_trained`).
+
+  Raises:
+    MetadataMismatchError: the corpus (e.g. reordered: the ids would map rows to the wrong
+      passages) or encoder differs from the checkpoint's; nothing is written.
 
   Returns:
     The bundle directory.
@@ -110,7 +118,11 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
                      if k in ("ntotal", "d", "bytes_per_vector", "compression_ratio")}},
         "source": {"workdir": str(pathlib.Path(workdir).absolute()), "step": trained["step"],
                    "dataset": config.data.name, "model": config.model.query_encoder,
-                   "mode": config.train.mode, "corpus_size": len(corpus)},
+                   "mode": config.train.mode, "corpus_size": len(corpus),
+                   "input_fingerprints": trained["metadata"].get("input_fingerprints", {})},
+        "fingerprints": {"encoder": params_fingerprint(trained["params"]),
+                         IDS_FILE: file_fingerprint(tmp / IDS_FILE),
+                         INDEX_FILE: file_fingerprint(tmp / INDEX_FILE)},
         "files": {"encoder": ENCODER_DIR, "index": INDEX_FILE, "ids": IDS_FILE,
                   "passages": PASSAGES_FILE if store_passages else None},
     }
@@ -163,8 +175,31 @@ class Bundle:
     return results
 
 
+def _check_bundle(directory: pathlib.Path, manifest: dict, params: Any) -> None:
+  """Refuses a bundle whose files are not the ones it was exported with (bundles written
+  before fingerprints were recorded are not checked)."""
+  recorded = manifest.get("fingerprints") or {}
+  files = manifest["files"]
+  checks = [(IDS_FILE, directory / files["ids"], file_fingerprint),
+            (INDEX_FILE, directory / files["index"], file_fingerprint),
+            ("encoder", directory / files["encoder"], lambda _: params_fingerprint(params))]
+  problems = []
+  for name, path, compute in checks:
+    if name in recorded and (now := compute(path)) != recorded[name]:
+      problems.append(f"{path}: {directory / MANIFEST} records fingerprint "
+                      f"{recorded[name]}, the file now has {now}")
+  if problems:
+    raise FingerprintMismatchError("bundle files changed since export (" + "; ".join(problems)
+                                   + ")")
+
+
 def load_bundle(directory: str | os.PathLike) -> Bundle:
-  """Loads a bundle written by `export_bundle` with the Flax encoder."""
+  """Loads a bundle written by `export_bundle` with the Flax encoder.
+
+  Raises:
+    FingerprintMismatchError: ids.json, index.faiss or the encoder weights differ from
+      the fingerprints in bundle.json.
+  """
   directory = pathlib.Path(directory)
   manifest = json.loads((directory / MANIFEST).read_text())
   if manifest.get("format") != BUNDLE_FORMAT:
@@ -178,6 +213,7 @@ def load_bundle(directory: str | os.PathLike) -> Bundle:
   set_search_params(index, nprobe=idx["nprobe"] or None, ef_search=idx["ef_search"] or None,
                     strict=False)
   ids = json.loads((directory / files["ids"]).read_text())
+  _check_bundle(directory, manifest, params)
   if len(ids) != index.ntotal:
     raise ValueError(f"{directory}: {len(ids)} ids for an index of {index.ntotal} vectors")
   passages = None

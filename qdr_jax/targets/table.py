@@ -20,13 +20,16 @@ import numpy as np
 from absl import logging
 
 from qdr_jax.data.types import Corpus, DataFormatError
+from qdr_jax.fingerprint import weights_stamp
 from qdr_jax.io_utils import atomic_path, write_text_atomic
 from qdr_jax.models.tokenization import passage_inputs
 
 
 def table_cache_key(model_cfg: ml_collections.ConfigDict, corpus: Corpus) -> str:
-  """Changes whenever the encoder, its tokenization or the corpus rows (ids or text) change."""
-  spec = {"encoder": model_cfg.passage_encoder or model_cfg.query_encoder,
+  """Changes whenever the encoder (name or weight files), its tokenization or the corpus
+  rows (ids or text) change."""
+  encoder = model_cfg.passage_encoder or model_cfg.query_encoder
+  spec = {"encoder": encoder, "weights": weights_stamp(encoder),
           "pooling": model_cfg.pooling, "normalize": model_cfg.normalize,
           "max_passage_length": model_cfg.max_passage_length,
           "passage_style": model_cfg.passage_style, "rows": len(corpus),

@@ -10,14 +10,17 @@ items:
   Between two scheduled rebuilds that index was built from an *older* table, so it cannot
   be rebuilt from the saved one; storing it is what makes a resume bit-exact.
 * ``meta``: JSON (config, dataset, corpus size, table shape, model, index factory, step
-  = data-iterator position) plus a fingerprint of every array, checked on restore:
-  Orbax/tensorstore detect truncated files, but a flipped byte inside an array chunk
-  restores silently otherwise.
+  = data-iterator position, the corpus and encoder fingerprints) plus the path, shape and
+  dtype and a fingerprint of every array. The structure is compared with the restore
+  target before any array is read (a changed setting is a mismatch, not corruption); the
+  fingerprints are checked after: Orbax/tensorstore detect truncated files, but a flipped
+  byte inside an array chunk restores silently otherwise.
 
 Orbax writes a step into ``{step}.orbax-checkpoint-tmp-*`` and renames it when complete,
 so a save killed part way leaves the previous steps untouched and is ignored (and cleaned
 up) by the next manager. A checkpoint that fails to restore or verify is reported and,
-when restoring "the latest", the previous one is tried.
+when restoring "the latest", set aside to ``corrupt/`` (process 0, writable managers) and
+the previous one is tried; a mismatch with the config stops at once and moves nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from qdr_jax import fingerprint
 from qdr_jax.config import base_config
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -55,7 +59,8 @@ class CheckpointError(RuntimeError):
 
 
 class MetadataMismatchError(ValueError):
-  """A checkpoint was written for another model, table dimension or corpus."""
+  """A checkpoint was written for another model, table dimension, corpus, encoder, config
+  or state structure: a good checkpoint of another run, never set aside as corrupt."""
 
 
 class CorruptCheckpointWarning(RuntimeWarning):
@@ -76,9 +81,12 @@ def has_checkpoint(workdir: str | pathlib.Path) -> bool:
 
 
 def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: int,
-                  table_rows: int, dim: int, table_dtype: str,
-                  has_codebooks: bool) -> dict:
-  """The JSON stored next to a state: enough to rebuild the run and to refuse misuse."""
+                  table_rows: int, dim: int, table_dtype: str, has_codebooks: bool,
+                  inputs: Mapping[str, str] | None = None) -> dict:
+  """The JSON stored next to a state: enough to rebuild the run and to refuse misuse.
+
+  ``inputs`` are the run's `qdr_jax.fingerprint.input_fingerprints` (corpus, encoder).
+  """
   return {
       "format": FORMAT_VERSION,
       "step": int(step),
@@ -91,8 +99,27 @@ def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: 
       "mode": config.train.mode,
       "index_factory": config.index.factory,
       "has_codebooks": bool(has_codebooks),
+      "input_fingerprints": dict(inputs or {}),
       "config": json.loads(config.to_json_best_effort()),
   }
+
+
+# Config keys a resumed run may change; any other difference is refused. Each leaves the
+# restored state, the saved index and the data order meaning what they meant:
+#   train.steps          the run's length (the schedules then differ: a warning says so);
+#   train.log_every      logging only;
+#   eval.*               in-loop and final evaluation only (the best-checkpoint ranking
+#                        may then mix measures: that is retention, not training);
+#   checkpoint.*         how often and how many checkpoints are written and kept;
+#   distributed.*        how the processes find each other, not what they compute;
+#   sharding.num_devices restore re-pads the table rows for the new device count;
+#   table.cache_dir, data.cache_dir  where caches live (their content is keyed by
+#                        fingerprint and checked against the checkpoint's);
+#   index.threads, index.stream_rows FAISS threads and streaming chunk size, speed only.
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "eval.*", "checkpoint.*",
+                  "distributed.*", "sharding.num_devices", "table.cache_dir",
+                  "data.cache_dir", "index.threads", "index.stream_rows")
+_ABSENT = "<absent>"
 
 
 def _config_value(config: ml_collections.ConfigDict, dotted: str):
@@ -100,6 +127,36 @@ def _config_value(config: ml_collections.ConfigDict, dotted: str):
   for part in dotted.split("."):
     node = node[part]
   return node
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping) and value:
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _resumable(key: str, allowed: Sequence[str]) -> bool:
+  return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
+
+
+def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict, *,
+                       allowed: Sequence[str] = RESUMABLE_KEYS
+                       ) -> list[tuple[str, Any, Any]]:
+  """(key, checkpoint's value, config's value) of every differing key not in ``allowed``.
+
+  The checkpoint's config is merged into today's defaults first, so a key added to
+  `base_config` since it was written compares as its default.
+  """
+  then = _flatten(json.loads(config_from_metadata(saved).to_json_best_effort()))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  return [(key, then.get(key, _ABSENT), now.get(key, _ABSENT))
+          for key in sorted(set(then) | set(now))
+          if then.get(key, _ABSENT) != now.get(key, _ABSENT)
+          and not _resumable(key, allowed)]
 
 
 def _same_model(saved: str | None, current: str) -> tuple[str | None, str]:
@@ -111,8 +168,9 @@ def _same_model(saved: str | None, current: str) -> tuple[str | None, str]:
 
 
 def validate_metadata(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                      corpus_size: int, dim: int, *, also: Sequence[str] = ()) -> None:
-  """Refuses a checkpoint written for another model, table dimension or corpus.
+                      corpus_size: int, dim: int, *, also: Sequence[str] = (),
+                      inputs: Mapping[str, str] | None = None, resume: bool = False) -> None:
+  """Refuses a checkpoint written for another model, table dimension, corpus or config.
 
   Args:
     saved: the checkpoint's metadata (`Checkpointer.read_metadata`).
@@ -120,9 +178,14 @@ def validate_metadata(saved: Mapping[str, Any], config: ml_collections.ConfigDic
     corpus_size: passages in the corpus that ``config`` loads.
     dim: embedding dimension of ``config``'s encoder.
     also: further dotted config keys that must be equal (e.g. ``"train.mode"``).
+    inputs: the `qdr_jax.fingerprint.input_fingerprints` of the corpus and encoder that
+      ``config`` loads; compared with the ones the checkpoint recorded (when it did).
+    resume: the run continues training from it: every config key outside
+      `RESUMABLE_KEYS` must be equal.
 
   Raises:
-    MetadataMismatchError: naming every mismatched field with both values.
+    MetadataMismatchError: naming every mismatched field with both values (and the file
+      of every changed input), in one message.
   """
   checks = [("model", *_same_model(saved.get("model"), config.model.query_encoder)),
             ("dim", saved.get("table_dim"), int(dim)),
@@ -136,12 +199,39 @@ def validate_metadata(saved: Mapping[str, Any], config: ml_collections.ConfigDic
     new = _config_value(config, key)
     checks.append((key, list(old) if isinstance(old, tuple) else old,
                    list(new) if isinstance(new, tuple) else new))
-  problems = [f"{name}: checkpoint has {old!r}, config has {new!r}"
-              for name, old, new in checks if old != new]
+  if resume:
+    # The query encoder was compared above as "model" (equal when the same directory).
+    checks += [d for d in config_differences(saved, config) if d[0] != "model.query_encoder"]
+  problems = list(dict.fromkeys(f"{name}: checkpoint has {old!r}, config has {new!r}"
+                                for name, old, new in checks if old != new))
+  if inputs is not None:
+    problems += fingerprint.mismatches(saved.get("input_fingerprints"), inputs,
+                                       fingerprint.input_sources(config),
+                                       recorded_by=f"the checkpoint of step {saved.get('step')}")
   if problems:
+    hint = (f" (keys that may change on resume: {', '.join(RESUMABLE_KEYS)})"
+            if resume else "")
     raise MetadataMismatchError(
         f"checkpoint at step {saved.get('step')} does not match the config ("
-        + "; ".join(problems) + ")")
+        + "; ".join(problems) + ")" + hint)
+
+
+def check_resumable(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
+                    corpus_size: int, dim: int, inputs: Mapping[str, str]) -> None:
+  """Refuses, before any work, to resume ``workdir``'s latest checkpoint with ``config``
+  (see `validate_metadata` with ``resume=True``); nothing to do without a checkpoint.
+
+  The loop checks again when it resumes; this early check spares the corpus embedding
+  and the "before" evaluation a run that would be refused, and writes nothing.
+  """
+  if not has_checkpoint(workdir):
+    return
+  with Checkpointer(checkpoint_dir(workdir), read_only=True) as ckpt:
+    try:
+      saved = ckpt.read_metadata()
+    except CheckpointError:
+      return  # nothing readable: the loop's writable manager sets the steps aside
+  validate_metadata(saved, config, corpus_size, dim, inputs=inputs, resume=True)
 
 
 def config_from_metadata(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -222,6 +312,41 @@ def fingerprints(tree) -> dict[str, int]:
     return {}
   values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
   return {_path_name(path): int(v) for (path, _), v in zip(flat, values)}
+
+
+def structure(tree) -> dict[str, dict]:
+  """``{path: {"shape", "dtype"}}`` of every leaf (arrays or ShapeDtypeStructs)."""
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {_path_name(p): {"shape": [int(n) for n in np.shape(x)], "dtype": str(x.dtype)}
+          for p, x in flat}
+
+
+def structure_mismatches(saved: Mapping[str, Mapping], expected: Mapping[str, Mapping], *,
+                         partial: bool, row_leaf: Callable[[Sequence[int]], bool]
+                         ) -> list[str]:
+  """How the expected state differs from the saved one (paths, shapes, dtypes).
+
+  Args:
+    saved, expected: `structure` of the checkpoint's state and of the restore target.
+    partial: only ``expected``'s paths are restored (others may be saved).
+    row_leaf: whether a leaf of that expected shape is a table-row leaf, whose first
+      dimension may differ (padding for another device count).
+  """
+  problems = [f"{path}: expected by the config, absent from the checkpoint"
+              for path in expected if path not in saved]
+  if not partial:
+    problems += [f"{path}: in the checkpoint, absent from the state the config builds"
+                 for path in saved if path not in expected]
+  for path, want in expected.items():
+    have = saved.get(path)
+    if have is None:
+      continue
+    shapes_agree = (have["shape"] == want["shape"] or (
+        row_leaf(want["shape"]) and have["shape"][1:] == want["shape"][1:]))
+    if not shapes_agree or have["dtype"] != want["dtype"]:
+      problems.append(f"{path}: checkpoint has {have['dtype']}{tuple(have['shape'])}, "
+                      f"config builds {want['dtype']}{tuple(want['shape'])}")
+  return problems
 
 
 def _to_saveable(tree):
@@ -349,8 +474,8 @@ class Checkpointer:
     if step in self._manager.all_steps():
       return False
     tree = _to_saveable(state)
-    meta = dict(metadata, fingerprints=fingerprints(tree), prng_impls=_key_impls(state),
-                saved_at=time.time())
+    meta = dict(metadata, fingerprints=fingerprints(tree), structure=structure(tree),
+                prng_impls=_key_impls(state), saved_at=time.time())
     items = {_STATE: ocp.args.PyTreeSave(tree)}
     if index is not None:
       blob = faiss.serialize_index(index)
@@ -432,8 +557,12 @@ class Checkpointer:
     for s in candidates:
       try:
         return s, fn(s)
+      except MetadataMismatchError:
+        raise  # a good checkpoint of another run: never set aside, never skipped
       except Exception as e:  # pylint: disable=broad-except
-        # Orbax and tensorstore raise ValueError, KeyError, OSError, ... for damaged files.
+        # Orbax and tensorstore raise ValueError, KeyError, OSError, ... for damaged
+        # files; a state structure that differs was refused above (MetadataMismatchError)
+        # before any array was read, so what fails here is the files themselves.
         detail = (str(e).strip().splitlines() or [""])[0][:300]
         message = (f"could not {verb} checkpoint {self.step_path(s)}: "
                    f"{type(e).__name__}: {detail}")
@@ -450,10 +579,10 @@ class Checkpointer:
                           + "\n  ".join(failures))
 
   def _set_aside(self, step: int) -> pathlib.Path | None:
-    """Moves an unreadable step out of the way (writable managers only), so that the
-    resumed run can save that step again; nothing is deleted."""
-    if self.read_only:
-      return None
+    """Moves an unreadable step out of the way (writable managers on process 0 only), so
+    that the resumed run can save that step again; nothing is deleted."""
+    if self.read_only or jax.process_index() != 0:
+      return None  # other processes read the same files and fall back the same way
     dest = self.directory / CORRUPT_SUBDIR / f"{step}-{time.time_ns()}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(self.step_path(step)), str(dest))
@@ -475,11 +604,23 @@ class Checkpointer:
     rows_now = None if table is None else np.shape(table)[0]
     resize = rows_now is not None and rows_now != meta.get("table_rows")
 
-    def restore_args(a: jax.ShapeDtypeStruct):
+    def row_leaf(shape: Sequence[int]) -> bool:
       # Only the table-row leaves may change length: padding for another device count.
-      row_leaf = resize and len(a.shape) >= 1 and a.shape[0] == rows_now
+      return resize and len(shape) >= 1 and shape[0] == rows_now
+
+    if "structure" in meta:  # compared before any array is read
+      problems = structure_mismatches(meta["structure"], structure(abstract),
+                                      partial=partial, row_leaf=row_leaf)
+      if problems:
+        raise MetadataMismatchError(
+            f"checkpoint {self.step_path(step)} holds another state structure than the "
+            f"config builds (a changed setting such as table.dtype or optim.row_optimizer, "
+            f"not corruption): " + "; ".join(problems[:8])
+            + (f"; and {len(problems) - 8} more" if len(problems) > 8 else ""))
+
+    def restore_args(a: jax.ShapeDtypeStruct):
       return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype,
-                                  strict=not row_leaf)
+                                  strict=not row_leaf(a.shape))
 
     items = {_STATE: ocp.args.PyTreeRestore(
         item=abstract, restore_args=jax.tree.map(restore_args, abstract),

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from qdr_jax import distributed, sharding
 from qdr_jax.data.answers import AnswerMatcher
 from qdr_jax.data.types import RetrievalDataset
+from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import IndexLifecycle, pq_codebook_shape
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
@@ -109,6 +110,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   corpus, steps = dataset.corpus, config.train.steps
   num_rows, multi = len(corpus), jax.process_count() > 1
   lead = distributed.is_lead_process()
+  digests = input_fingerprints(corpus, encoders)  # recorded in and checked against checkpoints
   mesh = sharding.make_mesh(config.sharding)
   if config.train.batch_size % mesh.devices.size:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
@@ -142,7 +144,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   start_step = 0
   if resuming:
     with timers.time("rebuild"):
-      state, start_step = _resume(config, ckpt, state, lifecycle, num_rows, writer)
+      state, start_step = _resume(config, ckpt, state, lifecycle, num_rows, writer, digests)
 
   fns = make_step_functions(
       lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
@@ -216,7 +218,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
         done % config.checkpoint.every == 0 or last or stopping):
       # The index goes along: it may predate the table (built at the last refresh). Only
       # process 0 has it, so a multi-process checkpoint leaves it out.
-      ckpt.save(state, _checkpoint_metadata(config, state, done, num_rows),
+      ckpt.save(state, _checkpoint_metadata(config, state, done, num_rows, digests),
                 index=None if multi else lifecycle.index, metrics=eval_metrics)
     if stopping:
       break
@@ -252,14 +254,16 @@ def _evaluate_in_loop(evaluate_fn: InLoopEval, state: TrainState, lifecycle: Ind
   return metrics
 
 
-def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int) -> dict:
+def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int,
+                         digests: dict[str, str]) -> dict:
   return make_metadata(config, step=step, corpus_size=num_rows, table_rows=state.table.shape[0],
                        dim=state.table.shape[1], table_dtype=str(state.table.dtype),
-                       has_codebooks=state.codebooks is not None)
+                       has_codebooks=state.codebooks is not None, inputs=digests)
 
 
 def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifecycle,
-            num_rows: int, writer: MetricsWriter) -> tuple[TrainState, int]:
+            num_rows: int, writer: MetricsWriter, digests: dict[str, str]
+            ) -> tuple[TrainState, int]:
   """(state, step) of the workdir's latest readable checkpoint; the lifecycle takes over
   its index (or rebuilds one from the restored table).
 
@@ -268,7 +272,7 @@ def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifec
   uninterrupted run's exactly. Log records past the checkpoint are dropped.
   """
   validate_metadata(ckpt.read_metadata(), config, num_rows, state.table.shape[1],
-                    also=("train.mode", "quant.learn_codebooks"))
+                    inputs=digests, resume=True)
   restored = ckpt.restore(state, with_index=jax.process_count() == 1)
   if restored.metadata["config"]["train"]["steps"] != config.train.steps:
     logging.warning("resuming with train.steps=%d, the checkpoint's run had %d: the "

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 
 from qdr_jax.data.loader import load_dataset
+from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import pq_codebook_shape
 from qdr_jax.targets.encoders import load_encoders
 from qdr_jax.train.checkpoint import (Checkpointer, checkpoint_dir, config_from_metadata,
@@ -24,7 +25,9 @@ def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
     workdir: the training workdir (its ``checkpoints/`` are read, never written).
     step: checkpoint step; None = the latest readable one.
     config: when given, used instead of the checkpoint's own config, after checking that
-      it describes the same model, dimension and corpus (`validate_metadata`).
+      it describes the same model, dimension and corpus (`validate_metadata`). Either
+      way the corpus and the initial encoder weights it loads must have the fingerprints
+      the checkpoint recorded: a corpus reordered or edited since training is refused.
     extra: ``("codebooks",)`` also restores learned PQ codebooks (None when the mode
       learns none).
 
@@ -33,7 +36,8 @@ def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
     float32, host), "codebooks", "index" (the FAISS index saved with the state)}``.
 
   Raises:
-    MetadataMismatchError: ``config`` does not match the checkpoint.
+    MetadataMismatchError: ``config`` (or the files it names) does not match the
+      checkpoint; raised before any array is read.
   """
   ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
   meta = ckpt.read_metadata(step)
@@ -41,7 +45,8 @@ def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
   dataset = load_dataset(config.data)
   encoders = load_encoders(config.model)
   validate_metadata(meta, config, len(dataset.corpus),
-                    encoders.query_module.config.hidden_size)
+                    encoders.query_module.config.hidden_size,
+                    inputs=input_fingerprints(dataset.corpus, encoders))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   targets = {"params": encoders.query_params,
              "table": jax.ShapeDtypeStruct((meta["table_rows"], meta["table_dim"]),
