@@ -30,7 +30,8 @@ class TrainState:
       ``table.bf16_update='master'``.
     codebooks: (M, K, dsub) learned PQ codebooks, or None when they stay FAISS's.
     codebook_opt_state: optax state of the codebooks, or None.
-    rng: PRNG key from which per-step host randomness (pool subsampling) is derived.
+    rng: PRNG key from which per-step host randomness (pool subsampling) and the
+      stochastic rounding of a bfloat16 table are derived.
   """
   step: jax.Array
   params: Any
@@ -60,12 +61,13 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
                                 dtype=jnp.dtype(config.table.dtype))
   # float32 master copies of a bfloat16 table start from the host's float32 rows, not
-  # from their rounding.
+  # from their rounding; that temporary is donated to become them.
   master = mode.update_rows and optim.bf16_update(config.table) == "master"
   row_source = (sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
                                   dtype=jnp.float32) if master else table_dev)
   row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t, master),
-                       out_shardings=row_sh)(row_source) if mode.update_rows else None)
+                       out_shardings=row_sh, donate_argnums=(0,) if master else ())(
+                           row_source) if mode.update_rows else None)
   # Placed from host copies: the step donates the state, which must never delete the
   # caller's arrays.
   params = sharding.place(jax.device_get(params), by_shape)
