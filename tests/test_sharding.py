@@ -25,7 +25,7 @@ STEPS, ENCODER_LR = 3, 1e-3
 def runs(tmp_path_factory):
   out = tmp_path_factory.mktemp("sharding") / "runs.npz"
   proc = subprocess.run([sys.executable, str(WORKER), "sharding", str(out)],
-                        capture_output=True, text=True, timeout=300,
+                        capture_output=True, text=True, timeout=600,
                         cwd=WORKER.parent.parent)
   assert proc.returncode == 0, proc.stderr[-4000:]
   data = np.load(out)
