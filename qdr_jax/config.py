@@ -48,6 +48,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.table.dtype = "float32"       # storage: float32 | bfloat16
   c.table.normalize_rows = False  # re-project updated rows onto the unit sphere
   c.table.embed_chunk_rows = 16384  # rows per resumable embedding chunk (also the sort window)
+  # How a bfloat16 table takes row updates smaller than its spacing (about 2.4e-4 at
+  # |x| ~ 0.05: plain rounding would drop a 1e-4 step and freeze the rows).
+  # 'stochastic': round up or down at random, unbiased (E[round(x)] = x), bits from the
+  #   state's key and step; no extra memory, but each step adds rounding noise of up to
+  #   one spacing per element (it averages out over steps and rows).
+  # 'master': float32 copies of the rows in the row state, the table written from them;
+  #   exact, but 4 more bytes an element: with them a bfloat16 table costs 6 bytes an
+  #   element, more than a float32 table's 4, so it only saves the loss's gather
+  #   bandwidth and the served table's size. Ignored for a float32 table.
+  c.table.bf16_update = "stochastic"
 
   c.index = ml_collections.ConfigDict()
   c.index.factory = "IVF64,PQ48x8"

@@ -61,7 +61,8 @@ def _shared():
 
 
 def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
-           mode_name: str = "dback", shard_params: bool = False):
+           mode_name: str = "dback", shard_params: bool = False,
+           bf16_update: str = "stochastic"):
   """The config, mesh, initial state and step functions of the tiny problem."""
   import jax
 
@@ -81,6 +82,7 @@ def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
   config.optim.row_lr = 1e-2
   config.sharding.num_devices = num_devices
   config.table.dtype = table_dtype
+  config.table.bf16_update = bf16_update
   config.sharding.shard_params = shard_params
   mode = get_mode(mode_name)
   module, params, full_table, quantizer = _shared()
@@ -125,7 +127,8 @@ def _flat(tree) -> dict:
 
 
 def _run_local(*, rows: int, table_dtype: str, num_devices: int,
-               shard_params: bool = False) -> tuple[dict, list[str]]:
+               shard_params: bool = False, bf16_update: str = "stochastic"
+               ) -> tuple[dict, list[str]]:
   """STEPS steps on one process; returns arrays to save and sharding violations."""
   import jax
   import numpy as np
@@ -134,7 +137,8 @@ def _run_local(*, rows: int, table_dtype: str, num_devices: int,
   from qdr_jax import sharding
 
   _, mesh, state, fns, quantizer = _setup(rows=rows, table_dtype=table_dtype,
-                                          num_devices=num_devices, shard_params=shard_params)
+                                          num_devices=num_devices, shard_params=shard_params,
+                                          bf16_update=bf16_update)
   row_sh = NamedSharding(mesh, P(sharding.DATA_AXIS))
   batch_sh = sharding.batch_sharding(mesh)
   rep = sharding.replicated(mesh)
@@ -189,18 +193,21 @@ def _flat_leaves(tree):
 
 
 def sharding_main(out_path: str) -> None:
-  """1-device vs 8-device runs of the float32, padded (509 rows) and bfloat16 tables, and
+  """1-device vs 8-device runs of the float32, padded (509 rows) and bfloat16 tables
+  (stochastically rounded), 8 devices with a bfloat16 table from float32 master rows, and
   8 devices with FSDP-split encoder weights."""
   _set_device_count(8)
   import numpy as np
 
-  scenarios = {"f32_512": (512, "float32", False), "f32_509": (509, "float32", False),
-               "bf16_512": (512, "bfloat16", False), "fsdp_512": (512, "float32", True)}
+  scenarios = {"f32_512": (512, "float32", False, ""), "f32_509": (509, "float32", False, ""),
+               "bf16_512": (512, "bfloat16", False, "stochastic"),
+               "bf16master_512": (512, "bfloat16", False, "master"),
+               "fsdp_512": (512, "float32", True, "")}
   arrays, problems = {}, []
-  for name, (rows, dtype, fsdp) in scenarios.items():
-    for devices in ((1, 8) if name in ("f32_512", "f32_509") else (8,)):
+  for name, (rows, dtype, fsdp, bf16_update) in scenarios.items():
+    for devices in ((1, 8) if name in ("f32_512", "f32_509", "bf16_512") else (8,)):
       out, found = _run_local(rows=rows, table_dtype=dtype, num_devices=devices,
-                              shard_params=fsdp)
+                              shard_params=fsdp, bf16_update=bf16_update or "stochastic")
       problems += [f"{name}: {p}" for p in found]
       arrays.update({f"{name}/{devices}/{k}": v for k, v in out.items()})
   arrays["problems"] = np.asarray(json.dumps(problems))

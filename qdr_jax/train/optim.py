@@ -4,11 +4,16 @@ The table rows use a per-row optimizer: an optax transform is ``vmap``-ed over r
 each passage keeps its own moments and step count (in the table's shape) and only the
 rows of a step's pool are read and written. The learning rate is applied outside the
 vmapped transform so it follows the global step, not the row's own update count.
+
+A bfloat16 table cannot take a small step by plain rounding (at |x| ~ 0.05 its spacing is
+about 2.4e-4, so an update of 1e-4 rounds back to the old value): its rows are either
+rounded stochastically (`stochastic_round_bf16`) or kept in float32 master copies
+(`MasterRows`) from which the table is written.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +60,56 @@ def make_row_transform(cfg: ml_collections.ConfigDict) -> optax.GradientTransfor
   raise ValueError(f"config.optim.row_optimizer must be adam or sgd; got {cfg.row_optimizer!r}")
 
 
-def init_row_state(row_tx: optax.GradientTransformation, table: jax.Array):
-  """Per-row optimizer state: every leaf has the table's number of rows first."""
-  return jax.vmap(row_tx.init)(table.astype(jnp.float32))
+BF16_UPDATES = ("stochastic", "master")
+
+
+class MasterRows(NamedTuple):
+  """Row state of a bfloat16 table updated from float32 master copies.
+
+  Attributes:
+    opt: the per-row optimizer state, as without master copies.
+    master: (rows, d) float32 rows; the table holds them rounded to bfloat16.
+  """
+  opt: Any
+  master: jax.Array
+
+
+def bf16_update(table_cfg: ml_collections.ConfigDict) -> str | None:
+  """How updated rows reach the table: None (plain cast, a float32 table), 'stochastic'
+  or 'master' (a bfloat16 table, ``table.bf16_update``)."""
+  if jnp.dtype(table_cfg.dtype) != jnp.bfloat16:
+    return None
+  if table_cfg.bf16_update not in BF16_UPDATES:
+    raise ValueError(f"config.table.bf16_update must be one of {BF16_UPDATES}; got "
+                     f"{table_cfg.bf16_update!r}")
+  return table_cfg.bf16_update
+
+
+def init_row_state(row_tx: optax.GradientTransformation, table: jax.Array,
+                   master: bool = False):
+  """Per-row optimizer state: every leaf has the table's number of rows first.
+
+  With ``master`` it is a `MasterRows` holding float32 copies of the rows as well.
+  """
+  rows = table.astype(jnp.float32)
+  opt = jax.vmap(row_tx.init)(rows)
+  return MasterRows(opt=opt, master=rows) if master else opt
+
+
+def stochastic_round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
+  """float32 ``x`` rounded to bfloat16 up or down at random, so that E[round(x)] = x.
+
+  bfloat16 is float32's upper 16 bits: adding 16 uniform random bits to the lower half
+  and truncating rounds up with probability (distance to the lower neighbour) / spacing.
+  The bits depend only on ``key`` and the shape (JAX's partitionable threefry), so any
+  sharding of ``x`` rounds alike. Values already in bfloat16 come back unchanged;
+  non-finite values are cast plainly (the carry would corrupt a NaN's payload).
+  """
+  x = x.astype(jnp.float32)
+  noise = jax.random.bits(key, x.shape, jnp.uint32) >> 16
+  bits = (jax.lax.bitcast_convert_type(x, jnp.uint32) + noise) & jnp.uint32(0xFFFF0000)
+  rounded = jax.lax.bitcast_convert_type(bits, jnp.float32)
+  return jnp.where(jnp.isfinite(x), rounded, x).astype(jnp.bfloat16)
 
 
 def make_codebook_optimizer(cfg: ml_collections.ConfigDict, total_steps: int

@@ -25,10 +25,13 @@ class TrainState:
     encoder_opt_state: optax state of the encoder.
     table: (rows, d) target embeddings, rows padded to a multiple of the device count;
       sharded by rows.
-    row_opt_state: per-row optimizer state, every leaf with the table's rows first.
+    row_opt_state: per-row optimizer state, every leaf with the table's rows first; an
+      `optim.MasterRows` (with float32 copies of the rows) for a bfloat16 table with
+      ``table.bf16_update='master'``.
     codebooks: (M, K, dsub) learned PQ codebooks, or None when they stay FAISS's.
     codebook_opt_state: optax state of the codebooks, or None.
-    rng: PRNG key from which per-step host randomness (pool subsampling) is derived.
+    rng: PRNG key from which per-step host randomness (pool subsampling) and the
+      stochastic rounding of a bfloat16 table are derived.
   """
   step: jax.Array
   params: Any
@@ -58,8 +61,14 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   by_shape = lambda leaf: sharding.param_sharding(np.shape(leaf), mesh, fsdp)
   table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
                                 dtype=jnp.dtype(config.table.dtype))
-  row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t), out_shardings=row_sh)(
-      table_dev) if mode.update_rows else None)
+  # float32 master copies of a bfloat16 table start from the host's float32 rows, not
+  # from their rounding; that temporary is donated to become them.
+  master = mode.update_rows and optim.bf16_update(config.table) == "master"
+  row_source = (sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
+                                  dtype=jnp.float32) if master else table_dev)
+  row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t, master),
+                       out_shardings=row_sh, donate_argnums=(0,) if master else ())(
+                           row_source) if mode.update_rows else None)
   # Placed from host copies: the step donates the state, which must never delete the
   # caller's arrays.
   params = sharding.place(jax.device_get(params), by_shape)

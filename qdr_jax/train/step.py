@@ -23,6 +23,7 @@ from qdr_jax.quant import Quantizer, assign_coarse, coarse_scores, decode, quant
 from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import contrastive_loss, routing_loss
 from qdr_jax.train.modes import Mode
+from qdr_jax.train import optim
 from qdr_jax.train.optim import Schedule
 from qdr_jax.train.state import TrainState
 
@@ -79,6 +80,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   routing_weight = float(config.loss.routing_weight)
   routing_temperature = float(config.loss.routing_temperature)
   nprobe = int(config.index.nprobe)
+  rounding = optim.bf16_update(config.table)
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -129,7 +131,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
     if mode.update_rows:
       new["table"], new["row_opt_state"] = _update_rows(
-          state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), normalize_rows)
+          state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), normalize_rows,
+          rounding)
       metrics["row_grad_norm"] = optax.tree.norm(g_rows)
       metrics["row_lr"] = row_schedule(state.step)
     if mode.learn_codebooks:
@@ -142,23 +145,43 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
                        update=jax.jit(update, donate_argnums=(0,)))
 
 
-def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr, normalize_rows):
+# Folded into the state's key (then the step) for stochastic rounding, so its bits are
+# a stream apart from the host's per-step seeds (``fold_in(rng, step)`` in the loop).
+_ROUNDING_STREAM = 0x5B16
+
+
+def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr, normalize_rows,
+                 rounding: str | None = None):
   """Applies the per-row optimizer to the pooled rows and scatters them back.
 
   Filler rows (``valid`` False) keep their value and state: only rows that took part in
-  the loss move.
+  the loss move. ``rounding`` (`optim.bf16_update`) says how a bfloat16 table takes the
+  float32 result: 'stochastic' rounds it with bits drawn from the state's key and step
+  (reproducible, and a resumed run draws the same), 'master' steps the float32 copies in
+  the row state (`optim.MasterRows`) and writes them rounded to nearest; None casts.
   """
-  gathered = jax.tree.map(lambda s: s[row_ids], state.row_opt_state)
-  direction, new_state = jax.vmap(row_tx.update)(g_rows, gathered, rows)
-  new_rows = rows - lr * direction
+  master = rounding == "master"
+  opt_state = state.row_opt_state.opt if master else state.row_opt_state
+  # The loss saw the stored (rounded) rows; with master copies the step applies to those.
+  params = state.row_opt_state.master[row_ids] if master else rows
+  gathered = jax.tree.map(lambda s: s[row_ids], opt_state)
+  direction, new_state = jax.vmap(row_tx.update)(g_rows, gathered, params)
+  new_rows = params - lr * direction
   if normalize_rows:
     new_rows = new_rows / jnp.linalg.norm(new_rows, axis=-1, keepdims=True).clip(1e-12)
   keep = valid[:, None]
-  new_rows = jnp.where(keep, new_rows, rows)
+  new_rows = jnp.where(keep, new_rows, params)
   new_state = jax.tree.map(
       lambda n, o: jnp.where(valid.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
       new_state, gathered)
-  table = state.table.at[row_ids].set(new_rows.astype(state.table.dtype))
-  row_opt_state = jax.tree.map(lambda s, n: s.at[row_ids].set(n), state.row_opt_state,
-                               new_state)
+  if rounding == "stochastic":
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, _ROUNDING_STREAM), state.step)
+    stored = optim.stochastic_round_bf16(new_rows, key)
+  else:
+    stored = new_rows.astype(state.table.dtype)
+  table = state.table.at[row_ids].set(stored)
+  row_opt_state = jax.tree.map(lambda s, n: s.at[row_ids].set(n), opt_state, new_state)
+  if master:
+    row_opt_state = optim.MasterRows(
+        opt=row_opt_state, master=state.row_opt_state.master.at[row_ids].set(new_rows))
   return table, row_opt_state
