@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from qdr_jax import distributed, sharding
+from qdr_jax import sharding
 from qdr_jax.train import optim
 from qdr_jax.train.modes import Mode
 
@@ -82,11 +82,3 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
       codebooks=replicate(codebooks), codebook_opt_state=replicate(codebook_opt_state),
       rng=replicate(jax.random.key(config.seed)))
 
-
-def host_table(state: TrainState, num_rows: int) -> np.ndarray:
-  """The (unpadded) table as float32 on the host, for FAISS.
-
-  Gathered from every process's shards: a collective in a multi-process job, which every
-  process must call.
-  """
-  return np.asarray(distributed.global_to_host(state.table)[:num_rows], dtype=np.float32)
