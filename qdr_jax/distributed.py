@@ -194,6 +194,34 @@ def global_to_host(tree: Any) -> Any:
                       tree)
 
 
+_barriers_passed = 0
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+  """Waits until every process reaches ``name`` (no-op on a single process).
+
+  Host-side waits can be long here (process 0 converting a corpus or training a
+  quantizer while the others wait). A device-collective barrier
+  (``multihost_utils.sync_global_devices``) fails when its first use sets up the CPU
+  collectives (Gloo) and a peer is more than 30 s late, so this waits on the
+  coordination service that ``jax.distributed.initialize`` started, with ``timeout_s``.
+  Every process passes the same barriers in the same order; a call counter makes each
+  barrier's id unique, as the coordination service requires, even when a name repeats.
+  """
+  if jax.process_count() == 1:
+    return
+  global _barriers_passed
+  _barriers_passed += 1
+  name = f"{name} #{_barriers_passed}"
+  # Private module: JAX's public API has no coordination-service barrier yet.
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  client = jax_distributed.global_state.client
+  if client is None:  # a runtime started by other means (e.g. a TPU pod's)
+    multihost_utils.sync_global_devices(name)
+    return
+  client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
 def is_lead_process() -> bool:
   """Whether this process owns the host-side work: FAISS, files, logs and evaluation."""
   return jax.process_index() == 0

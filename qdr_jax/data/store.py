@@ -231,13 +231,13 @@ def cached_corpus(source: str | os.PathLike, kind: str,
   several, lead = _process_role()
   if not several:
     return load()
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  from qdr_jax import distributed  # pylint: disable=g-import-not-at-top
   if lead:
     try:
       return load()
     finally:  # Even on an error, so that the others go on (and raise it themselves).
-      multihost_utils.sync_global_devices(f"qdr_jax corpus {key}")
-  multihost_utils.sync_global_devices(f"qdr_jax corpus {key}")
+      distributed.barrier(f"qdr_jax corpus {key}")
+  distributed.barrier(f"qdr_jax corpus {key}")
   return load()
 
 

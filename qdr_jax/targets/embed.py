@@ -30,10 +30,10 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
+from qdr_jax import distributed
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models.tokenization import passage_inputs
 from qdr_jax.sharding import DATA_AXIS
@@ -227,8 +227,7 @@ def embed_texts(apply_fn: ApplyFn | None, params: Any, tokenizer, texts: Sequenc
 
 
 def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    multihost_utils.sync_global_devices(name)
+  distributed.barrier(name)
 
 
 def partial_path(path: pathlib.Path) -> pathlib.Path:
