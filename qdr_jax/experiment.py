@@ -24,6 +24,7 @@ from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.report import format_table
 from qdr_jax.eval.table_eval import evaluate_table
 from qdr_jax.index.faiss_index import check_index_for_mode
+from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.checkpoint import checkpoint_dir, has_checkpoint
@@ -38,6 +39,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   In a multi-process job (``config.distributed``, see ``qdr_jax.distributed``) every
   process trains its part; process 0 alone evaluates and writes files.
 
+  A second concurrent run on the same workdir is refused (``WorkdirLockedError``).
+
   Returns:
     The results dictionary written to ``results.json`` (on other processes than 0, only
     ``process_index`` and ``steps``); ``{"preempted": True, "step"}`` after a SIGTERM.
@@ -46,6 +49,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  # Before any work: two runs on one workdir would interleave logs and checkpoints.
+  with workdir_lock(workdir, enabled=lead):
+    return _train_and_evaluate(config, workdir, lead)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        lead: bool) -> dict:
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
   dataset = load_dataset(config.data)
   corpus = dataset.corpus
@@ -104,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results.update(after=before, steps=0, train_seconds=0.0,
                    seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
   results["total_seconds"] = time.perf_counter() - start
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  write_json_atomic(workdir / "results.json", results)
   return results
 
 
@@ -119,7 +129,7 @@ def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
     if saved.get("config") == key:
       return saved["before"]
   before = compute()
-  path.write_text(json.dumps({"config": key, "before": before}))
+  write_json_atomic(path, {"config": key, "before": before}, indent=None)
   return before
 
 
@@ -131,6 +141,12 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
     (results, printable table).
   """
   workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir, enabled=distributed.is_lead_process()):
+    return _evaluate_config(config, workdir)
+
+
+def _evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
+                     ) -> tuple[dict, str]:
   dataset = load_dataset(config.data)
   split = dataset.split(config.data.eval_split)
   encoders = load_encoders(config.model)
@@ -145,7 +161,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "flat": metrics["flat"], "quantized": metrics["quantized"],
              "quantized_std": metrics["quantized_std"],
              "quantized_per_seed": metrics["quantized_per_seed"]}
-  (workdir / "results.json").write_text(json.dumps(results, indent=1))
+  write_json_atomic(workdir / "results.json", results)
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -185,7 +201,7 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
              "quantized_std": metrics["quantized_std"],
              "quantized_per_seed": metrics["quantized_per_seed"]}
   out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
-  out.write_text(json.dumps(results, indent=1))
+  write_json_atomic(out, results)
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -196,6 +212,13 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """Trains each mode at each level; writes and returns the compare.json summary."""
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead_process()  # every process trains; process 0 summarises
+  # Each run also locks its own pq{level}/{mode} workdir; this one guards compare.json.
+  with workdir_lock(workdir, enabled=lead):
+    return _compare_modes(config, workdir, levels, modes, lead)
+
+
+def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   levels: Sequence[int], modes: Sequence[str], lead: bool) -> dict:
   cache_dir = config.table.cache_dir or str(workdir / "cache")
   summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
   for level in levels:
@@ -214,8 +237,8 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       entry["modes"][mode] = results["after"]["quantized"]
       entry["modes_std"][mode] = results["after"]["quantized_std"]
       summary.setdefault("flat_before", results["before"]["flat"])
-      (workdir / "compare.json").write_text(json.dumps(summary | {"levels": summary["levels"]
-                                                                  + [entry]}, indent=1))
+      write_json_atomic(workdir / "compare.json",
+                        summary | {"levels": summary["levels"] + [entry]})
     if not lead:
       continue
     summary["levels"].append(entry)
@@ -224,5 +247,5 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
                        entry["modes_std"]))
   if lead:
-    (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(workdir / "compare.json", summary)
   return summary
