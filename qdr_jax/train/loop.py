@@ -151,7 +151,8 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   relevance_fn = None
   if queries.answers is not None and config.negatives.hide_answer_matches:
     matcher = AnswerMatcher(corpus.texts)
-    relevance_fn = lambda query, rows: matcher.contains_answer(queries.answers[query], rows)
+    relevance_fn = lambda query_rows, rows: matcher.contains_answer_matrix(
+        [queries.answers[q] for q in query_rows], rows)
   # Host randomness of a step derives from the state's key and the step alone, so resumed
   # and overlapped runs draw the same pools; computed up front because a JAX op in the
   # host path would queue behind the update in flight.
