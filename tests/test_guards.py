@@ -49,8 +49,8 @@ def test_zero_temperature_stops_at_the_first_step_and_saves_nothing(tiny_config,
     experiment.train_and_evaluate(tiny_config, workdir)
   assert not (workdir / "results.json").exists()
   assert not checkpoint_dir(workdir).exists() or not any(checkpoint_dir(workdir).iterdir())
-  assert [r for r in _records(workdir) if "loss" in r] == [] if (
-      workdir / "metrics.jsonl").exists() else True
+  logged = _records(workdir) if (workdir / "metrics.jsonl").exists() else []
+  assert [r for r in logged if "loss" in r] == []
 
 
 def _poison_step(monkeypatch, at_step: int, what: str):
@@ -75,10 +75,10 @@ def _poison_step(monkeypatch, at_step: int, what: str):
 
 
 @pytest.mark.parametrize("what, message", [
-    ("loss", r"^loss is nan at step 3: check config.loss.temperature \(0.05\) and the "
-             r"learning rates"),
-    ("rows", r"^the updated rows, encoder or codebooks hold NaN/inf at step 3: check the "
-             r"learning rates .* \(the loss was finite: the update diverged\)"),
+    ("loss", (r"^loss is nan at step 3: check config.loss.temperature \(0.05\) and the "
+              r"learning rates")),
+    ("rows", (r"^the updated rows, encoder or codebooks hold NaN/inf at step 3: check the "
+              r"learning rates .* \(the loss was finite: the update diverged\)")),
 ])
 def test_forced_nan_stops_before_that_step_is_saved(tiny_config, tmp_path, monkeypatch,
                                                     what, message):
@@ -122,7 +122,7 @@ def _full_disk_for(monkeypatch, name: str | None = None):
   """Every atomic write (of files named ``name``, if given) hits a full disk."""
 
   def fake_open(path, mode="r", *args, **kwargs):
-    f = builtins.open(path, mode, *args, **kwargs)
+    f = builtins.open(path, mode, *args, **kwargs)  # noqa: SIM115 (the caller closes it)
     if "w" in mode and (name is None or os.path.basename(path).startswith(f".{name}.")):
       return _FullDisk(f)
     return f
@@ -188,9 +188,9 @@ def test_a_second_run_on_a_locked_workdir_is_refused_with_the_holders_pid(tiny_c
   workdir.mkdir()
   holder = subprocess.Popen(
       [sys.executable, "-c",
-       "import sys; from qdr_jax.io_utils import workdir_lock\n"
-       f"with workdir_lock({str(workdir)!r}):\n"
-       "  print('locked', flush=True); sys.stdin.read()"],
+       ("import sys; from qdr_jax.io_utils import workdir_lock\n"
+        f"with workdir_lock({str(workdir)!r}):\n"
+        "  print('locked', flush=True); sys.stdin.read()")],
       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
       env={**os.environ, "PYTHONPATH": str(REPO)})
   try:
@@ -205,9 +205,9 @@ def test_a_second_run_on_a_locked_workdir_is_refused_with_the_holders_pid(tiny_c
     holder.wait()
   with workdir_lock(workdir):
     assert (workdir / ".lock").read_text() == f"{os.getpid()}\n"
-    with pytest.raises(WorkdirLockedError, match=rf"\(pid {os.getpid()},"):
-      with workdir_lock(workdir):
-        pass
+    with pytest.raises(WorkdirLockedError, match=rf"\(pid {os.getpid()},"), \
+        workdir_lock(workdir):
+      pass
   assert (workdir / ".lock").read_text() == ""  # released: no stale pid
   with workdir_lock(workdir, enabled=False), workdir_lock(workdir):
     pass  # processes other than 0 take nothing
