@@ -18,7 +18,7 @@ import pytest
 from qdr_jax import experiment, io_utils
 from qdr_jax.index.faiss_index import build_quantized
 from qdr_jax.io_utils import WorkdirLockedError, workdir_lock
-from qdr_jax.quant import stored_codes
+from qdr_jax.quant import quantizer_from_faiss, stored_codes
 from qdr_jax.train import loop
 from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from qdr_jax.train.restore import restore_trained
@@ -247,3 +247,26 @@ def test_in_loop_eval_uses_the_saved_tables_index_and_the_last_step(tiny_config,
   best = Checkpointer(checkpoint_dir(workdir), read_only=True, keep_best=1,
                       best_metric="nDCG@10").best_step()
   assert best in ranked and ranked[best] == max(ranked.values())
+
+
+def test_in_loop_eval_of_learned_codebooks_serves_the_saved_codebooks(tiny_config, tmp_path,
+                                                                      monkeypatch):
+  tiny_config.train.mode = "jpq"
+  tiny_config.train.steps = 3
+  tiny_config.eval.every = 2
+  tiny_config.checkpoint.every = 1
+  tiny_config.checkpoint.keep = 3
+  evaluated = []
+  real = experiment.evaluate_index
+
+  def recording(index, *args, **kwargs):
+    evaluated.append(np.asarray(quantizer_from_faiss(index).codebooks))
+    return real(index, *args, **kwargs)
+
+  monkeypatch.setattr(experiment, "evaluate_index", recording)
+  workdir = tmp_path / "run"
+  experiment.train_and_evaluate(tiny_config, workdir)
+  assert [r["step"] for r in _records(workdir) if "eval_quantized" in r] == [2, 3]
+  for codebooks, step in zip(evaluated[:2], (2, 3)):
+    saved = restore_trained(workdir, step=step, extra=("codebooks",))
+    np.testing.assert_allclose(codebooks, saved["codebooks"], rtol=1e-6)
