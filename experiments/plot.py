@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from qdr_jax.io_utils import save_figure_atomic  # noqa: E402
+
 
 def read_metrics(path: pathlib.Path) -> list[dict]:
   records = []
@@ -41,7 +43,7 @@ def plot_curves(records: list[dict], out: pathlib.Path) -> None:
     ax.set_title(title)
     ax.set_xlabel("step")
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  save_figure_atomic(fig, out, dpi=110)
   plt.close(fig)
 
 
@@ -61,7 +63,7 @@ def plot_before_after(results: dict, out: pathlib.Path) -> None:
   ax.set_title(f"{results.get('dataset', '')}: {results.get('index', {}).get('factory', '')}")
   ax.legend(fontsize=8, ncols=2)
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  save_figure_atomic(fig, out, dpi=110)
   plt.close(fig)
 
 

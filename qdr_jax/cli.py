@@ -30,10 +30,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
   # pylint: disable=import-outside-toplevel
   from qdr_jax.data.types import DataFormatError
   from qdr_jax.fingerprint import FingerprintMismatchError
+  from qdr_jax.io_utils import WorkdirLockedError
   from qdr_jax.train.checkpoint import MetadataMismatchError
+  from qdr_jax.train.loop import NonFiniteError
   from qdr_jax.validation import ConfigError
   return (ConfigError, DataFormatError, MetadataMismatchError, FingerprintMismatchError,
-          FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+          WorkdirLockedError, NonFiniteError, FileNotFoundError, NotADirectoryError,
+          IsADirectoryError, PermissionError)
 
 
 def verbose() -> bool:

@@ -27,7 +27,7 @@ from qdr_jax.data.types import RetrievalDataset
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import get_mode
@@ -41,6 +41,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   In a multi-process job (``config.distributed``, see ``qdr_jax.distributed``) every
   process trains its part; process 0 alone evaluates and writes files.
 
+  A second concurrent run on the same workdir is refused (``WorkdirLockedError``).
+
   Returns:
     The results dictionary written to ``results.json`` (on other processes than 0, only
     ``process_index`` and ``steps``); ``{"preempted": True, "step"}`` after a SIGTERM.
@@ -49,13 +51,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
   dataset, encoders = _validated_inputs(config)
+  inputs = input_fingerprints(dataset.corpus, encoders)
+  # Refuse a resume with another corpus, encoder or config before the corpus embedding.
+  check_resumable(config, workdir, corpus_size=len(dataset.corpus), dim=_dim(encoders),
+                  inputs=inputs)
+  workdir.mkdir(parents=True, exist_ok=True)
+  # Before any work: two runs on one workdir would interleave logs and checkpoints.
+  with workdir_lock(workdir, enabled=lead):
+    return _train_and_evaluate(config, workdir, lead, dataset, encoders, inputs)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, lead: bool,
+                        dataset: RetrievalDataset, encoders: Encoders,
+                        inputs: dict[str, str]) -> dict:
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
-  inputs = input_fingerprints(corpus, encoders)
-  # Refuse a resume with another corpus, encoder or config before the corpus embedding.
-  check_resumable(config, workdir, corpus_size=len(corpus), dim=_dim(encoders), inputs=inputs)
-  workdir.mkdir(parents=True, exist_ok=True)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
@@ -106,7 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     results.update(after=before, steps=0, train_seconds=0.0,
                    seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
   results["total_seconds"] = time.perf_counter() - start
-  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
+  write_json_atomic(workdir / "results.json", results)
   return results
 
 
@@ -146,7 +157,7 @@ def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
     if saved.get("config") == key:
       return saved["before"]
   before = compute()
-  path.write_text(json.dumps({"config": key, "before": before}))
+  write_json_atomic(path, {"config": key, "before": before}, indent=None)
   return before
 
 
@@ -159,6 +170,12 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
   """
   dataset, encoders = _validated_inputs(config, training=False)
   workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir, enabled=distributed.is_lead_process()):
+    return _evaluate_config(config, workdir, dataset, encoders)
+
+
+def _evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                     dataset: RetrievalDataset, encoders: Encoders) -> tuple[dict, str]:
   split = dataset.split(config.data.eval_split)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table = build_or_load_table(config, dataset.corpus, cache_dir,
@@ -172,7 +189,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "quantized_std": metrics["quantized_std"],
              "quantized_per_seed": metrics["quantized_per_seed"],
              **_provenance(config, input_fingerprints(dataset.corpus, encoders))}
-  write_text_atomic(workdir / "results.json", json.dumps(results, indent=1))
+  write_json_atomic(workdir / "results.json", results)
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -219,7 +236,7 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
              # Checked equal to the current files by restore_trained.
              **_provenance(config, trained["metadata"].get("input_fingerprints", {}))}
   out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
-  write_text_atomic(out, json.dumps(results, indent=1))
+  write_json_atomic(out, results)
   text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
                       {config.index.factory: metrics["quantized_std"]})
   return results, text
@@ -242,6 +259,14 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   del dataset, encoders  # each run loads its own
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead_process()  # every process trains; process 0 summarises
+  # Each run also locks its own pq{level}/{mode} workdir; this one guards compare.json.
+  with workdir_lock(workdir, enabled=lead):
+    return _compare_modes(config, workdir, levels, modes, runs, lead)
+
+
+def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                   levels: Sequence[int], modes: Sequence[str], runs: dict, lead: bool
+                   ) -> dict:
   summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
   for level in levels:
     entry: dict = {"modes": {}, "modes_std": {}}
@@ -255,8 +280,8 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
       entry["modes"][mode] = results["after"]["quantized"]
       entry["modes_std"][mode] = results["after"]["quantized_std"]
       summary.setdefault("flat_before", results["before"]["flat"])
-      (workdir / "compare.json").write_text(json.dumps(summary | {"levels": summary["levels"]
-                                                                  + [entry]}, indent=1))
+      write_json_atomic(workdir / "compare.json",
+                        summary | {"levels": summary["levels"] + [entry]})
     if not lead:
       continue
     summary["levels"].append(entry)
@@ -265,7 +290,7 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
                        entry["modes_std"]))
   if lead:
-    (workdir / "compare.json").write_text(json.dumps(summary, indent=1))
+    write_json_atomic(workdir / "compare.json", summary)
   return summary
 
 

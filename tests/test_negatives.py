@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from qdr_jax.data.answers import AnswerMatcher, has_answer
 from qdr_jax.negatives.pool import build_pool
 
 
@@ -76,13 +77,48 @@ def test_pool_subsamples_when_too_many_candidates():
   assert pool.positive_mask[:, 0].all()
 
 
-def test_relevance_fn_hides_only_own_candidates():
+def test_relevance_fn_hides_answer_matches_from_every_query():
+  # Query 0's answer is in rows 5 and 7; row 7 came only through query 1's candidates
+  # and row 1 is query 1's positive: both are false negatives for query 0 all the same.
+  # Query 1's answer is in row 4 (query 0's candidate) and in its own positive 1.
+  holds = {0: {5, 7, 1}, 1: {4, 1}}
+  calls = []
+
+  def relevance(rows):
+    calls.append(rows.copy())
+    return np.array([[r in holds[b] for r in rows] for b in range(2)])
+
   candidates = np.array([[4, 5], [6, 7]])
   pool = build_pool(candidates, [np.array([0]), np.array([1])], pool_size=6, num_rows=10,
-                    max_positives=1, rng=np.random.default_rng(0),
-                    relevance_fn=lambda b, rows: rows % 2 == 1)
+                    max_positives=1, rng=np.random.default_rng(0), relevance_fn=relevance)
+  assert len(calls) == 1 and sorted(calls[0].tolist()) == sorted(pool.row_ids.tolist())
   hidden = {b: set(pool.row_ids[pool.hidden_mask[b]].tolist()) for b in range(2)}
-  assert hidden == {0: {5}, 1: {7}}
+  assert hidden == {0: {1, 5, 7}, 1: {4}}  # a query's own positive is never hidden
+
+
+def test_relevance_fn_sees_only_valid_rows_and_checks_its_shape():
+  candidates = np.array([[4], [6]])
+  pool = build_pool(candidates, [np.array([0]), np.array([1])], pool_size=6, num_rows=10,
+                    max_positives=1, rng=np.random.default_rng(0), fill_valid=False,
+                    relevance_fn=lambda rows: np.ones((2, rows.size), bool))
+  np.testing.assert_array_equal(pool.hidden_mask[0], pool.valid & ~pool.positive_mask[0])
+  assert not pool.hidden_mask[:, ~pool.valid].any()
+  with pytest.raises(ValueError, match=r"relevance_fn returned shape \(2, 3\), expected"):
+    build_pool(candidates, [np.array([0]), np.array([1])], pool_size=6, num_rows=10,
+               max_positives=1, rng=np.random.default_rng(0),
+               relevance_fn=lambda rows: np.ones((2, 3), bool))
+
+
+def test_answer_matrix_matches_pairwise_matching():
+  texts = ["Barack Obama was born in Hawaii", "the 1,000 islands", "obama's dog Bo",
+           "Honolulu, Hawaii", "nothing here"]
+  answers = [["Barack Obama", "Hawaii"], ["1,000"], [], ["bo", "Honolulu"]]
+  rows = [4, 0, 3, 2, 1, 0]
+  matcher = AnswerMatcher(texts)
+  got = matcher.contains_answer_matrix(answers, rows)
+  want = np.array([[has_answer(a, texts[r]) for r in rows] for a in answers])
+  np.testing.assert_array_equal(got, want)
+  assert want.sum() == 6 and want[0].tolist() == [False, True, True, False, False, True]
 
 
 def test_pool_errors():

@@ -49,16 +49,21 @@ def _answer_tokens(answers: Sequence[str]) -> list[tuple[str, ...]]:
 
 
 class _IndexedPassage:
-  """A passage's tokens and, for each distinct token, where it occurs."""
+  """A passage's tokens, where each distinct token occurs and, given a vocabulary (token
+  -> id, grown as passages arrive), the ids of its distinct tokens."""
 
-  __slots__ = ("tokens", "positions")
+  __slots__ = ("tokens", "positions", "token_ids")
 
-  def __init__(self, text: str):
+  def __init__(self, text: str, vocab: dict[str, int] | None = None):
     self.tokens = tokenize(text)
     positions: dict[str, list[int]] = {}
     for i, tok in enumerate(self.tokens):
       positions.setdefault(tok, []).append(i)
     self.positions = positions
+    self.token_ids = None
+    if vocab is not None:
+      self.token_ids = np.fromiter((vocab.setdefault(t, len(vocab)) for t in positions),
+                                   dtype=np.int32, count=len(positions))
 
   def contains(self, answer_tokens: list[tuple[str, ...]]) -> bool:
     tokens = self.tokens
@@ -92,6 +97,7 @@ class AnswerMatcher:
     self._passages = passages
     self._cache: collections.OrderedDict = collections.OrderedDict()
     self._cache_size = cache_size
+    self._vocab: dict[str, int] = {}  # ids of the tokens seen, for contains_answer_matrix
 
   def _passage(self, item) -> _IndexedPassage:
     key = int(item) if self._passages is not None else item
@@ -100,7 +106,7 @@ class AnswerMatcher:
       self._cache.move_to_end(key)
       return entry
     text = self._passages[key] if self._passages is not None else item
-    entry = _IndexedPassage(text)
+    entry = _IndexedPassage(text, self._vocab)
     self._cache[key] = entry
     if len(self._cache) > self._cache_size:
       self._cache.popitem(last=False)
@@ -128,6 +134,34 @@ class AnswerMatcher:
       return np.zeros(len(rows), dtype=bool)
     return np.fromiter((self._passage(r).contains(answer_tokens) for r in rows), dtype=bool,
                        count=len(rows))
+
+  def contains_answer_matrix(self, answers_per_query: Sequence[Sequence[str]],
+                             rows: Sequence[int]) -> np.ndarray:
+    """(Q, len(rows)) bool: which rows hold one of each query's answers.
+
+    Vectorised over the rows: the distinct token ids of all the rows are tested at once
+    against the first tokens of the batch's answers (``np.isin``), and only the (row,
+    answer) pairs sharing a first token are matched in full, so a batch against a pool
+    of thousands of rows costs a few array operations plus one Python check per such
+    pair (rare: mostly the real hits).
+    """
+    by_first: dict[str, list[tuple[int, tuple[str, ...]]]] = {}
+    for q, answers in enumerate(answers_per_query):
+      for tokens in _answer_tokens(answers):
+        by_first.setdefault(tokens[0], []).append((q, tokens))
+    out = np.zeros((len(answers_per_query), len(rows)), dtype=bool)
+    passages = [self._passage(r) for r in rows]  # tokenises (and grows the vocabulary)
+    first_of_id = {self._vocab[t]: t for t in by_first if t in self._vocab}
+    if not first_of_id or not passages:
+      return out
+    ids = np.concatenate([p.token_ids for p in passages])
+    column = np.repeat(np.arange(len(passages)), [p.token_ids.size for p in passages])
+    hit = np.isin(ids, np.fromiter(first_of_id, dtype=np.int32, count=len(first_of_id)))
+    for j, token_id in zip(column[hit].tolist(), ids[hit].tolist()):
+      for q, tokens in by_first[first_of_id[token_id]]:
+        if not out[q, j] and passages[j].contains([tokens]):
+          out[q, j] = True
+    return out
 
   def first_hit_ranks(
       self, answers_per_query: Sequence[Sequence[str]], retrieved_per_query: Sequence[Sequence]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-
+from qdr_jax.io_utils import save_figure_atomic
 
 
 def with_pq_subquantizers(factory: str, num_subquantizers: int) -> str:
@@ -34,5 +34,5 @@ def plot_comparison(summary: dict, metric: str, out: pathlib.Path) -> None:
   ax.set_title(f"{summary['dataset']}: {summary['steps']} steps")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(out, dpi=110)
+  save_figure_atomic(fig, out, dpi=110)
   plt.close(fig)

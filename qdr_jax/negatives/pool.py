@@ -14,9 +14,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# (query index in batch, candidate rows) -> bool mask of rows relevant to that query but
-# not labelled (e.g. they contain the answer string); such rows are hidden from it.
-RelevanceFn = Callable[[int, np.ndarray], np.ndarray]
+# (P,) pooled rows -> (B, P) bool mask of the rows relevant to each query of the batch but
+# not labelled (e.g. they contain its answer string); such rows are hidden from that query.
+RelevanceFn = Callable[[np.ndarray], np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,9 @@ def build_pool(candidates: np.ndarray,
     rng: numpy generator (subsampling and filler draws are seeded by the caller).
     fill_valid: filler rows act as uniform random negatives (True) or are masked out.
     hidden: per query, rows known relevant but unlabelled, hidden wherever they land.
-    relevance_fn: called per query on its own candidates to find more such rows.
+    relevance_fn: called once on the pool's valid rows to find more such rows for every
+      query: a passage holding query b's answer is a false negative for b whichever
+      query's candidates (or the filler) brought it into the pool.
 
   Returns:
     A ``Pool``.
@@ -126,11 +128,12 @@ def build_pool(candidates: np.ndarray,
       hidden_mask |= _membership(row_ids, np.repeat(np.arange(batch_size), counts),
                                  hidden_rows, batch_size)
   if relevance_fn is not None:
-    for b in range(batch_size):
-      own = candidates[b]
-      own = np.unique(own[own >= 0])
-      own = own[relevance_fn(b, own)] if own.size else own
-      hidden_mask |= _membership(row_ids, np.full(own.size, b), own, batch_size)
+    relevant = np.asarray(relevance_fn(row_ids[valid]), dtype=bool)
+    if relevant.shape != (batch_size, int(valid.sum())):
+      raise ValueError(f"relevance_fn returned shape {relevant.shape}, expected "
+                       f"({batch_size}, {int(valid.sum())}): one row per query, one "
+                       "column per valid pooled row.")
+    hidden_mask[:, valid] |= relevant
   hidden_mask &= ~positive_mask
 
   positive_positions = np.full((batch_size, max_positives), -1, dtype=np.int32)

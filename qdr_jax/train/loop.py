@@ -28,6 +28,7 @@ from qdr_jax.data.answers import AnswerMatcher
 from qdr_jax.data.types import RetrievalDataset
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import IndexLifecycle, pq_codebook_shape
+from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
 from qdr_jax.train.checkpoint import (Checkpointer, StopSignal, has_checkpoint, make_metadata,
@@ -41,7 +42,15 @@ from qdr_jax.train.step import make_step_functions
 # (params on the host, the index being searched) -> quantized metrics; process 0 only.
 InLoopEval = Callable[[Any, faiss.Index], dict[str, float]]
 
-__all__ = ["TrainResult", "batch_indices", "train", "training_queries"]
+__all__ = ["NonFiniteError", "TrainResult", "batch_indices", "train", "training_queries"]
+
+# Step metrics that must be finite; the others (accuracies, learning rates) follow them.
+_GUARDED_METRICS = ("loss", "contrastive_loss", "encoder_grad_norm", "row_grad_norm")
+
+
+class NonFiniteError(FloatingPointError):
+  """A step produced a NaN or infinite loss, gradient or update; raised before anything
+  of that step is logged or saved."""
 
 
 @dataclasses.dataclass
@@ -75,13 +84,14 @@ class MetricsWriter:
         f.write(json.dumps(record) + "\n")
 
   def truncate_after(self, step: int) -> None:
-    """Drops records of steps after ``step``, so a resumed log has no duplicates."""
+    """Drops records of steps after ``step``, so a resumed log has no duplicates; the
+    log is replaced atomically (a full disk keeps the old one)."""
     if not self.enabled or not self.path.exists():
       return
     lines = [line for line in self.path.read_text().splitlines() if line.strip()]
     keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
     if len(keep) != len(lines):
-      self.path.write_text("".join(line + "\n" for line in keep))
+      write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
 def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
@@ -93,7 +103,11 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
   With ``config.checkpoint.every`` > 0 the state is saved every that many steps and at the
   end, and SIGTERM saves after the current step and returns a preempted result. A workdir
   that already holds a checkpoint is resumed from it. ``evaluate_fn`` is called every
-  ``config.eval.every`` steps on process 0; its metrics rank the best checkpoints.
+  ``config.eval.every`` steps and after the last one, on process 0, with an index of the
+  table as it is at that step (``_eval_index``); its metrics rank the best checkpoints.
+
+  A NaN or infinite loss, gradient norm or updated value stops the run with
+  ``NonFiniteError`` naming the step, before that step is logged or saved.
 
   Multi-process: every process loads its block of each batch and holds its rows of the
   table; process 0 owns FAISS and broadcasts the pool and the quantizer, and alone writes
@@ -153,7 +167,8 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   relevance_fn = None
   if queries.answers is not None and config.negatives.hide_answer_matches:
     matcher = AnswerMatcher(corpus.texts)
-    relevance_fn = lambda query, rows: matcher.contains_answer(queries.answers[query], rows)
+    relevance_fn = lambda query_rows, rows: matcher.contains_answer_matrix(
+        [queries.answers[q] for q in query_rows], rows)
   # Host randomness of a step derives from the state's key and the step alone, so resumed
   # and overlapped runs draw the same pools; computed up front because a JAX op in the
   # host path would queue behind the update in flight.
@@ -179,10 +194,19 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
                                 current.pool_dev, lifecycle.loss_inputs.quantizer,
                                 lifecycle.loss_inputs.codes)
+    metrics["updates_finite"] = _updates_finite(state, current.pool_dev["row_ids"], mode)
     searched = time.perf_counter()
     inputs = source.negatives(upcoming) if upcoming is not None else None
     searched = time.perf_counter() - searched  # counted by the source's own timers
     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    updates_finite = bool(metrics.pop("updates_finite", 1.0))
+    if not updates_finite or not all(np.isfinite(metrics[k]) for k in _GUARDED_METRICS
+                                     if k in metrics):
+      bar.close()
+      if ckpt is not None:  # earlier steps' saves are good: let them finish
+        ckpt.wait_until_finished()
+        ckpt.close()
+      raise NonFiniteError(_non_finite_message(config, done, metrics, updates_finite))
     timers.seconds["step"] += time.perf_counter() - tick - searched
     window = (window[0], window[1] + 1)
 
@@ -210,9 +234,11 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
       window = (now, 0)
 
     eval_metrics = None
-    if evaluate_fn is not None and config.eval.every and done % config.eval.every == 0 \
-        and not last:
-      eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi)
+    # The last step too, so that the best-checkpoint ranking sees the final state.
+    if evaluate_fn is not None and config.eval.every and (
+        done % config.eval.every == 0 or last):
+      eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi,
+                                       config, mode)
     stopping = _any_process(stop.requested) if multi else stop.requested
     if ckpt is not None and config.checkpoint.every and (
         done % config.checkpoint.every == 0 or last or stopping):
@@ -240,18 +266,91 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
 
 
 def _evaluate_in_loop(evaluate_fn: InLoopEval, state: TrainState, lifecycle: IndexLifecycle,
-                      writer: MetricsWriter, step: int, multi: bool) -> dict[str, float]:
+                      writer: MetricsWriter, step: int, multi: bool, config, mode: Mode
+                      ) -> dict[str, float]:
   """In-training quantized metrics on process 0, shared with every process (their
   checkpoint managers rank by the same figures)."""
   params_host = distributed.global_to_host(state.params)  # collective: every process
+  index = _eval_index(config, mode, lifecycle, state)  # collective too
   metrics = None
   if lifecycle.lead:
-    metrics = evaluate_fn(params_host, lifecycle.index)
+    metrics = evaluate_fn(params_host, index)
     writer.write({"step": step, "eval_quantized": metrics})
   if multi:
     metrics = {n: float(v) for n, v in distributed.broadcast_arrays(
         None if metrics is None else {n: np.float32(v) for n, v in metrics.items()}).items()}
   return metrics
+
+
+def _eval_index(config, mode: Mode, lifecycle: IndexLifecycle, state: TrainState
+                ) -> faiss.Index | None:
+  """An index of ``state.table`` as it is now (process 0; None elsewhere): the index a
+  checkpoint of this step is served with, so that the figures that rank checkpoints
+  are those of the checkpoint saved, not of the table of the last refresh.
+
+  * learned codebooks: a copy of the run's index with the current codebooks written in
+    and every row re-encoded, coarse quantizer kept (what ``export_bundle`` serves for
+    such a run; a k-means retrain would discard the codebooks);
+  * otherwise: a fresh build of the current table with ``config.index`` and its seed,
+    streamed like the run's own builds; equal to ``build_quantized(table, config.index,
+    config.index.seed)``, i.e. what ``export_bundle`` serves from the checkpoint;
+  * a table that never moves (``query_only``) keeps the run's index, which is that build.
+
+  The run's own index is left as it is: evaluation must not change the negatives, or
+  ``eval.every`` would change the training.
+  """
+  if not mode.update_rows and not mode.learn_codebooks:
+    return lifecycle.index
+  fresh = IndexLifecycle(
+      config.index, mesh=lifecycle.mesh, num_rows=lifecycle.num_rows,
+      padded_rows=lifecycle.padded_rows, quantize=False, codes_from_index=False,
+      learn_codebooks=False, shard_rows=lifecycle.shard_rows)
+  if mode.learn_codebooks:
+    fresh.adopt(faiss.clone_index(lifecycle.index) if lifecycle.lead else None,
+                moved_since=False)
+    fresh.write_codebooks(state.table, state.codebooks, sync=False)
+  else:
+    fresh.build(state.table)
+  return fresh.index
+
+
+def _updates_finite(state: TrainState, row_ids: jax.Array, mode: Mode) -> jax.Array:
+  """Whether what this step wrote is finite: the pooled rows, the encoder and the
+  codebooks (a device scalar, fetched with the step's metrics). Finite gradients do not
+  imply it: an infinite learning rate or the re-normalisation of a zero row do not show
+  in the loss before the next step."""
+  return _written_finite(state.table if mode.update_rows else None, row_ids,
+                         state.params if mode.update_encoder else None,
+                         state.codebooks if mode.learn_codebooks else None)
+
+
+@jax.jit
+def _written_finite(table, row_ids, params, codebooks) -> jax.Array:
+  parts = [jnp.isfinite(x).all() for x in jax.tree.leaves((params, codebooks))]
+  if table is not None:  # None (nothing written) is a static, empty pytree here
+    parts.append(jnp.isfinite(table[row_ids]).all())
+  return jnp.all(jnp.stack(parts)) if parts else jnp.array(True)
+
+
+def _non_finite_message(config, step: int, metrics: dict[str, float],
+                        updates_finite: bool) -> str:
+  """What went non-finite at ``step`` (1-based) and the settings that likely caused it."""
+  bad = [f"{k} is {metrics[k]}" for k in _GUARDED_METRICS
+         if k in metrics and not np.isfinite(metrics[k])]
+  if not updates_finite:
+    bad.append("the updated rows, encoder or codebooks hold NaN/inf")
+  lrs = (f"the learning rates (optim.encoder_lr={config.optim.encoder_lr}, "
+         f"optim.row_lr={config.optim.row_lr})")
+  temperature = float(config.loss.temperature)
+  if not temperature > 0:
+    cause = f"config.loss.temperature ({temperature}) must be > 0; also check {lrs}"
+  elif np.isfinite(metrics.get("loss", np.nan)):
+    cause = f"check {lrs} (the loss was finite: the update diverged)"
+  else:
+    cause = (f"check config.loss.temperature ({temperature}) and {lrs}; at the first "
+             "step, also the table and encoder weights for NaN/inf")
+  # The first is the root (a NaN loss makes every gradient NaN too).
+  return f"{bad[0]} at step {step}: {cause}. Nothing of this step was saved."
 
 
 def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int,

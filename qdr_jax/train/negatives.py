@@ -120,8 +120,8 @@ class NegativeSource:
     lifecycle: the run's index (searched on process 0).
     num_rows: passages in the corpus.
     step_seeds: (steps, key words) host seeds, one per step, for pool subsampling.
-    relevance_fn: ``(query rows of the batch, candidate rows) -> (B, n) mask`` of
-      candidates to hide (answer-matching passages), or None.
+    relevance_fn: ``(query rows of the batch, pooled rows) -> (B, n) mask`` of pooled
+      rows to hide from each query (answer-matching passages), or None.
     timers: where the encode and search seconds go.
   """
 
@@ -172,7 +172,7 @@ class NegativeSource:
     _, candidates = search(self.lifecycle.index, query_host, self.k)
     relevance = None
     if self.relevance_fn is not None:
-      relevance = lambda b, rows: self.relevance_fn(batch.query_rows[b], rows)
+      relevance = lambda rows: self.relevance_fn(batch.query_rows, rows)
     built = build_pool(candidates, [self.queries.positives[i] for i in batch.query_rows],
                        pool_size=self.pool_size, num_rows=self.num_rows,
                        max_positives=self.config.negatives.max_positives,
