@@ -138,7 +138,10 @@ def test_training_loop_runs_as_one_job_over_two_processes(trained):
   np.testing.assert_allclose(p0["table"], ref["table"], rtol=1e-4, atol=1e-4)
   for name in ref:
     if name.startswith("params"):
-      np.testing.assert_allclose(p0[name], ref[name], rtol=1e-3, atol=1e-4, err_msg=name)
+      # The key bias gets exactly zero gradient (softmax is shift-invariant), so Adam
+      # steps on reduction-order noise alone (see the step-level test above).
+      atol = 6e-3 if "['key']['bias']" in name else 1e-4
+      np.testing.assert_allclose(p0[name], ref[name], rtol=1e-3, atol=atol, err_msg=name)
   # Process 0 alone logs; both took part in the checkpoints (Orbax saves across processes).
   multi_log = (tmp / "multi" / "metrics.jsonl").read_text().splitlines()
   ref_log = (tmp / "single" / "metrics.jsonl").read_text().splitlines()
