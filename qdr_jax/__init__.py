@@ -2,10 +2,9 @@
 
 import os
 
-# FAISS's OpenMP threads spin after each call by default (OMP_WAIT_POLICY=ACTIVE
-# behaviour) and take the cores XLA's thread pool needs for the next step: on a
-# small shared CPU that slowed encoder passes and index builds 2-15x. Passive
-# waiting costs nothing measurable to FAISS itself. It only takes effect if set
-# before the OpenMP runtime starts, i.e. before faiss (or torch) is imported, so it
-# lives here; an explicit user setting wins.
+# OpenMP threads (FAISS, OpenBLAS, torch) spin after each parallel region and take
+# the cores XLA's thread pool needs for the next step: on a small shared CPU that
+# slowed encoder passes and index builds 2-15x (STACK.md). The OpenMP runtime reads
+# this once, when it is loaded, so it must be set before faiss (or torch) is
+# imported, hence here; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
