@@ -131,6 +131,50 @@ def test_tiny_layout_parity(name, pooling, default):
                              atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize('name', ['tiny_bert', 'tiny_roberta', 'tiny_ance'])
+def test_tiny_fused_attention_path_parity(name, monkeypatch):
+  # GPU/TPU take jax.nn.dot_product_attention; on CPU it lowers to XLA ops, so
+  # forcing that branch here checks its numerics against the torch goldens.
+  from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name))
+  cpu_path = _apply(module, params, ref)
+  monkeypatch.setattr(bert, '_use_fused_attention', lambda: True)
+  fused_path = _apply(module, params, ref)
+  pooling = module.config.pooling
+  np.testing.assert_allclose(fused_path, ref[pooling], atol=TOL, rtol=0)
+  np.testing.assert_allclose(fused_path, cpu_path, atol=1e-5, rtol=0)
+
+
+def test_init_params_keep_dense_layout():
+  # Attention declares its q/k/v params itself (one fused GEMM); they must keep
+  # nn.Dense's names, shapes and lecun-normal/zeros init.
+  config = EncoderConfig.tiny(num_layers=1)
+  params = init_params(BertEncoder(config), jax.random.key(0))
+  attention = params['layer_0']['attention']
+  for name in ('query', 'key', 'value', 'output'):
+    assert attention[name]['kernel'].shape == (32, 32)
+    np.testing.assert_array_equal(attention[name]['bias'], np.zeros(32))
+  std = float(np.std(np.asarray(attention['query']['kernel'])))
+  assert 0.5 / 32 ** 0.5 < std < 1.5 / 32 ** 0.5
+  assert not np.array_equal(attention['query']['kernel'],
+                            attention['key']['kernel'])
+
+
+@pytest.mark.parametrize('policy', [None, 'ACTIVE'])
+def test_import_sets_passive_omp_wait_by_default(policy):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
+  if policy is not None:
+    env['OMP_WAIT_POLICY'] = policy
+  out = subprocess.run(
+      [sys.executable, '-c',
+       'import os, qdr_jax; print(os.environ["OMP_WAIT_POLICY"])'],
+      env=env, capture_output=True, text=True, check=True).stdout.strip()
+  assert out == (policy or 'PASSIVE')
+
+
 @pytest.mark.parametrize('name', ['tiny_bert', 'tiny_roberta'])
 def test_tiny_hidden_states_and_normalize(name):
   ref = _tiny_ref(name)

@@ -1,0 +1,191 @@
+r"""The JAX encoder against PyTorch's BertModel on the same weights, same threads, one run.
+
+  OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python experiments/bench_encoder.py \
+      --out=runs/bench_encoder.json
+
+Times, for all-MiniLM-L6-v2 (mean pooling, L2-normalised):
+- forward: a batch of 32 sequences padded to 256 tokens (corpus embedding shape);
+- train: forward + backward to every encoder parameter on 32 sequences of 64 tokens
+  (the training-query shape), loss = sum of embeddings . fixed random vectors.
+PyTorch (``pip install -e ".[bench]"``) runs transformers' BertModel in eval mode
+(dropout off, as the JAX encoder has none) with ``torch.set_num_threads(--threads)``;
+XLA's CPU client uses one intra-op thread per core, so run it on a machine (or a
+``taskset``) with ``--threads`` cores. JAX and torch repeats alternate so that load
+from other processes hits both alike; each figure is the median of ``--repeats``
+after ``--warmup`` calls. Outputs are checked to agree within ``--atol`` first.
+Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ...}``
+(ratio = JAX seconds / PyTorch seconds; null without PyTorch).
+"""
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+# Before jax/torch start their thread pools (and any OpenMP runtime).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.models import load_encoder, resolve_model_path
+
+_MODEL = flags.DEFINE_string("model", "all-MiniLM-L6-v2", "Encoder name or directory.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Sequences per call.")
+_FWD_LEN = flags.DEFINE_integer("forward_len", 256, "Padded length of the forward batch.")
+_TRAIN_LEN = flags.DEFINE_integer("train_len", 64, "Padded length of the train batch.")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "Timed calls per measurement.")
+_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (compile, caches).")
+_THREADS = flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads.")
+_ATOL = flags.DEFINE_float("atol", 1e-4, "Largest allowed |JAX - PyTorch| of the outputs.")
+_OUT = flags.DEFINE_string("out", "bench_encoder.json", "Result JSON path.")
+
+
+def make_batch(rng: np.random.Generator, batch: int, length: int,
+               vocab: int) -> dict[str, np.ndarray]:
+  """Random [CLS] tokens [SEP] rows of lengths in [length/2, length], zero-padded:
+  the padding is part of what a real padded batch costs both frameworks."""
+  ids = np.zeros((batch, length), np.int32)
+  mask = np.zeros((batch, length), np.int32)
+  lengths = rng.integers(length // 2, length + 1, size=batch)
+  lengths[0] = length  # at least one full row, so the batch really is `length` wide
+  for i, n in enumerate(lengths):
+    ids[i, :n] = rng.integers(1000, vocab, size=n)
+    ids[i, 0], ids[i, n - 1] = 101, 102
+    mask[i, :n] = 1
+  return {"input_ids": ids, "attention_mask": mask,
+          "token_type_ids": np.zeros_like(ids)}
+
+
+def jax_fns(model: str):
+  """Jitted forward and value_and_grad of the JAX encoder, inputs already on device."""
+  module, params = load_encoder(model)
+  params = jax.device_put(params)
+
+  def embed(p, b):
+    return module.apply({"params": p}, b["input_ids"], b["attention_mask"],
+                        b["token_type_ids"])
+
+  def loss(p, b, w):
+    return jnp.sum(embed(p, b) * w)
+
+  forward = jax.jit(embed)
+  train = jax.jit(jax.value_and_grad(loss))
+  return module, params, forward, train
+
+
+def torch_fns(model_dir: str, threads: int):
+  """Forward and forward+backward of transformers' BertModel with the same pooling."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import BertModel  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  net = BertModel.from_pretrained(model_dir, attn_implementation="sdpa").eval()
+
+  def embed(b):
+    mask = b["attention_mask"]
+    hidden = net(input_ids=b["input_ids"], attention_mask=mask,
+                 token_type_ids=b["token_type_ids"]).last_hidden_state
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+  def forward(b):
+    with torch.inference_mode():
+      return embed(b)
+
+  def train(b, w):
+    net.zero_grad(set_to_none=True)
+    loss = (embed(b) * w).sum()
+    loss.backward()
+    return loss.detach()
+
+  to_torch = lambda b: {k: torch.from_numpy(v.astype(np.int64)) for k, v in b.items()}
+  return torch, forward, train, to_torch
+
+
+def alternate(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int
+              ) -> dict[str, list[float]]:
+  """Seconds per call of each entry, the entries interleaved call by call."""
+  for fn in calls.values():
+    for _ in range(warmup):
+      fn()
+  times: dict[str, list[float]] = {name: [] for name in calls}
+  for _ in range(repeats):
+    for name, fn in calls.items():
+      start = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - start)
+  return times
+
+
+def summary(seconds: list[float]) -> dict[str, Any]:
+  return {"median_s": statistics.median(seconds), "min_s": min(seconds),
+          "all_s": [round(s, 4) for s in seconds]}
+
+
+def main(argv):
+  del argv
+  rng = np.random.default_rng(0)
+  module, params, jax_forward, jax_train = jax_fns(_MODEL.value)
+  vocab = module.config.vocab_size
+  fwd_np = make_batch(rng, _BATCH.value, _FWD_LEN.value, vocab)
+  train_np = make_batch(rng, _BATCH.value, _TRAIN_LEN.value, vocab)
+  w_np = rng.standard_normal((_BATCH.value, module.config.hidden_size)).astype(np.float32)
+  fwd_j, train_j, w_j = jax.device_put((fwd_np, train_np, w_np))
+
+  calls = {
+      "jax_forward": lambda: jax_forward(params, fwd_j).block_until_ready(),
+      "jax_train": lambda: jax.block_until_ready(jax_train(params, train_j, w_j)),
+  }
+  result: dict[str, Any] = {
+      "model": _MODEL.value, "batch": _BATCH.value, "forward_len": _FWD_LEN.value,
+      "train_len": _TRAIN_LEN.value, "repeats": _REPEATS.value,
+      "jax": {"version": jax.__version__, "devices": str(jax.devices())},
+      "torch": None, "ratio_forward": None, "ratio_train": None,
+  }
+  try:
+    torch_mod = __import__("torch")
+  except ImportError:
+    torch_mod = None
+    print("PyTorch not installed (pip install -e '.[bench]'): timing JAX alone.")
+  if torch_mod is not None:
+    torch, t_forward, t_train, to_torch = torch_fns(
+        resolve_model_path(_MODEL.value), _THREADS.value)
+    fwd_t, train_t = to_torch(fwd_np), to_torch(train_np)
+    w_t = torch.from_numpy(w_np)
+    # Agreement first: a fast wrong model proves nothing.
+    diff_fwd = float(np.abs(np.asarray(jax_forward(params, fwd_j))
+                            - t_forward(fwd_t).numpy()).max())
+    diff_loss = abs(float(jax_train(params, train_j, w_j)[0]) - float(t_train(train_t, w_t)))
+    result["max_abs_diff_forward"], result["abs_diff_train_loss"] = diff_fwd, diff_loss
+    if diff_fwd > _ATOL.value or diff_loss > _ATOL.value * _BATCH.value:
+      raise SystemExit(f"JAX and PyTorch disagree: forward max |diff| {diff_fwd:.2e}, "
+                       f"train loss |diff| {diff_loss:.2e} (atol {_ATOL.value}).")
+    calls["torch_forward"] = lambda: t_forward(fwd_t)
+    calls["torch_train"] = lambda: t_train(train_t, w_t)
+    result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
+
+  times = alternate(calls, _REPEATS.value, _WARMUP.value)
+  for name, seconds in times.items():
+    framework, what = name.split("_")
+    result[framework][what] = summary(seconds)
+  if result["torch"] is not None:
+    result["ratio_forward"] = (result["jax"]["forward"]["median_s"]
+                               / result["torch"]["forward"]["median_s"])
+    result["ratio_train"] = (result["jax"]["train"]["median_s"]
+                             / result["torch"]["train"]["median_s"])
+  result["load_average"] = os.getloadavg()
+  text = json.dumps(result, indent=2)
+  print(text)
+  os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+  write_text_atomic(_OUT.value, text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
