@@ -54,7 +54,7 @@ _STAGE = flags.DEFINE_enum("stage", "first", ["first", "resume"], "Internal: job
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Internal.")
 _PORT = flags.DEFINE_integer("port", 0, "Internal: coordinator port.")
 
-TRAIN_QUERIES, TEST_QUERIES, WORDS_PER_PASSAGE, QUERY_WORDS = 2000, 500, 24, 5
+TRAIN_QUERIES, TEST_QUERIES, WORDS_PER_PASSAGE, QUERY_WORDS = 2000, 2000, 24, 5
 
 
 # ----------------------------------------------------------------------------- measuring
