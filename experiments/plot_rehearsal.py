@@ -59,7 +59,16 @@ def table(runs: list[dict]) -> str:
   lines.append("| Recall@100 after incremental / full | " + " | ".join(
       f"{r['refresh']['recall_at_100_incremental']:.3f} / "
       f"{r['refresh']['recall_at_100_full']:.3f}" for r in runs) + " |")
+  lines.append("| share of the exact top-100 found: trained index | " + " | ".join(
+      _maybe(r["recall_at_100"], "quantized_of_exact_top100") for r in runs) + " |")
+  lines.append("| share of the exact top-100 found after incremental / full | " + " | ".join(
+      f"{_maybe(r['refresh'], 'exact_top100_recall_incremental')} / "
+      f"{_maybe(r['refresh'], 'exact_top100_recall_full')}" for r in runs) + " |")
   return "\n".join(lines)
+
+
+def _maybe(record: dict, key: str) -> str:
+  return f"{record[key]:.3f}" if key in record else "-"
 
 
 def plot(runs: list[dict], out: pathlib.Path) -> None:
