@@ -116,6 +116,8 @@ def _generate(tmp: str, source: str, rows: _RowSource) -> list[str]:
     ds = datasets.Dataset.from_generator(rows, features=_features(), cache_dir=hf_cache,
                                          writer_batch_size=_WRITER_BATCH_ROWS)
   except Exception as e:  # pylint: disable=broad-except
+    # `datasets` wraps whatever the generator raised (our DataFormatError included) in
+    # its own error types; unwrap ours to report file and line, re-raise anything else.
     cause = _format_error(e)
     if cause is not None:
       raise cause from None
