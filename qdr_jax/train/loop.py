@@ -37,7 +37,7 @@ from qdr_jax.train.modes import Mode
 from qdr_jax.train.negatives import (NegativeSource, PhaseTimers, StepInputs, batch_indices,
                                      training_queries)
 from qdr_jax.train.state import TrainState, init_state
-from qdr_jax.train.step import make_step_functions
+from qdr_jax.train.step import StepFunctions, make_step_functions
 
 # (params on the host, the index being searched) -> quantized metrics; process 0 only.
 InLoopEval = Callable[[Any, faiss.Index], dict[str, float]]
@@ -121,8 +121,114 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
 def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, table0,
            workdir: pathlib.Path, evaluate_fn: InLoopEval | None, stop: StopSignal
            ) -> TrainResult:
-  corpus, steps = dataset.corpus, config.train.steps
-  num_rows, multi = len(corpus), jax.process_count() > 1
+  steps, num_rows = config.train.steps, len(dataset.corpus)
+  multi, lead = jax.process_count() > 1, distributed.is_lead_process()
+  run = _start_run(config, mode, dataset, encoders, table0, workdir)
+  state, start_step, lifecycle, source, fns = (run.state, run.start_step, run.lifecycle,
+                                               run.source, run.fns)
+  ckpt, writer, timers = run.ckpt, run.writer, run.timers
+
+  # Overlap: the next batch's forward is dispatched before this step's update and its
+  # search runs while the device updates; the next step's negatives, embeddings and VJP
+  # then come from parameters one update old (a one-step-stale gradient). Exact mode
+  # encodes after each update.
+  overlap = bool(config.negatives.overlap)
+  inputs = source.negatives(source.encode(start_step, state.params)) \
+      if start_step < steps else None
+  bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
+             desc=f"train {config.train.mode}", unit="step", disable=not lead)
+  window = (time.perf_counter(), 0)
+  train_start, stopping = time.perf_counter(), False
+  for step in bar:
+    done, last = step + 1, step + 1 == steps
+    current: StepInputs = inputs
+    tick = time.perf_counter()
+    upcoming = source.encode(done, state.params) if overlap and not last else None
+    state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
+                                current.pool_dev, lifecycle.loss_inputs.quantizer,
+                                lifecycle.loss_inputs.codes)
+    metrics["updates_finite"] = _updates_finite(state, current.pool_dev["row_ids"], mode)
+    searched = time.perf_counter()
+    inputs = source.negatives(upcoming) if upcoming is not None else None
+    searched = time.perf_counter() - searched  # counted by the source's own timers
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    _stop_if_not_finite(config, done, metrics, bar, ckpt)
+    timers.seconds["step"] += time.perf_counter() - tick - searched
+    window = (window[0], window[1] + 1)
+
+    if mode.update_rows:
+      lifecycle.note_updated(current.updated_rows)
+    if not last and lifecycle.refresh_due(done):
+      with timers.time("rebuild"):
+        lifecycle.maybe_refresh(done, state.table, state.codebooks)
+    # A process that got SIGTERM still prepares the next batch in a multi-process job:
+    # the others, which may not have it yet, need it for the collectives inside.
+    if not overlap and not last and (multi or not stop.requested):
+      inputs = source.negatives(source.encode(done, state.params))
+
+    if done % config.train.log_every == 0 or last:
+      now = time.perf_counter()
+      writer.write({"step": done, **metrics, "encoder_lr": float(run.encoder_lr(step)),
+                    "row_lr": float(run.row_lr(step)),
+                    "steps_per_second": window[1] / (now - window[0]),
+                    **_pool_stats(config, current),
+                    **{f"seconds_{n}": v for n, v in timers.per_step(done - start_step).items()}})
+      bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pool_accuracy']:.2f}")
+      window = (now, 0)
+
+    eval_metrics = None
+    # The last step too, so that the best-checkpoint ranking sees the final state.
+    if evaluate_fn is not None and config.eval.every and (
+        done % config.eval.every == 0 or last):
+      eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi,
+                                       config, mode)
+    stopping = _any_process(stop.requested) if multi else stop.requested
+    if ckpt is not None and config.checkpoint.every and (
+        done % config.checkpoint.every == 0 or last or stopping):
+      # The index goes along: it may predate the table (built at the last refresh). Only
+      # process 0 has it, so a multi-process checkpoint leaves it out.
+      ckpt.save(state, _checkpoint_metadata(config, state, done, num_rows, run.digests),
+                index=None if multi else lifecycle.index, metrics=eval_metrics)
+    if stopping:
+      break
+  bar.close()
+  stop.release()
+  if ckpt is not None:
+    ckpt.wait_until_finished()
+    ckpt.close()
+  done_steps = int(distributed.global_to_host(state.step))
+  if stopping:
+    stop.acknowledge()
+    logging.warning("stopped by signal after step %d; checkpoint saved", done_steps)
+    return TrainResult(step=done_steps, preempted=True)
+  train_seconds = time.perf_counter() - train_start
+  return TrainResult(
+      step=done_steps, state=state, params=distributed.global_to_host(state.params),
+      lifecycle=lifecycle, train_seconds=train_seconds,
+      seconds_per_step=timers.per_step(steps - start_step))
+
+
+@dataclasses.dataclass
+class _Run:
+  """The components of one run, as ``_start_run`` builds (or resumes) them."""
+  state: TrainState
+  start_step: int
+  lifecycle: IndexLifecycle
+  source: NegativeSource
+  fns: StepFunctions
+  ckpt: Checkpointer | None
+  writer: MetricsWriter
+  timers: PhaseTimers
+  encoder_lr: optim.Schedule
+  row_lr: optim.Schedule
+  digests: dict[str, str]
+
+
+def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, table0,
+               workdir: pathlib.Path) -> _Run:
+  """Optimizers, the index, the state (fresh, or resumed from the workdir's latest
+  checkpoint), the step functions and the negative source of a run."""
+  corpus, steps, num_rows = dataset.corpus, config.train.steps, len(dataset.corpus)
   lead = distributed.is_lead_process()
   digests = input_fingerprints(corpus, encoders)  # recorded in and checked against checkpoints
   mesh = sharding.make_mesh(config.sharding)
@@ -175,94 +281,31 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   source = NegativeSource(config, queries, encoders.tokenizer, fns.encode, mesh, lifecycle,
                           num_rows, _step_seeds(state.rng, steps), relevance_fn, timers)
 
-  # Overlap: the next batch's forward is dispatched before this step's update and its
-  # search runs while the device updates; the next step's negatives, embeddings and VJP
-  # then come from parameters one update old (a one-step-stale gradient). Exact mode
-  # encodes after each update.
-  overlap = bool(config.negatives.overlap)
-  inputs = source.negatives(source.encode(start_step, state.params)) \
-      if start_step < steps else None
-  bar = tqdm(range(start_step, steps), initial=start_step, total=steps,
-             desc=f"train {config.train.mode}", unit="step", disable=not lead)
-  window = (time.perf_counter(), 0)
-  train_start, stopping = time.perf_counter(), False
-  for step in bar:
-    done, last = step + 1, step + 1 == steps
-    current: StepInputs = inputs
-    tick = time.perf_counter()
-    upcoming = source.encode(done, state.params) if overlap and not last else None
-    state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
-                                current.pool_dev, lifecycle.loss_inputs.quantizer,
-                                lifecycle.loss_inputs.codes)
-    metrics["updates_finite"] = _updates_finite(state, current.pool_dev["row_ids"], mode)
-    searched = time.perf_counter()
-    inputs = source.negatives(upcoming) if upcoming is not None else None
-    searched = time.perf_counter() - searched  # counted by the source's own timers
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
-    updates_finite = bool(metrics.pop("updates_finite", 1.0))
-    if not updates_finite or not all(np.isfinite(metrics[k]) for k in _GUARDED_METRICS
-                                     if k in metrics):
-      bar.close()
-      if ckpt is not None:  # earlier steps' saves are good: let them finish
-        ckpt.wait_until_finished()
-        ckpt.close()
-      raise NonFiniteError(_non_finite_message(config, done, metrics, updates_finite))
-    timers.seconds["step"] += time.perf_counter() - tick - searched
-    window = (window[0], window[1] + 1)
+  return _Run(state, start_step, lifecycle, source, fns, ckpt, writer, timers, encoder_lr,
+              row_lr, digests)
 
-    if mode.update_rows:
-      lifecycle.note_updated(current.updated_rows)
-    if not last and lifecycle.refresh_due(done):
-      with timers.time("rebuild"):
-        lifecycle.maybe_refresh(done, state.table, state.codebooks)
-    # A process that got SIGTERM still prepares the next batch in a multi-process job:
-    # the others, which may not have it yet, need it for the collectives inside.
-    if not overlap and not last and (multi or not stop.requested):
-      inputs = source.negatives(source.encode(done, state.params))
 
-    if done % config.train.log_every == 0 or last:
-      now = time.perf_counter()
-      candidates = int(current.pool["num_candidates"])
-      writer.write({"step": done, **metrics, "encoder_lr": float(encoder_lr(step)),
-                    "row_lr": float(row_lr(step)),
-                    "steps_per_second": window[1] / (now - window[0]),
-                    "pool_candidates": candidates,
-                    "pool_duplicate_fraction": 1.0 - candidates / (
-                        config.train.batch_size * config.negatives.k),
-                    **{f"seconds_{n}": v for n, v in timers.per_step(done - start_step).items()}})
-      bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['pool_accuracy']:.2f}")
-      window = (now, 0)
-
-    eval_metrics = None
-    # The last step too, so that the best-checkpoint ranking sees the final state.
-    if evaluate_fn is not None and config.eval.every and (
-        done % config.eval.every == 0 or last):
-      eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi,
-                                       config, mode)
-    stopping = _any_process(stop.requested) if multi else stop.requested
-    if ckpt is not None and config.checkpoint.every and (
-        done % config.checkpoint.every == 0 or last or stopping):
-      # The index goes along: it may predate the table (built at the last refresh). Only
-      # process 0 has it, so a multi-process checkpoint leaves it out.
-      ckpt.save(state, _checkpoint_metadata(config, state, done, num_rows, digests),
-                index=None if multi else lifecycle.index, metrics=eval_metrics)
-    if stopping:
-      break
+def _stop_if_not_finite(config, step: int, metrics: dict[str, float], bar,
+                        ckpt: Checkpointer | None) -> None:
+  """Raises ``NonFiniteError`` (after letting earlier saves finish) when ``step``'s loss,
+  gradient norms or written values are not finite; pops the ``updates_finite`` flag."""
+  updates_finite = bool(metrics.pop("updates_finite", 1.0))
+  if updates_finite and all(np.isfinite(metrics[k]) for k in _GUARDED_METRICS
+                            if k in metrics):
+    return
   bar.close()
-  stop.release()
-  if ckpt is not None:
+  if ckpt is not None:  # earlier steps' saves are good: let them finish
     ckpt.wait_until_finished()
     ckpt.close()
-  done_steps = int(distributed.global_to_host(state.step))
-  if stopping:
-    stop.acknowledge()
-    logging.warning("stopped by signal after step %d; checkpoint saved", done_steps)
-    return TrainResult(step=done_steps, preempted=True)
-  train_seconds = time.perf_counter() - train_start
-  return TrainResult(
-      step=done_steps, state=state, params=distributed.global_to_host(state.params),
-      lifecycle=lifecycle, train_seconds=train_seconds,
-      seconds_per_step=timers.per_step(steps - start_step))
+  raise NonFiniteError(_non_finite_message(config, step, metrics, updates_finite))
+
+
+def _pool_stats(config, inputs: StepInputs) -> dict[str, float]:
+  """How many distinct candidates the index returned for the pool, and the duplicates."""
+  candidates = int(inputs.pool["num_candidates"])
+  return {"pool_candidates": candidates,
+          "pool_duplicate_fraction": 1.0 - candidates / (config.train.batch_size *
+                                                         config.negatives.k)}
 
 
 def _evaluate_in_loop(evaluate_fn: InLoopEval, state: TrainState, lifecycle: IndexLifecycle,
