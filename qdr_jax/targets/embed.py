@@ -297,27 +297,47 @@ def _exclusive(lock_path: pathlib.Path, take: bool) -> Iterator[None]:
 
 
 class _ChunkWriter:
-  """Writes a process's rows into the shared table; records each chunk once it is whole."""
+  """Writes a process's rows into the shared table; records each chunk once it is whole.
 
-  def __init__(self, table: np.ndarray, path: pathlib.Path, process: int, spec: dict,
+  A chunk is gathered in a buffer and written with one positioned write (``os.pwrite``)
+  when complete, not through a memory map: the rows written then live in the kernel's page
+  cache, not in this process's resident memory, which stays at one chunk whatever the
+  table's size.
+  """
+
+  def __init__(self, partial: pathlib.Path, path: pathlib.Path, process: int, spec: dict,
                on_chunk: Callable[[int], None] | None):
-    self.table, self.spec, self.on_chunk = table, spec, on_chunk
+    header = np.lib.format.open_memmap(partial, mode="r")
+    self.offset, self.dim = int(header.offset), int(header.shape[1])
+    del header
+    self.fd = os.open(partial, os.O_WRONLY)
+    self.spec, self.on_chunk = spec, on_chunk
     self.manifest = _manifest_path(path, process)
     self.done = _read_manifest(self.manifest, spec) or set()
-    self.written: dict[int, int] = {}
+    self.buffers: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (rows, rows written)
     self.computed = 0
 
-  def __call__(self, chunk: int, rows: np.ndarray, emb: np.ndarray, chunk_size: int) -> None:
-    self.table[rows] = emb
-    self.written[chunk] = self.written.get(chunk, 0) + rows.size
-    if self.written[chunk] < chunk_size:
+  def __call__(self, chunk: int, first_row: int, rows: np.ndarray, emb: np.ndarray,
+               chunk_size: int) -> None:
+    buffer, written = self.buffers.get(chunk, (None, 0))
+    if buffer is None:
+      buffer = np.empty((chunk_size, self.dim), np.float32)
+    buffer[rows - first_row] = emb
+    written += rows.size
+    if written < chunk_size:
+      self.buffers[chunk] = (buffer, written)
       return
-    self.table.flush()  # the rows reach the file before the manifest says they did
+    self.buffers.pop(chunk, None)
+    os.pwrite(self.fd, buffer.tobytes(), self.offset + first_row * self.dim * 4)
+    os.fsync(self.fd)  # the rows reach the file before the manifest says they did
     self.done.add(chunk)
     write_text_atomic(self.manifest, json.dumps({**self.spec, "done": sorted(self.done)}))
     self.computed += 1
     if self.on_chunk is not None:
       self.on_chunk(chunk)
+
+  def close(self) -> None:
+    os.close(self.fd)
 
 
 def chunk_block(num_chunks: int, process: int, count: int) -> range:
@@ -385,16 +405,14 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
     if path.exists():  # completed by another job while this one waited for the lock
       return {**stats, "cached": True}
     partial = partial_path(path)
-    try:
-      table = np.lib.format.open_memmap(partial, mode="r+")
-    except FileNotFoundError as e:
+    if not partial.exists():
       raise FileNotFoundError(f"{partial}: process 0 created it but process {process} cannot "
                               "see it; the table cache directory must be shared by all "
-                              "processes.") from e
+                              "processes.")
     done = _done_chunks(path, spec)
     todo = [c for c in block if c not in done]
     start_time = time.perf_counter()
-    write_chunks = _ChunkWriter(table, path, process, spec, on_chunk)
+    write_chunks = _ChunkWriter(partial, path, process, spec, on_chunk)
     sizes = {c: min(chunk_rows, rows - c * chunk_rows) for c in block}
 
     def windows():
@@ -407,11 +425,13 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
     bar = tqdm(total=sum(sizes.values()), initial=sum(sizes[c] for c in block if c in done),
                desc="corpus", unit="passage", disable=not progress or process != 0)
     with _Prefetch(_windows(tokenizer, windows(), batching, devices)) as batches:
-      for c, chunk_row_ids, emb in _encode_stream(encode, params, batches, mesh):
-        write_chunks(c, c * chunk_rows + chunk_row_ids, emb, sizes[c])
-        bar.update(chunk_row_ids.size)
+      try:
+        for c, chunk_row_ids, emb in _encode_stream(encode, params, batches, mesh):
+          write_chunks(c, c * chunk_rows, c * chunk_rows + chunk_row_ids, emb, sizes[c])
+          bar.update(chunk_row_ids.size)
+      finally:
+        write_chunks.close()
     bar.close()
-    del table
     stats.update(computed=write_chunks.computed, skipped=len(block) - len(todo),
                  computed_rows=sum(sizes[c] for c in todo),
                  seconds=time.perf_counter() - start_time)
