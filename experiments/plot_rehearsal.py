@@ -25,6 +25,8 @@ from qdr_jax.cli import run_main  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "rehearsal.png", "Plot path.")
 MIB = 2 ** 20
+ORDER = ("corpus", "embed", "train_until_kill", "corpus_reload", "embed_reload", "resume",
+         "evaluate", "refresh", "export")
 
 
 def load(dirs: list[str]) -> list[dict]:
@@ -32,8 +34,12 @@ def load(dirs: list[str]) -> list[dict]:
   return sorted(runs, key=lambda r: r["passages"])
 
 
+def _phases(runs: list[dict]) -> list[str]:
+  return [p for p in ORDER if any(p in r["phases"] for r in runs)]
+
+
 def table(runs: list[dict]) -> str:
-  phases = [p for p in runs[-1]["phases"] if p != "make_data"]
+  phases = _phases(runs)
   lines = ["| phase | " + " | ".join(f"{r['passages']:,}" for r in runs) + " |",
            "|---|" + "---|" * len(runs)]
   for phase in phases:
@@ -73,7 +79,7 @@ def _maybe(record: dict, key: str) -> str:
 
 def plot(runs: list[dict], out: pathlib.Path) -> None:
   n = [r["passages"] for r in runs]
-  phases = [p for p in runs[-1]["phases"] if p != "make_data"]
+  phases = _phases(runs)
   fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
   for phase in phases:
     have = [(r["passages"], r["phases"][phase]) for r in runs if phase in r["phases"]]
