@@ -36,6 +36,7 @@ from qdr_jax.index.faiss_index import (add_vectors, index_options, set_search_pa
                                        train_index, training_rows)
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.quant import Quantizer, quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
+from qdr_jax.quant.faiss_bridge import unpack_codes
 
 RefreshOutcome = Literal["full", "incremental", "codebooks", "skipped"]
 
@@ -290,15 +291,7 @@ def encoded_like_index(index: faiss.Index, vectors: np.ndarray
     width = top.coarse_code_size()
     lists = (raw[:, :width].astype(np.int64) << (8 * np.arange(width))).sum(1).astype(np.int32)
     raw = raw[:, width:]
-  pq = top.pq
-  if pq.nbits == 8:
-    codes = raw[:, :pq.M]
-  elif pq.nbits == 4:  # two codes a byte, the first in the low nibble
-    codes = np.empty((x.shape[0], pq.M), np.uint8)
-    codes[:, 0::2] = raw[:, :(pq.M + 1) // 2] & 0x0F
-    codes[:, 1::2] = raw[:, :pq.M // 2] >> 4
-  else:
-    raise ValueError(f"PQ codes of {pq.nbits} bits are not supported.")
+  codes = unpack_codes(raw, top.pq.M, top.pq.nbits)
   return np.ascontiguousarray(codes, np.uint8), lists
 
 
