@@ -88,13 +88,9 @@ def peak_rss(pid: str = "self") -> int:
 
 
 def device_bytes() -> dict[int, int]:
-  """Bytes of live arrays per addressable device (id -> bytes)."""
-  import jax
-  totals = {d.id: 0 for d in jax.local_devices()}
-  for array in jax.live_arrays():
-    for shard in array.addressable_shards:
-      totals[shard.device.id] += shard.data.nbytes
-  return totals
+  """Bytes of live device buffers per addressable device (id -> bytes)."""
+  from qdr_jax.sharding import device_buffer_bytes
+  return device_buffer_bytes()
 
 
 # ----------------------------------------------------------------------------- data

@@ -155,3 +155,20 @@ def set_rows(array: jax.Array, rows: np.ndarray, values: np.ndarray, mesh: Mesh)
 def _row_scatter(sharding: NamedSharding):
   return jax.jit(lambda a, rows, values: a.at[rows].set(values), out_shardings=sharding,
                  donate_argnums=0)
+
+
+def device_buffer_bytes(arrays=None) -> dict[int, int]:
+  """Bytes held on each addressable device by ``arrays`` (default: every live array).
+
+  Counts each device buffer once. Several `jax.Array` objects can alias one buffer (a
+  shard's ``.data``, the views Orbax takes when it checkpoints), so summing ``nbytes``
+  over `jax.live_arrays()` counts such buffers two or three times.
+  """
+  buffers: dict[tuple[int, int], int] = {}
+  for array in jax.live_arrays() if arrays is None else arrays:
+    for shard in array.addressable_shards:
+      buffers[(shard.device.id, shard.data.unsafe_buffer_pointer())] = shard.data.nbytes
+  totals = {d.id: 0 for d in jax.local_devices()}
+  for (device, _), nbytes in buffers.items():
+    totals[device] = totals.get(device, 0) + nbytes
+  return totals

@@ -230,6 +230,8 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   checkpoint), the step functions and the negative source of a run."""
   corpus, steps, num_rows = dataset.corpus, config.train.steps, len(dataset.corpus)
   lead = distributed.is_lead_process()
+  if lead:
+    workdir.mkdir(parents=True, exist_ok=True)
   digests = input_fingerprints(corpus, encoders)  # recorded in and checked against checkpoints
   mesh = sharding.make_mesh(config.sharding)
   if config.train.batch_size % mesh.devices.size:
