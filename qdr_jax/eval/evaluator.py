@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import faiss
@@ -9,8 +10,25 @@ import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.data.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
-from qdr_jax.eval.metrics import DEFAULT_MEASURES, ranking_metrics, run_from_search
+from qdr_jax.eval.metrics import DEFAULT_MEASURES, per_query_ranking, run_from_search
 from qdr_jax.index.faiss_index import search
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexScores:
+  """One search of a split, scored.
+
+  metrics: {measure: mean}, as `evaluate_index` returns them.
+  query_ids: the split's query ids, the rows of every `per_query` array.
+  per_query: {measure: (Q,) float64}; NaN where the measure does not judge the query (a
+    ranking measure on a query without qrels). Means over subsets of queries come from
+    these (`metrics.subset_means`) without searching again.
+  run: query id -> {passage id: score}, or None when not asked for and not needed.
+  """
+  metrics: dict[str, float]
+  query_ids: list[str]
+  per_query: dict[str, np.ndarray]
+  run: dict[str, dict[str, float]] | None = None
 
 
 def evaluate_index(
@@ -59,6 +77,26 @@ def evaluate_index(
     ValueError: shapes that do not match, an index whose size is not the corpus size, or a
       split with neither qrels nor answers.
   """
+  scores = score_index(index, query_embeddings, split, corpus, depth=depth,
+                       answer_ks=answer_ks, measures=measures, batch_size=batch_size,
+                       matcher=matcher, return_run=return_run)
+  return (scores.metrics, scores.run) if return_run else scores.metrics
+
+
+def score_index(
+    index: faiss.Index,
+    query_embeddings: np.ndarray,
+    split: Split,
+    corpus: Corpus,
+    *,
+    depth: int = 1000,
+    answer_ks: Sequence[int] = DEFAULT_KS,
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    batch_size: int = 4096,
+    matcher: AnswerMatcher | None = None,
+    return_run: bool = False,
+) -> IndexScores:
+  """`evaluate_index` with the per-query values kept; same arguments and errors."""
   query_ids = [str(q) for q in split.queries.ids]
   q = np.asarray(query_embeddings)
   if q.ndim != 2 or q.shape[0] != len(query_ids):
@@ -84,15 +122,25 @@ def evaluate_index(
   scores, ids = search(index, q, k, batch_size=batch_size)
 
   results: dict[str, float] = {}
+  per_query: dict[str, np.ndarray] = {}
   run = None
   if qrels or return_run:
     run = run_from_search(query_ids, ids, scores, corpus.ids)
   if qrels:
-    results.update(ranking_metrics(qrels, run, measures))
+    judged, values = per_query_ranking(qrels, run, measures)
+    results.update({name: float(v.mean()) for name, v in values.items()})
+    row_of = {qid: i for i, qid in enumerate(query_ids)}
+    rows = np.asarray([row_of[qid] for qid in judged], dtype=np.int64)
+    for name, v in values.items():
+      per_query[name] = np.full(len(query_ids), np.nan)
+      per_query[name][rows] = v
   if by_answers:
     matcher = matcher if matcher is not None else AnswerMatcher(corpus.texts)
     answers = [split.answers.get(qid, ()) for qid in query_ids]
     # Only the top max(answer_ks) slots can change any top-k accuracy.
     ranks = matcher.first_hit_ranks(answers, ids[:, :max(answer_ks)])
     results.update(accuracy_from_ranks(ranks, answer_ks))
-  return (results, run) if return_run else results
+    for k_ in answer_ks:  # A miss is rank -1.
+      per_query[f"top{k_}"] = ((ranks >= 0) & (ranks < k_)).astype(np.float64)
+  return IndexScores(metrics=results, query_ids=query_ids, per_query=per_query,
+                     run=run if return_run else None)
