@@ -158,3 +158,54 @@ def test_tables_show_empty_subsets_as_dashes():
                               "0.4000±0.010"]
   assert lines[3].split() == ["unseen", "(n=0)", "-", "-", "-", "-"]
   assert max(len(line) for line in lines) <= 100
+
+
+def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.eval.compare import plot_comparison
+  from qdr_jax.experiment import compare_modes
+  tiny_config.train.steps = 3
+  tiny_config.index.rebuild_every = 3
+  tiny_config.eval.index_seeds = (0, 1)
+  summary = compare_modes(tiny_config, tmp_path, [4], ["query_only", "dback"], seeds=2)
+  assert summary["training_seeds"] == [0, 1] and summary["metric"] == "nDCG@10"
+  (entry,) = summary["levels"]
+  assert entry["spread_over"] == "training seeds"
+  dataset = load_dataset(tiny_config.data)
+  seen, unseen = split_seen(dataset.split("test").qrels, dataset.split("train").qrels)
+  assert len(seen) + len(unseen) == 32 and seen and unseen
+  afters = {}
+  for mode in ("query_only", "dback"):
+    afters[mode] = []
+    for seed in (0, 1):
+      saved = json.loads((tmp_path / "pq4" / mode / f"seed{seed}" / "results.json").read_text())
+      assert saved["config"]["seed"] == seed
+      for when in ("before", "after"):
+        subsets = saved[when]["subsets"]
+        assert {k: v["count"] for k, v in subsets.items()} == {
+            "all": 32, "seen": len(seen), "unseen": len(unseen)}
+        assert subsets["all"]["quantized"] == saved[when]["quantized"]
+        per_query = saved[when]["per_query"]
+        assert per_query["metric"] == "nDCG@10" and len(per_query["quantized"]) == 2
+        for values, cell in zip(per_query["quantized"], saved[when]["quantized_per_seed"]):
+          assert np.mean(values) == pytest.approx(cell["nDCG@10"], abs=1e-12)
+      afters[mode].append(saved["after"])
+    per_seed = [a["quantized"] for a in afters[mode]]
+    assert entry["modes_per_training_seed"][mode] == per_seed
+    assert entry["modes"][mode]["nDCG@10"] == pytest.approx(
+        np.mean([m["nDCG@10"] for m in per_seed]))
+    assert entry["modes_std"][mode]["nDCG@10"] == pytest.approx(
+        np.std([m["nDCG@10"] for m in per_seed]))
+    assert entry["modes_min"][mode]["nDCG@10"] == min(m["nDCG@10"] for m in per_seed)
+    assert entry["subsets"][mode]["unseen"]["count"] == len(unseen)
+  test = entry["paired"]["query_only"]["vs_dback"]
+  assert test == paired_comparison(afters["query_only"], afters["dback"], "nDCG@10",
+                                   {"seen": seen, "unseen": unseen})
+  assert test["cells"]["n"] == 4 and test["queries"]["unseen"]["n"] == len(unseen)
+  assert entry["paired"]["dback"] == {"vs_query_only": paired_comparison(
+      afters["dback"], afters["query_only"], "nDCG@10", {"seen": seen, "unseen": unseen})}
+  assert json.loads((tmp_path / "compare.json").read_text()) == summary
+  text = compare_table(summary["flat_before"], entry, "nDCG@10")
+  assert "query_only vs dback" in text and max(map(len, text.splitlines())) <= 100
+  plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
+  assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
