@@ -12,7 +12,7 @@ from qdr_jax.eval.compare import (paired_comparison, paired_test, sign_flip_p_va
                                   summarize_seeds)
 from qdr_jax.eval.evaluator import evaluate_index, score_index
 from qdr_jax.eval.metrics import ranking_metrics, split_seen, subset_means
-from qdr_jax.eval.report import compare_table, subset_table
+from qdr_jax.eval.report import before_after_table, compare_table, subset_table
 from qdr_jax.index import build_index
 
 TRAIN_QRELS = {"t1": {"d1": 1, "d2": 0}, "t2": {"d3": 2}, "t3": {"d4": 0}}
@@ -158,6 +158,10 @@ def test_tables_show_empty_subsets_as_dashes():
                               "0.4000±0.010"]
   assert lines[3].split() == ["unseen", "(n=0)", "-", "-", "-", "-"]
   assert max(len(line) for line in lines) <= 100
+  results = {"config": {"eval": {"primary_metric": "m"}},
+             **{when: {"flat": {"m": 0.5}, "quantized": {"m": 0.4}, **evaluation}
+                for when in ("before", "after")}}
+  assert text in before_after_table(results)
 
 
 def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):

@@ -31,7 +31,16 @@ class IndexScores:
   run: dict[str, dict[str, float]] | None = None
 
 
-def evaluate_index(
+def evaluate_index(index: faiss.Index, query_embeddings: np.ndarray, split: Split,
+                   corpus: Corpus, *, return_run: bool = False, **options):
+  """The metrics of `score_index` (same arguments and errors): {measure: value}, or with
+  `return_run`, (metrics, run)."""
+  scores = score_index(index, query_embeddings, split, corpus, return_run=return_run,
+                       **options)
+  return (scores.metrics, scores.run) if return_run else scores.metrics
+
+
+def score_index(
     index: faiss.Index,
     query_embeddings: np.ndarray,
     split: Split,
@@ -43,7 +52,7 @@ def evaluate_index(
     batch_size: int = 4096,
     matcher: AnswerMatcher | None = None,
     return_run: bool = False,
-):
+) -> IndexScores:
   """Searches `index` with the split's queries and scores the ranking.
 
   The index's search ids must be corpus rows (row i = `corpus.ids[i]`), as `build_index`
@@ -61,12 +70,12 @@ def evaluate_index(
     measures: ranking measures (see `ranking_metrics`).
     batch_size: queries per FAISS search call.
     matcher: an AnswerMatcher over `corpus.texts` to reuse its passage cache across calls.
-    return_run: also return the run (query id -> {passage id: score}) for a TREC file.
+    return_run: keep the run (query id -> {passage id: score}), e.g. for a TREC file.
 
   Returns:
-    {measure: value} with the ranking measures when the split has qrels and 'top{k}' answer
-    accuracies when `split.answers` is not None (both when both are there); with
-    `return_run`, (metrics, run).
+    IndexScores: metrics {measure: value} with the ranking measures when the split has
+    qrels and 'top{k}' answer accuracies when `split.answers` is not None (both when both
+    are there), their per-query values, and with `return_run` the run.
 
     Ranking measures average over the split's queries that have qrels, and a qrels query
     without results scores 0; qrels of queries not in `split.queries` are ignored (they have
@@ -77,26 +86,6 @@ def evaluate_index(
     ValueError: shapes that do not match, an index whose size is not the corpus size, or a
       split with neither qrels nor answers.
   """
-  scores = score_index(index, query_embeddings, split, corpus, depth=depth,
-                       answer_ks=answer_ks, measures=measures, batch_size=batch_size,
-                       matcher=matcher, return_run=return_run)
-  return (scores.metrics, scores.run) if return_run else scores.metrics
-
-
-def score_index(
-    index: faiss.Index,
-    query_embeddings: np.ndarray,
-    split: Split,
-    corpus: Corpus,
-    *,
-    depth: int = 1000,
-    answer_ks: Sequence[int] = DEFAULT_KS,
-    measures: Sequence[str] = DEFAULT_MEASURES,
-    batch_size: int = 4096,
-    matcher: AnswerMatcher | None = None,
-    return_run: bool = False,
-) -> IndexScores:
-  """`evaluate_index` with the per-query values kept; same arguments and errors."""
   query_ids = [str(q) for q in split.queries.ids]
   q = np.asarray(query_embeddings)
   if q.ndim != 2 or q.shape[0] != len(query_ids):
