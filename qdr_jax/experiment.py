@@ -19,11 +19,13 @@ from absl import logging
 
 from qdr_jax import distributed
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.eval.compare import with_pq_subquantizers
+from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
+                                  with_pq_subquantizers)
 from qdr_jax.eval.evaluator import evaluate_index
-from qdr_jax.eval.report import format_table
+from qdr_jax.eval.metrics import split_seen
+from qdr_jax.eval.report import compare_table, format_table, subset_table
 from qdr_jax.eval.table_eval import evaluate_table
-from qdr_jax.data.types import RetrievalDataset
+from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
@@ -67,6 +69,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   mode = get_mode(config.train.mode, config.quant.learn_codebooks)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
+  subsets = seen_subsets(config, dataset, eval_split)
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
@@ -84,7 +87,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     before = _before_metrics(config, workdir, lambda: evaluate_table(
         np.asarray(table0, np.float32), embed_eval_queries(encoders.query_params,
                                                            "eval before"),
-        eval_split, corpus, config.index, config.eval))
+        eval_split, corpus, config.index, config.eval, subsets))
     logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
   trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop)
              if mode.trains else None)
@@ -107,7 +110,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
              **_provenance(config, inputs)}
   if trained is not None:
     after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
-                           eval_split, corpus, config.index, config.eval)
+                           eval_split, corpus, config.index, config.eval, subsets)
     if final_index is not None:
       after["quantized_trained_quantizer"] = evaluate_in_loop(trained.params, final_index)
     results.update(after=after, steps=config.train.steps,
@@ -134,6 +137,34 @@ def _validated_inputs(config: ml_collections.ConfigDict, *, training: bool = Tru
   encoders = load_encoders(config.model)
   validate_config(config, dataset=dataset, dim=_dim(encoders), training=training)
   return dataset, encoders
+
+
+def seen_subsets(config: ml_collections.ConfigDict, dataset: RetrievalDataset, split: Split
+                 ) -> dict[str, list[str]] | None:
+  """{'seen', 'unseen'} query ids of the evaluated split (`split_seen` against the
+  training split's positives), or None when the data set has no training split or the
+  evaluated split names no positives (answers only: nothing to match)."""
+  if config.data.train_split not in dataset.splits or not split.qrels:
+    return None
+  seen, unseen = split_seen(split.qrels, dataset.split(config.data.train_split).qrels,
+                            [str(q) for q in split.queries.ids])
+  return {"seen": seen, "unseen": unseen}
+
+
+def _evaluation_fields(metrics: dict) -> dict:
+  """What results.json of `evaluate_config` / `evaluate_checkpoint` keeps of an
+  `evaluate_table` result."""
+  keys = ("flat", "quantized", "quantized_std", "quantized_per_seed", "subsets", "per_query")
+  return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _evaluation_text(config: ml_collections.ConfigDict, metrics: dict) -> str:
+  text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
+                      {config.index.factory: metrics["quantized_std"]})
+  metric = config.eval.primary_metric
+  if "subsets" in metrics and metric in metrics["quantized"]:
+    text += "\n\n" + subset_table({"": metrics}, metric)
+  return text
 
 
 def _dim(encoders: Encoders) -> int:
@@ -181,18 +212,15 @@ def _evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   table = build_or_load_table(config, dataset.corpus, cache_dir,
                               embed_passages(encoders, config))
   query_emb = embed_queries(encoders, encoders.query_params, split.queries.texts, config)
-  metrics = evaluate_table(table, query_emb, split, dataset.corpus, config.index, config.eval)
+  metrics = evaluate_table(table, query_emb, split, dataset.corpus, config.index, config.eval,
+                           seen_subsets(config, dataset, split))
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "split": config.data.eval_split,
              "index": {"factory": config.index.factory, **metrics["index"]},
-             "flat": metrics["flat"], "quantized": metrics["quantized"],
-             "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"],
+             **_evaluation_fields(metrics),
              **_provenance(config, input_fingerprints(dataset.corpus, encoders))}
   write_json_atomic(workdir / "results.json", results)
-  text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
-                      {config.index.factory: metrics["quantized_std"]})
-  return results, text
+  return results, _evaluation_text(config, metrics)
 
 
 def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
@@ -225,78 +253,113 @@ def evaluate_checkpoint(workdir: str | pathlib.Path, *, step: int | None = None,
   query_emb = embed_queries(trained["encoders"], trained["params"], split.queries.texts,
                             config)
   metrics = evaluate_table(trained["table"], query_emb, split, dataset.corpus, config.index,
-                           config.eval)
+                           config.eval, seen_subsets(config, dataset, split))
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "split": config.data.eval_split, "step": trained["step"],
              "checkpoint": str(checkpoint_dir(workdir) / str(trained["step"])),
              "index": {"factory": config.index.factory, **metrics["index"]},
-             "flat": metrics["flat"], "quantized": metrics["quantized"],
-             "quantized_std": metrics["quantized_std"],
-             "quantized_per_seed": metrics["quantized_per_seed"],
+             **_evaluation_fields(metrics),
              # Checked equal to the current files by restore_trained.
              **_provenance(config, trained["metadata"].get("input_fingerprints", {}))}
   out = pathlib.Path(out) if out else pathlib.Path(workdir) / f"eval_step_{trained['step']}.json"
   write_json_atomic(out, results)
-  text = format_table({"flat": metrics["flat"], config.index.factory: metrics["quantized"]},
-                      {config.index.factory: metrics["quantized_std"]})
-  return results, text
+  return results, _evaluation_text(config, metrics)
 
 
 def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                  levels: Sequence[int], modes: Sequence[str]) -> dict:
+                  levels: Sequence[int], modes: Sequence[str], seeds: int = 1) -> dict:
   """Trains each mode at each level; writes and returns the compare.json summary.
 
-  Every (level, mode) config is validated before the first one trains.
+  With ``seeds`` > 1 every (level, mode) trains once per training seed ``config.seed``,
+  ``config.seed + 1``, ... (in ``pq{level}/{mode}/seed{seed}``; one seed keeps
+  ``pq{level}/{mode}``), each evaluated on ``config.eval.index_seeds``. A level's entry
+  gives per mode the mean, the spread ('modes_std', 'modes_min', 'modes_max': over the
+  training seeds' index-seed means, or over the index seeds with one training seed) and,
+  under 'paired', sign-flip tests of each mode against 'dback' and 'query_only' (when
+  compared) on ``config.eval.primary_metric``: over the (training seed, index seed) cells
+  and over queries, on all queries and the seen / unseen subsets. 'subsets' gives each
+  mode's quantized metrics on those subsets.
+
+  Every (level, mode, seed) config is validated before the first one trains.
   """
+  if seeds < 1:
+    raise ConfigError([f"compare_modes needs seeds >= 1, got {seeds}."])
   cache_dir = config.table.cache_dir or str(workdir / "cache")
-  runs = {(level, mode): _run_config(config, level, mode, cache_dir)
-          for level in levels for mode in modes}
-  describe = {id(cfg): f"level {level}, mode {mode!r}" for (level, mode), cfg in runs.items()}
+  train_seeds = [config.seed + i for i in range(seeds)]
+  runs = {(level, mode, seed): _run_config(config, level, mode, cache_dir, seed)
+          for level in levels for mode in modes for seed in train_seeds}
+  describe = {id(cfg): f"level {level}, mode {mode!r}, seed {seed}"
+              for (level, mode, seed), cfg in runs.items()}
   validate_runs(list(runs.values()), lambda cfg: describe[id(cfg)])
   dataset, encoders = load_dataset(config.data), load_encoders(config.model)
   validate_runs(list(runs.values()), lambda cfg: describe[id(cfg)], dataset=dataset,
                 dim=_dim(encoders))
+  subsets = seen_subsets(config, dataset, dataset.split(config.data.eval_split))
   del dataset, encoders  # each run loads its own
   workdir.mkdir(parents=True, exist_ok=True)
   lead = distributed.is_lead_process()  # every process trains; process 0 summarises
-  # Each run also locks its own pq{level}/{mode} workdir; this one guards compare.json.
+  # Each run also locks its own workdir; this one guards compare.json.
   with workdir_lock(workdir, enabled=lead):
-    return _compare_modes(config, workdir, levels, modes, runs, lead)
+    return _compare_modes(config, workdir, levels, modes, train_seeds, runs, subsets, lead)
+
+
+# The modes every other mode is tested against, when they are compared.
+PAIRED_REFERENCES = ("dback", "query_only")
 
 
 def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
-                   levels: Sequence[int], modes: Sequence[str], runs: dict, lead: bool
-                   ) -> dict:
-  summary: dict = {"dataset": config.data.name, "steps": config.train.steps, "levels": []}
+                   levels: Sequence[int], modes: Sequence[str], train_seeds: Sequence[int],
+                   runs: dict, subsets: dict | None, lead: bool) -> dict:
+  metric = config.eval.primary_metric
+  summary: dict = {"dataset": config.data.name, "steps": config.train.steps,
+                   "training_seeds": list(train_seeds), "metric": metric, "levels": []}
   for level in levels:
     entry: dict = {"modes": {}, "modes_std": {}}
+    afters: dict[str, list[dict]] = {}
     for mode in modes:
-      run_cfg = runs[level, mode]
-      results = train_and_evaluate(run_cfg, workdir / f"pq{level}" / mode)
+      afters[mode] = []
+      for seed in train_seeds:
+        run_cfg = runs[level, mode, seed]
+        run_dir = workdir / f"pq{level}" / mode
+        if len(train_seeds) > 1:
+          run_dir = run_dir / f"seed{seed}"
+        results = train_and_evaluate(run_cfg, run_dir)
+        if not lead:
+          continue
+        afters[mode].append(results["after"])
+        entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
+        entry["factory"] = run_cfg.index.factory
+        summary.setdefault("flat_before", results["before"]["flat"])
       if not lead:
         continue
-      entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
-      entry["factory"] = run_cfg.index.factory
-      entry["modes"][mode] = results["after"]["quantized"]
-      entry["modes_std"][mode] = results["after"]["quantized_std"]
-      summary.setdefault("flat_before", results["before"]["flat"])
+      stats = summarize_seeds(afters[mode])
+      entry["modes"][mode], entry["modes_std"][mode] = stats["mean"], stats["std"]
+      entry["spread_over"] = stats["spread_over"]
+      for key, name in (("min", "modes_min"), ("max", "modes_max"),
+                        ("per_training_seed", "modes_per_training_seed"),
+                        ("subsets", "subsets")):
+        if key in stats:
+          entry.setdefault(name, {})[mode] = stats[key]
       write_json_atomic(workdir / "compare.json",
                         summary | {"levels": summary["levels"] + [entry]})
     if not lead:
       continue
+    entry["paired"] = {
+        mode: {f"vs_{ref}": paired_comparison(afters[mode], afters[ref], metric, subsets)
+               for ref in PAIRED_REFERENCES if ref in modes and ref != mode}
+        for mode in modes}
     summary["levels"].append(entry)
     print(f"\n{entry['factory']} ({entry['bytes_per_vector']:.0f} bytes/vector), quantized "
-          "test metrics after training:")
-    print(format_table({"flat before": summary["flat_before"], **entry["modes"]},
-                       entry["modes_std"]))
+          f"test metrics after training ({len(train_seeds)} training seed(s)):")
+    print(compare_table(summary["flat_before"], entry, metric))
   if lead:
     write_json_atomic(workdir / "compare.json", summary)
   return summary
 
 
-def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str
-                ) -> ml_collections.ConfigDict:
-  """``config`` for one (PQ level, mode) run of `compare_modes`."""
+def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str,
+                seed: int) -> ml_collections.ConfigDict:
+  """``config`` for one (PQ level, mode, training seed) run of `compare_modes`."""
   run_cfg = config.copy_and_resolve_references()
   try:
     factory = with_pq_subquantizers(config.index.factory, level)
@@ -306,4 +369,5 @@ def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_
     run_cfg.train.mode = mode
     run_cfg.index.factory = factory
     run_cfg.table.cache_dir = cache_dir
+    run_cfg.seed = seed
   return run_cfg

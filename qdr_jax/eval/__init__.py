@@ -7,13 +7,15 @@ from qdr_jax.data.answers import (
     has_answer,
     tokenize,
 )
-from qdr_jax.eval.evaluator import evaluate_index
-from qdr_jax.eval.metrics import DEFAULT_MEASURES, ranking_metrics, run_from_search
+from qdr_jax.eval.evaluator import IndexScores, evaluate_index, score_index
+from qdr_jax.eval.metrics import (DEFAULT_MEASURES, ranking_metrics, run_from_search,
+                                  split_seen, subset_means)
 from qdr_jax.eval.trec import read_trec_run, write_trec_run
 
 __all__ = [
     "AnswerMatcher",
     "DEFAULT_MEASURES",
+    "IndexScores",
     "accuracy_from_ranks",
     "answer_accuracy",
     "evaluate_index",
@@ -21,6 +23,9 @@ __all__ = [
     "ranking_metrics",
     "read_trec_run",
     "run_from_search",
+    "score_index",
+    "split_seen",
+    "subset_means",
     "tokenize",
     "write_trec_run",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import faiss
@@ -9,11 +10,37 @@ import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.data.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
-from qdr_jax.eval.metrics import DEFAULT_MEASURES, ranking_metrics, run_from_search
+from qdr_jax.eval.metrics import DEFAULT_MEASURES, per_query_ranking, run_from_search
 from qdr_jax.index.faiss_index import search
 
 
-def evaluate_index(
+@dataclasses.dataclass(frozen=True)
+class IndexScores:
+  """One search of a split, scored.
+
+  metrics: {measure: mean}, as `evaluate_index` returns them.
+  query_ids: the split's query ids, the rows of every `per_query` array.
+  per_query: {measure: (Q,) float64}; NaN where the measure does not judge the query (a
+    ranking measure on a query without qrels). Means over subsets of queries come from
+    these (`metrics.subset_means`) without searching again.
+  run: query id -> {passage id: score}, or None when not asked for and not needed.
+  """
+  metrics: dict[str, float]
+  query_ids: list[str]
+  per_query: dict[str, np.ndarray]
+  run: dict[str, dict[str, float]] | None = None
+
+
+def evaluate_index(index: faiss.Index, query_embeddings: np.ndarray, split: Split,
+                   corpus: Corpus, *, return_run: bool = False, **options):
+  """The metrics of `score_index` (same arguments and errors): {measure: value}, or with
+  `return_run`, (metrics, run)."""
+  scores = score_index(index, query_embeddings, split, corpus, return_run=return_run,
+                       **options)
+  return (scores.metrics, scores.run) if return_run else scores.metrics
+
+
+def score_index(
     index: faiss.Index,
     query_embeddings: np.ndarray,
     split: Split,
@@ -25,7 +52,7 @@ def evaluate_index(
     batch_size: int = 4096,
     matcher: AnswerMatcher | None = None,
     return_run: bool = False,
-):
+) -> IndexScores:
   """Searches `index` with the split's queries and scores the ranking.
 
   The index's search ids must be corpus rows (row i = `corpus.ids[i]`), as `build_index`
@@ -43,12 +70,12 @@ def evaluate_index(
     measures: ranking measures (see `ranking_metrics`).
     batch_size: queries per FAISS search call.
     matcher: an AnswerMatcher over `corpus.texts` to reuse its passage cache across calls.
-    return_run: also return the run (query id -> {passage id: score}) for a TREC file.
+    return_run: keep the run (query id -> {passage id: score}), e.g. for a TREC file.
 
   Returns:
-    {measure: value} with the ranking measures when the split has qrels and 'top{k}' answer
-    accuracies when `split.answers` is not None (both when both are there); with
-    `return_run`, (metrics, run).
+    IndexScores: metrics {measure: value} with the ranking measures when the split has
+    qrels and 'top{k}' answer accuracies when `split.answers` is not None (both when both
+    are there), their per-query values, and with `return_run` the run.
 
     Ranking measures average over the split's queries that have qrels, and a qrels query
     without results scores 0; qrels of queries not in `split.queries` are ignored (they have
@@ -84,15 +111,25 @@ def evaluate_index(
   scores, ids = search(index, q, k, batch_size=batch_size)
 
   results: dict[str, float] = {}
+  per_query: dict[str, np.ndarray] = {}
   run = None
   if qrels or return_run:
     run = run_from_search(query_ids, ids, scores, corpus.ids)
   if qrels:
-    results.update(ranking_metrics(qrels, run, measures))
+    judged, values = per_query_ranking(qrels, run, measures)
+    results.update({name: float(v.mean()) for name, v in values.items()})
+    row_of = {qid: i for i, qid in enumerate(query_ids)}
+    rows = np.asarray([row_of[qid] for qid in judged], dtype=np.int64)
+    for name, v in values.items():
+      per_query[name] = np.full(len(query_ids), np.nan)
+      per_query[name][rows] = v
   if by_answers:
     matcher = matcher if matcher is not None else AnswerMatcher(corpus.texts)
     answers = [split.answers.get(qid, ()) for qid in query_ids]
     # Only the top max(answer_ks) slots can change any top-k accuracy.
     ranks = matcher.first_hit_ranks(answers, ids[:, :max(answer_ks)])
     results.update(accuracy_from_ranks(ranks, answer_ks))
-  return (results, run) if return_run else results
+    for k_ in answer_ks:  # A miss is rank -1.
+      per_query[f"top{k_}"] = ((ranks >= 0) & (ranks < k_)).astype(np.float64)
+  return IndexScores(metrics=results, query_ids=query_ids, per_query=per_query,
+                     run=run if return_run else None)

@@ -15,7 +15,7 @@ strictly decreasing; ranking metrics then see the same order as answer accuracy 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import ir_measures
 import numpy as np
@@ -32,6 +32,40 @@ def _parse(name: str):
     return ir_measures.parse_measure(_ALIASES.get(base, base) + at + cutoff)
   except (ValueError, NameError, KeyError, TypeError, SyntaxError) as e:
     raise ValueError(f"Unknown measure {name!r}.") from e
+
+
+def per_query_ranking(
+    qrels: Mapping[str, Mapping[str, int]],
+    run: Mapping[str, Mapping[str, float]],
+    measures: Sequence[str] = DEFAULT_MEASURES,
+) -> tuple[list[str], dict[str, np.ndarray]]:
+  """Each measure's value for every query of the qrels (0 where the run has none).
+
+  Returns:
+    (query ids in the qrels' order, {name: (Q,) float64 values in that order}).
+
+  Raises:
+    ValueError: no qrels, or an unknown measure name.
+  """
+  if not qrels:
+    raise ValueError("ranking_metrics needs at least one judged query.")
+  parsed = {name: _parse(name) for name in measures}
+  # ir_measures wants plain ints / floats and str ids; drop queries it cannot judge.
+  qrels_in = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
+  run_in = {
+      str(q): {str(d): float(s) for d, s in docs.items()}
+      for q, docs in run.items() if str(q) in qrels_in and docs
+  }
+  qids = list(qrels_in)
+  row = {q: i for i, q in enumerate(qids)}
+  # Zero-filled table: any (query, measure) the provider does not report stays 0.
+  table = np.zeros((len(parsed), len(qids)), dtype=np.float64)
+  col = {m: j for j, m in enumerate(parsed.values())}
+  if run_in:
+    for metric in ir_measures.iter_calc(list(parsed.values()), qrels_in, run_in):
+      if metric.query_id in row and metric.measure in col:
+        table[col[metric.measure], row[metric.query_id]] = metric.value
+  return qids, {name: table[col[m]] for name, m in parsed.items()}
 
 
 def ranking_metrics(
@@ -52,27 +86,61 @@ def ranking_metrics(
   Raises:
     ValueError: no qrels, or an unknown measure name.
   """
-  if not qrels:
-    raise ValueError("ranking_metrics needs at least one judged query.")
-  parsed = {name: _parse(name) for name in measures}
-  by_measure = {m: name for name, m in parsed.items()}
-  # ir_measures wants plain ints / floats and str ids; drop queries it cannot judge.
-  qrels_in = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
-  run_in = {
-      str(q): {str(d): float(s) for d, s in docs.items()}
-      for q, docs in run.items() if str(q) in qrels_in and docs
-  }
-  qids = list(qrels_in)
-  row = {q: i for i, q in enumerate(qids)}
-  # Zero-filled table: any (query, measure) the provider does not report stays 0.
-  table = np.zeros((len(parsed), len(qids)), dtype=np.float64)
-  col = {m: j for j, m in enumerate(parsed.values())}
-  if run_in:
-    for metric in ir_measures.iter_calc(list(parsed.values()), qrels_in, run_in):
-      if metric.query_id in row and metric.measure in col:
-        table[col[metric.measure], row[metric.query_id]] = metric.value
-  means = table.mean(axis=1)
-  return {by_measure[m]: float(means[j]) for m, j in col.items()}
+  _, values = per_query_ranking(qrels, run, measures)
+  return {name: float(v.mean()) for name, v in values.items()}
+
+
+def split_seen(test_qrels: Mapping[str, Mapping[str, int]],
+               train_qrels: Mapping[str, Mapping[str, int]],
+               query_ids: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+  """Test queries split by whether any of their positives was a training positive.
+
+  A positive is a passage with relevance > 0 (for DPR-style data the loaders put a
+  query's positive passage ids in its qrels with relevance 1).
+
+  Args:
+    test_qrels: the test split's query id -> {passage id: relevance}.
+    train_qrels: the training split's qrels.
+    query_ids: the test queries to split, in order; None = the test qrels' queries. A
+      query without positives has none that was trained on: it is unseen.
+
+  Returns:
+    (seen query ids, unseen query ids), each in the order of `query_ids`.
+  """
+  trained = {str(d) for docs in train_qrels.values() for d, rel in docs.items() if rel > 0}
+  seen, unseen = [], []
+  for qid in (test_qrels if query_ids is None else query_ids):
+    docs = test_qrels.get(qid, {})
+    hit = any(rel > 0 and str(d) in trained for d, rel in docs.items())
+    (seen if hit else unseen).append(str(qid))
+  return seen, unseen
+
+
+def subset_means(query_ids: Sequence[str], per_query: Mapping[str, np.ndarray],
+                 subsets: Mapping[str, Collection[str]]) -> dict[str, dict]:
+  """Each subset's count and per-measure means, from per-query values (no new search).
+
+  Args:
+    query_ids: (Q,) ids of the rows of every `per_query` array.
+    per_query: {measure: (Q,) values}; NaN marks a query the measure does not judge (e.g. a
+      qrels measure on a query without qrels), which the mean skips.
+    subsets: {name: query ids}; ids not in `query_ids` are ignored.
+
+  Returns:
+    {name: {"count": queries of the subset among `query_ids`, measure: mean or None}};
+    None where no query of the subset is judged by the measure (e.g. an empty subset).
+  """
+  row = {q: i for i, q in enumerate(query_ids)}
+  out = {}
+  for name, members in subsets.items():
+    rows = np.fromiter((row[q] for q in members if q in row), dtype=np.int64)
+    entry: dict = {"count": int(rows.size)}
+    for measure, values in per_query.items():
+      picked = np.asarray(values, dtype=np.float64)[rows]
+      picked = picked[~np.isnan(picked)]
+      entry[measure] = float(picked.mean()) if picked.size else None
+    out[name] = entry
+  return out
 
 
 def run_from_search(

@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Mapping
 
 
-def format_table(rows: Mapping[str, Mapping[str, float]],
-                 spreads: Mapping[str, Mapping[str, float]] | None = None) -> str:
-  """One row per entry of ``rows``, one column per metric (union, in first-seen order)."""
+def format_table(rows: Mapping[str, Mapping[str, float | None]],
+                 spreads: Mapping[str, Mapping[str, float]] | None = None,
+                 row_header: str = "index") -> str:
+  """One row per entry of ``rows``, one column per metric (union, in first-seen order);
+  '-' for a missing or None value."""
   columns: list[str] = []
   for metrics in rows.values():
     columns += [m for m in metrics if m not in columns]
-  name_width = max([len("index")] + [len(n) for n in rows])
+  name_width = max([len(row_header)] + [len(n) for n in rows])
   cells = {}
   for name, metrics in rows.items():
     for col in columns:
@@ -20,12 +22,30 @@ def format_table(rows: Mapping[str, Mapping[str, float]],
       spread = (spreads or {}).get(name, {}).get(col)
       cells[name, col] = text + (f"±{spread:.3f}" if spread is not None else "")
   widths = {c: max(len(c), *(len(cells[n, c]) for n in rows)) for c in columns}
-  header = "  ".join([f"{'index':<{name_width}}"] + [f"{c:>{widths[c]}}" for c in columns])
+  header = "  ".join([f"{row_header:<{name_width}}"] + [f"{c:>{widths[c]}}" for c in columns])
   lines = [header, "-" * len(header)]
   for name in rows:
     lines.append("  ".join([f"{name:<{name_width}}"] +
                            [f"{cells[name, c]:>{widths[c]}}" for c in columns]))
   return "\n".join(lines)
+
+
+def subset_table(evaluations: Mapping[str, Mapping], metric: str) -> str:
+  """One row per query subset ('all', 'seen', 'unseen'), with its query count and
+  ``metric`` on the flat and the quantized index (mean over index seeds) of each
+  evaluation (e.g. {'before': ..., 'after': ...}, each an `evaluate_table` result with
+  'subsets'); '-' where a subset is empty."""
+  first = next(iter(evaluations.values()))["subsets"]
+  rows, spreads = {}, {}
+  for name, entry in first.items():
+    row = f"{name} (n={entry['count']})"
+    rows[row], spreads[row] = {}, {}
+    for label, evaluation in evaluations.items():
+      subset = evaluation["subsets"][name]
+      rows[row][f"flat {label}".strip()] = subset["flat"][metric]
+      rows[row][f"quantized {label}".strip()] = subset["quantized"][metric]
+      spreads[row][f"quantized {label}".strip()] = subset["quantized_std"][metric]
+  return format_table(rows, spreads, row_header=f"{metric} on")
 
 
 def before_after_table(results: Mapping) -> str:
@@ -41,6 +61,12 @@ def before_after_table(results: Mapping) -> str:
     rows["quantized after (training's quantizer)"] = \
         results["after"]["quantized_trained_quantizer"]
   lines = [format_table(rows, spreads)]
+  if "subsets" in results["before"] and "subsets" in results["after"]:
+    metric = results.get("config", {}).get("eval", {}).get("primary_metric")
+    if metric not in results["after"]["quantized"]:
+      metric = next(iter(results["after"]["quantized"]))
+    lines += ["", subset_table({"before": results["before"], "after": results["after"]},
+                               metric), ""]
   flat_b, quant_b = results["before"]["flat"], results["before"]["quantized"]
   quant_a = results["after"]["quantized"]
   for metric in quant_a:
@@ -49,4 +75,32 @@ def before_after_table(results: Mapping) -> str:
     closed = f", {100 * gain / gap:.0f}% of the flat-quantized gap" if gap > 1e-9 else ""
     lines.append(f"quantized {metric}: {quant_b[metric]:.4f} -> {quant_a[metric]:.4f} "
                  f"({gain:+.4f}{closed})")
+  return "\n".join(lines)
+
+
+def _p(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2g}"
+
+
+def compare_table(flat_before: Mapping[str, float], entry: Mapping, metric: str) -> str:
+  """One level of a `compare_modes` summary: every mode's quantized metrics (± spread),
+  ``metric`` on the query subsets, and the paired tests' differences and p-values."""
+  lines = [format_table({"flat before": flat_before, **entry["modes"]}, entry["modes_std"])]
+  if entry.get("subsets"):
+    rows, spreads = {}, {}
+    for mode, subsets in entry["subsets"].items():
+      rows[mode] = {f"{name} (n={s['count']})": s["quantized"][metric]
+                    for name, s in subsets.items()}
+      spreads[mode] = {f"{name} (n={s['count']})": s["quantized_std"][metric]
+                       for name, s in subsets.items()}
+    lines += ["", format_table(rows, spreads, row_header=f"{metric} on")]
+  for mode, tests in entry.get("paired", {}).items():
+    for against, test in tests.items():
+      cells = test["cells"]
+      line = (f"{mode} {against.replace('_', ' ', 1)}: {cells['mean_diff']:+.4f} "
+              f"(p={_p(cells['p'])} over {cells['n']} seed cells)")
+      if "queries" in test:
+        line += "; per query p: " + ", ".join(f"{name} {_p(q['p'])}"
+                                              for name, q in test["queries"].items())
+      lines.append(line)
   return "\n".join(lines)

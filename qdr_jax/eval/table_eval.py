@@ -8,13 +8,14 @@ per-seed values.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import ml_collections
 import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
-from qdr_jax.eval.evaluator import evaluate_index
+from qdr_jax.eval.evaluator import IndexScores, score_index
+from qdr_jax.eval.metrics import subset_means
 from qdr_jax.index.faiss_index import build_index, build_quantized, describe_index
 
 
@@ -23,37 +24,71 @@ def _eval_kwargs(eval_cfg: ml_collections.ConfigDict) -> dict:
               measures=tuple(eval_cfg.measures))
 
 
-def mean_and_spread(per_seed: Sequence[dict[str, float]]) -> tuple[dict, dict]:
+def mean_and_spread(per_seed: Sequence[dict[str, float | None]]) -> tuple[dict, dict]:
+  """Mean and standard deviation of each metric over seeds; None stays None (a metric of
+  an empty subset)."""
   keys = per_seed[0].keys()
-  mean = {k: float(np.mean([m[k] for m in per_seed])) for k in keys}
-  std = {k: float(np.std([m[k] for m in per_seed])) for k in keys}
+  values = {k: [m[k] for m in per_seed] for k in keys}
+  mean = {k: None if None in v else float(np.mean(v)) for k, v in values.items()}
+  std = {k: None if None in v else float(np.std(v)) for k, v in values.items()}
   return mean, std
 
 
-def evaluate_flat(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
-                  eval_cfg: ml_collections.ConfigDict) -> dict[str, float]:
-  return evaluate_index(build_index(table, "Flat"), query_emb, split, corpus,
-                        **_eval_kwargs(eval_cfg))
+def _score(index, query_emb: np.ndarray, split: Split, corpus: Corpus,
+           eval_cfg: ml_collections.ConfigDict) -> IndexScores:
+  return score_index(index, query_emb, split, corpus, **_eval_kwargs(eval_cfg))
 
 
-def evaluate_quantized(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
-                       index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
-                       factory: str | None = None) -> dict:
-  """Quantized metrics over the seeds: {'mean', 'std', 'per_seed', 'index'}."""
-  per_seed, index = [], None
-  for seed in eval_cfg.index_seeds:
-    index = build_quantized(table, index_cfg, seed, factory)
-    per_seed.append(evaluate_index(index, query_emb, split, corpus, **_eval_kwargs(eval_cfg)))
-  mean, std = mean_and_spread(per_seed)
-  return {"mean": mean, "std": std, "per_seed": per_seed, "index": describe_index(index)}
+def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
+  """The queries `metric` judges and their values."""
+  values = scores.per_query[metric]
+  keep = ~np.isnan(values)
+  return [q for q, k in zip(scores.query_ids, keep) if k], values[keep]
 
 
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
-                   index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict
-                   ) -> dict:
-  """{'flat': metrics, 'quantized': mean metrics, 'quantized_std', 'quantized_per_seed',
-  'index': description of the quantized index}."""
-  quantized = evaluate_quantized(table, query_emb, split, corpus, index_cfg, eval_cfg)
-  return {"flat": evaluate_flat(table, query_emb, split, corpus, eval_cfg),
-          "quantized": quantized["mean"], "quantized_std": quantized["std"],
-          "quantized_per_seed": quantized["per_seed"], "index": quantized["index"]}
+                   index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
+                   subsets: Mapping[str, Sequence[str]] | None = None) -> dict:
+  """Flat and quantized (one build per index seed) metrics of one table.
+
+  Each index is searched once; subset figures and per-query values come from that search.
+
+  Args:
+    subsets: optional {name: query ids} (e.g. 'seen' / 'unseen' from
+      `metrics.split_seen`) to report metrics on, besides 'all'.
+
+  Returns:
+    {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
+    'quantized_per_seed', 'index': description of the quantized index,
+    'per_query': {'metric': eval_cfg.primary_metric, 'query_ids': the queries it judges,
+    'flat': their values, 'quantized': one list of values per index seed} (absent when the
+    primary metric is not measured), and with `subsets`, 'subsets': {'all' and each name:
+    {'count', 'flat', 'quantized', 'quantized_std'}}, a metric None on an empty subset}.
+  """
+  flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg)
+  quantized, index = [], None
+  for seed in eval_cfg.index_seeds:
+    index = build_quantized(table, index_cfg, seed)
+    quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+  mean, std = mean_and_spread([s.metrics for s in quantized])
+  out = {"flat": flat.metrics, "quantized": mean, "quantized_std": std,
+         "quantized_per_seed": [s.metrics for s in quantized], "index": describe_index(index)}
+  metric = eval_cfg.primary_metric
+  if metric in flat.per_query:
+    query_ids, flat_values = _judged(flat, metric)
+    out["per_query"] = {"metric": metric, "query_ids": query_ids,
+                        "flat": flat_values.tolist(),
+                        "quantized": [_judged(s, metric)[1].tolist() for s in quantized]}
+  if subsets is not None:
+    out["subsets"] = {"all": {"count": len(flat.query_ids), "flat": flat.metrics,
+                              "quantized": mean, "quantized_std": std}}
+    flat_sub = subset_means(flat.query_ids, flat.per_query, subsets)
+    quant_sub = [subset_means(s.query_ids, s.per_query, subsets) for s in quantized]
+    for name, entry in flat_sub.items():
+      count = entry.pop("count")
+      for per_seed in quant_sub:
+        per_seed[name].pop("count")
+      q_mean, q_std = mean_and_spread([per_seed[name] for per_seed in quant_sub])
+      out["subsets"][name] = {"count": count, "flat": entry, "quantized": q_mean,
+                              "quantized_std": q_std}
+  return out
