@@ -15,6 +15,11 @@ from other processes hits both alike; each figure is the median of ``--repeats``
 after ``--warmup`` calls. Outputs are checked to agree within ``--atol`` first.
 Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ...}``
 (ratio = JAX seconds / PyTorch seconds; null without PyTorch).
+
+``--variants=default,ynn_xla_default`` compiles the same JAX functions once per named
+set of XLA:CPU options (``VARIANTS``) and alternates them with each other and PyTorch,
+so that a flag is judged within one process and one load; "jax" and the top-level
+ratios are the first variant's, every variant's own are under "jax_variants".
 """
 
 import functools
