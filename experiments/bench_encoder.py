@@ -15,8 +15,14 @@ from other processes hits both alike; each figure is the median of ``--repeats``
 after ``--warmup`` calls. Outputs are checked to agree within ``--atol`` first.
 Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ...}``
 (ratio = JAX seconds / PyTorch seconds; null without PyTorch).
+
+``--variants=default,ynn_xla_default`` compiles the same JAX functions once per named
+set of XLA:CPU options (``VARIANTS``) and alternates them with each other and PyTorch,
+so that a flag is judged within one process and one load; "jax" and the top-level
+ratios are the first variant's, every variant's own are under "jax_variants".
 """
 
+import functools
 import json
 import os
 import statistics
@@ -44,6 +50,28 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (compile, cache
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads.")
 _ATOL = flags.DEFINE_float("atol", 1e-4, "Largest allowed |JAX - PyTorch| of the outputs.")
 _OUT = flags.DEFINE_string("out", "bench_encoder.json", "Result JSON path.")
+_VARIANTS = flags.DEFINE_list(
+    "variants", ["default"],
+    "JAX compile variants to time side by side (names in VARIANTS): each is the same "
+    "jitted function compiled with other XLA options, so that flags are compared "
+    "within one process and one load, not across runs.")
+
+_YNN = "xla_cpu_experimental_ynn_fusion_type"
+# XLA:CPU options per variant, passed as `compiler_options` (per executable, so the
+# process's XLA_FLAGS stay as they are). Enum lists take the full value names.
+_YNN_TYPES = lambda *names: ",".join(f"LIBRARY_FUSION_TYPE_{n}" for n in names)
+VARIANTS: dict[str, dict[str, Any]] = {
+    # As the process's XLA_FLAGS give it (with qdr_jax imported: YNNPACK fusions off).
+    "default": {},
+    # No YNNPACK library fusions: dots go to XLA's own (Eigen) kernels.
+    "ynn_off": {_YNN: ""},
+    # XLA's own default in jaxlib 0.10.2 (same compiled encoder HLO as no flag at all).
+    "ynn_xla_default": {_YNN: _YNN_TYPES("INDIVIDUAL_DOT", "REDUCE")},
+    # YNNPACK for single dots only; bias, GELU and reductions stay XLA loop fusions.
+    "ynn_individual_dot": {_YNN: _YNN_TYPES("INDIVIDUAL_DOT")},
+    # YNNPACK dot fusions (dots with their elementwise producers/consumers).
+    "ynn_dot": {_YNN: _YNN_TYPES("DOT")},
+}
 
 
 def make_batch(rng: np.random.Generator, batch: int, length: int,
@@ -62,10 +90,9 @@ def make_batch(rng: np.random.Generator, batch: int, length: int,
           "token_type_ids": np.zeros_like(ids)}
 
 
-def jax_fns(model: str):
-  """Jitted forward and value_and_grad of the JAX encoder, inputs already on device."""
-  module, params = load_encoder(model)
-  params = jax.device_put(params)
+def jax_fns(module, compiler_options: dict[str, Any], params, fwd, train_batch, w):
+  """Forward and value_and_grad of the JAX encoder, compiled ahead of time for these
+  (on-device) inputs with `compiler_options`."""
 
   def embed(p, b):
     return module.apply({"params": p}, b["input_ids"], b["attention_mask"],
@@ -74,9 +101,10 @@ def jax_fns(model: str):
   def loss(p, b, w):
     return jnp.sum(embed(p, b) * w)
 
-  forward = jax.jit(embed)
-  train = jax.jit(jax.value_and_grad(loss))
-  return module, params, forward, train
+  forward = jax.jit(embed).lower(params, fwd).compile(compiler_options)
+  train = jax.jit(jax.value_and_grad(loss)).lower(params, train_batch, w).compile(
+      compiler_options)
+  return forward, train
 
 
 def torch_fns(model_dir: str, threads: int):
@@ -131,23 +159,33 @@ def summary(seconds: list[float]) -> dict[str, Any]:
 
 def main(argv):
   del argv
+  unknown = sorted(set(_VARIANTS.value) - set(VARIANTS))
+  if unknown or not _VARIANTS.value:
+    raise SystemExit(f"--variants: unknown {unknown}; expected names from {sorted(VARIANTS)}.")
   rng = np.random.default_rng(0)
-  module, params, jax_forward, jax_train = jax_fns(_MODEL.value)
+  module, params = load_encoder(_MODEL.value)
+  params = jax.device_put(params)
   vocab = module.config.vocab_size
   fwd_np = make_batch(rng, _BATCH.value, _FWD_LEN.value, vocab)
   train_np = make_batch(rng, _BATCH.value, _TRAIN_LEN.value, vocab)
   w_np = rng.standard_normal((_BATCH.value, module.config.hidden_size)).astype(np.float32)
   fwd_j, train_j, w_j = jax.device_put((fwd_np, train_np, w_np))
 
-  calls = {
-      "jax_forward": lambda: jax_forward(params, fwd_j).block_until_ready(),
-      "jax_train": lambda: jax.block_until_ready(jax_train(params, train_j, w_j)),
-  }
+  calls: dict[str, Callable[[], Any]] = {}
+  compiled = {}
+  for name in _VARIANTS.value:
+    fwd_fn, train_fn = jax_fns(module, VARIANTS[name], params, fwd_j, train_j, w_j)
+    compiled[name] = fwd_fn, train_fn
+    calls[f"{name}/forward"] = functools.partial(
+        lambda f: f(params, fwd_j).block_until_ready(), fwd_fn)
+    calls[f"{name}/train"] = functools.partial(
+        lambda f: jax.block_until_ready(f(params, train_j, w_j)), train_fn)
   result: dict[str, Any] = {
       "model": _MODEL.value, "batch": _BATCH.value, "forward_len": _FWD_LEN.value,
       "train_len": _TRAIN_LEN.value, "repeats": _REPEATS.value,
-      "jax": {"version": jax.__version__, "devices": str(jax.devices())},
-      "torch": None, "ratio_forward": None, "ratio_train": None,
+      "jax": {"version": jax.__version__, "devices": str(jax.devices()),
+              "variant": _VARIANTS.value[0]},
+      "jax_variants": {}, "torch": None, "ratio_forward": None, "ratio_train": None,
   }
   try:
     torch_mod = __import__("torch")
@@ -159,27 +197,40 @@ def main(argv):
         resolve_model_path(_MODEL.value), _THREADS.value)
     fwd_t, train_t = to_torch(fwd_np), to_torch(train_np)
     w_t = torch.from_numpy(w_np)
-    # Agreement first: a fast wrong model proves nothing.
-    diff_fwd = float(np.abs(np.asarray(jax_forward(params, fwd_j))
-                            - t_forward(fwd_t).numpy()).max())
-    diff_loss = abs(float(jax_train(params, train_j, w_j)[0]) - float(t_train(train_t, w_t)))
-    result["max_abs_diff_forward"], result["abs_diff_train_loss"] = diff_fwd, diff_loss
-    if diff_fwd > _ATOL.value or diff_loss > _ATOL.value * _BATCH.value:
-      raise SystemExit(f"JAX and PyTorch disagree: forward max |diff| {diff_fwd:.2e}, "
-                       f"train loss |diff| {diff_loss:.2e} (atol {_ATOL.value}).")
-    calls["torch_forward"] = lambda: t_forward(fwd_t)
-    calls["torch_train"] = lambda: t_train(train_t, w_t)
+    # Agreement first, for every variant: a fast wrong model proves nothing.
+    ref_fwd, ref_loss = t_forward(fwd_t).numpy(), float(t_train(train_t, w_t))
+    for name, (fwd_fn, train_fn) in compiled.items():
+      diff_fwd = float(np.abs(np.asarray(fwd_fn(params, fwd_j)) - ref_fwd).max())
+      diff_loss = abs(float(train_fn(params, train_j, w_j)[0]) - ref_loss)
+      result.setdefault("max_abs_diff_forward", {})[name] = diff_fwd
+      result.setdefault("abs_diff_train_loss", {})[name] = diff_loss
+      if diff_fwd > _ATOL.value or diff_loss > _ATOL.value * _BATCH.value:
+        raise SystemExit(f"JAX ({name}) and PyTorch disagree: forward max |diff| "
+                         f"{diff_fwd:.2e}, train loss |diff| {diff_loss:.2e} "
+                         f"(atol {_ATOL.value}).")
+    calls["torch/forward"] = lambda: t_forward(fwd_t)
+    calls["torch/train"] = lambda: t_train(train_t, w_t)
     result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
 
   times = alternate(calls, _REPEATS.value, _WARMUP.value)
   for name, seconds in times.items():
-    framework, what = name.split("_")
-    result[framework][what] = summary(seconds)
+    who, what = name.split("/")
+    if who == "torch":
+      result["torch"][what] = summary(seconds)
+    else:
+      entry = result["jax_variants"].setdefault(who, {"compiler_options": VARIANTS[who]})
+      entry[what] = summary(seconds)
+  # The first variant is "jax" in the result and in the ratios; every variant has
+  # its own ratios under "jax_variants".
+  result["jax"].update({k: result["jax_variants"][_VARIANTS.value[0]][k]
+                        for k in ("forward", "train")})
   if result["torch"] is not None:
-    result["ratio_forward"] = (result["jax"]["forward"]["median_s"]
-                               / result["torch"]["forward"]["median_s"])
-    result["ratio_train"] = (result["jax"]["train"]["median_s"]
-                             / result["torch"]["train"]["median_s"])
+    for entry in [result] + list(result["jax_variants"].values()):
+      jax_entry = entry["jax"] if entry is result else entry
+      entry["ratio_forward"] = (jax_entry["forward"]["median_s"]
+                                / result["torch"]["forward"]["median_s"])
+      entry["ratio_train"] = (jax_entry["train"]["median_s"]
+                              / result["torch"]["train"]["median_s"])
   result["load_average"] = os.getloadavg()
   text = json.dumps(result, indent=2)
   print(text)

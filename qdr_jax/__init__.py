@@ -8,3 +8,16 @@ import os
 # this once, when it is loaded, so it must be set before faiss (or torch) is
 # imported, hence here; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+# XLA:CPU's YNNPACK library fusions run the encoder's GEMMs together with their
+# bias/GELU/reduce neighbours at 15-20 GFLOP/s on the (2048, 384) training shapes,
+# where XLA's own dot kernels reach ~100. With them off, the MiniLM forward at 32x256
+# took 6.2-8.9 s instead of 9.3-12.4 s (27-34% less; PyTorch 6.0-8.4 s) and
+# forward+backward at 32x64 0-7% less, in three runs timing both side by side in one
+# process (experiments/bench_encoder.py --variants=default,ynn_xla_default, issue
+# 12); outputs unchanged to 3e-7. The flag is read when JAX first creates a backend,
+# so it is appended here, before any computation; it is CPU-only (GPU/TPU compilers
+# ignore it). A user's own setting of it wins.
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+if _YNN_FLAG not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_YNN_FLAG}=".strip()
