@@ -193,7 +193,9 @@ def neighbour_recall(ids, exact_ids, k: int = 100) -> float:
 
 def job_main(out: pathlib.Path) -> None:
   """One process of the training job (``--stage=first`` is killed mid-training)."""
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={_DEVICES.value}"
+  # Appended: importing qdr_jax put its own XLA:CPU defaults there (qdr_jax/__init__.py).
+  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
+                             f"--xla_force_host_platform_device_count={_DEVICES.value}").strip()
   config = rehearsal_config(out, _PASSAGES.value)
   if _PROCESSES.value > 1:
     config.distributed.coordinator_address = f"localhost:{_PORT.value}"
