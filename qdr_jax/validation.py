@@ -37,6 +37,7 @@ ENUMS: dict[str, tuple] = {
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
     "quant.codes": ("index", "recompute"),
+    "negatives.pseudo_query_field": ("title", "first_sentence"),
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": tuple(MODES),
@@ -67,6 +68,11 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.temperature", 0, True, None),
     ("loss.routing_weight", 0, False, None),
     ("loss.routing_temperature", 0, True, None),
+    ("loss.distill_weight", 0, False, None),
+    ("loss.distill_temperature", 0, True, None),
+    ("loss.balance_weight", 0, False, None),
+    ("loss.balance_temperature", 0, True, None),
+    ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
     ("optim.codebook_lr", 0, False, None),
@@ -93,7 +99,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 )
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
-           "loss.routing_temperature", "optim.encoder_lr", "optim.row_lr",
+           "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
+           "loss.balance_weight", "loss.balance_temperature", "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.end_lr_fraction", "optim.weight_decay",
            "optim.grad_clip", "optim.b1", "optim.b2", "optim.eps"}
 # What a table file may hold: floats are cast losslessly enough; integers are not embeddings.
@@ -295,6 +302,14 @@ def _check_data(config: ml_collections.ConfigDict, dataset: RetrievalDataset,
       and config.train.batch_size % num_devices):
     problems.append(_problem("train.batch_size", config.train.batch_size,
                              f"a multiple of the {num_devices} devices"))
+  pseudo = config.negatives.pseudo_queries
+  if mode_trains and isinstance(pseudo, int) and pseudo:
+    if num_devices and pseudo % num_devices:  # encoded in one batch with the queries
+      problems.append(_problem("negatives.pseudo_queries", pseudo,
+                               f"a multiple of the {num_devices} devices"))
+    if pseudo > num_rows:
+      problems.append(_problem("negatives.pseudo_queries", pseudo,
+                               f"<= the corpus's {num_rows} passages"))
 
 
 def validate_config(config: ml_collections.ConfigDict, *,
