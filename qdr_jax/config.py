@@ -105,6 +105,7 @@ def base_config() -> ml_collections.ConfigDict:
   # assignments, softness in units of each row's score spread); quantizing modes. 0 = off.
   c.loss.balance_weight = 0.0
   c.loss.balance_temperature = 0.25
+  c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
 
   c.quant = ml_collections.ConfigDict()
   c.quant.learn_codebooks = False

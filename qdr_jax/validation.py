@@ -72,6 +72,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.distill_temperature", 0, True, None),
     ("loss.balance_weight", 0, False, None),
     ("loss.balance_temperature", 0, True, None),
+    ("loss.balance_rows", 0, False, None),
     ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
@@ -191,6 +192,22 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
       and dist.process_id >= dist.num_processes >= 1):
     problems.append(_problem("distributed.process_id", dist.process_id,
                              f"< config.distributed.num_processes={dist.num_processes}"))
+
+
+def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
+  """Distillation, balance and pseudo-queries set where they do nothing (warnings)."""
+  loss, mode = config.loss, MODES.get(config.train.mode)
+  if mode is None or not mode.trains:
+    return
+  if not mode.quantize:
+    for key in ("distill_weight", "balance_weight"):
+      if loss[key]:
+        warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
+                        f"mode {config.train.mode!r}")
+  if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
+    warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
+                    "without the distillation term (config.loss.distill_weight > 0 in a "
+                    "quantizing mode): their candidates only add negatives to the pool")
 
 
 def check_table_file(path: str | os.PathLike, *, num_rows: int | None = None,
@@ -338,6 +355,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
   _check_ranges(config, problems)
   _check_enums(config, problems)
   _check_settings(config, problems)
+  if training:
+    _check_quantization_terms(config, warnings)
   num_rows = len(dataset.corpus) if dataset is not None else None
   if dim is not None and isinstance(config.index.factory, str) and config.index.factory:
     _check_index(config, dim, num_rows, training, problems, warnings)

@@ -143,6 +143,17 @@ def test_balance_penalty_gradient_matches_finite_differences(with_ivf):
   assert grad_rows[:5].max() > 0 and grad_rows[5].max() == 0  # the invalid row gets none
 
 
+def test_balance_penalty_on_strided_rows():
+  rng = np.random.default_rng(5)
+  quantizer = jax.tree.map(lambda x: x.astype(jnp.float32), _quantizer(rng))
+  rows = jnp.asarray(rng.normal(size=(10, 4)), jnp.float32)
+  valid = np.ones(10, bool)
+  capped, _ = balance_penalty(quantizer, rows, valid, temperature=0.5, max_rows=4)
+  strided, _ = balance_penalty(quantizer, rows[::3], valid[::3], temperature=0.5)
+  full, _ = balance_penalty(quantizer, rows, valid, temperature=0.5, max_rows=10)
+  assert float(capped) == float(strided) and float(full) != float(capped)
+
+
 def test_pseudo_query_rows_reproducible_from_seed_and_step():
   a = pseudo_query_rows(7, 1000, 16, seed=3)
   np.testing.assert_array_equal(a, pseudo_query_rows(7, 1000, 16, seed=3))
@@ -230,3 +241,24 @@ def test_tiny_run_with_distillation_pseudo_queries_and_balance(inputs, tmp_path)
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
   table = result.lifecycle.table_to_lead(result.state.table)
   assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50
+
+
+def test_validation_of_the_new_settings():
+  from qdr_jax.config import base_config
+  from qdr_jax.validation import ConfigError, validate_config
+  config = base_config()
+  config.loss.distill_temperature = 0.0
+  config.negatives.pseudo_query_field = "body"
+  config.loss.balance_rows = -1
+  with pytest.raises(ConfigError) as e:
+    validate_config(config)
+  text = str(e.value)
+  assert "loss.distill_temperature=0.0" in text and "pseudo_query_field='body'" in text
+  assert "loss.balance_rows=-1" in text
+  config = base_config()
+  config.train.mode = "query_only"
+  config.loss.distill_weight = 1.0
+  config.negatives.pseudo_queries = 4
+  warnings = validate_config(config)
+  assert any("distill_weight=1.0: ignored" in w for w in warnings)
+  assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
