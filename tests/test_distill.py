@@ -2,7 +2,6 @@
 balance penalty, pseudo-queries from the corpus, and a tiny run with both terms on."""
 
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from qdr_jax.negatives.pool import build_pool
 from qdr_jax.quant import Quantizer, encode_with_lists
 from qdr_jax.train.loss import balance_penalty, distillation_loss, kl_divergence
 from qdr_jax.train.negatives import pseudo_query_rows
+from test_train_families import inputs  # noqa: F401  (the tiny run's data, table, encoder)
 
 
 def _softmax(x):
@@ -203,20 +203,6 @@ def test_recomputed_codes_follow_the_rows():
   stale = pool_targets(moved, quantizer, None, codes, lists)
   np.testing.assert_array_equal(np.asarray(live[1:]), np.asarray(stale[1:]))
   assert not np.array_equal(np.asarray(live[0]), np.asarray(stale[0]))
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
-  from conftest import make_tiny_config
-  from qdr_jax.data.loader import load_dataset
-  from qdr_jax.targets.encoders import embed_passages, load_encoders
-  from qdr_jax.targets.table import build_or_load_table
-  config = make_tiny_config(tiny_beir, tiny_encoder_dir, tmp_path_factory.mktemp("cache"))
-  dataset = load_dataset(config.data)
-  encoders = load_encoders(config.model)
-  table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(config.table.cache_dir),
-                               embed_passages(encoders, config))
-  return config, dataset, encoders, np.asarray(table0)
 
 
 def test_tiny_run_with_distillation_pseudo_queries_and_balance(inputs, tmp_path):
