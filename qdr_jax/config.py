@@ -82,6 +82,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.fill_valid = True   # filler rows act as random negatives
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
+  # Label-free pseudo-queries per step: corpus passages drawn by (seed, step) whose title
+  # (or first sentence) the query encoder encodes as a query. Their index candidates join
+  # the pool; only the distillation term (loss.distill_weight) applies to them.
+  c.negatives.pseudo_queries = 0
+  c.negatives.pseudo_query_field = "title"  # title (first sentence if none) | first_sentence
+  c.negatives.pseudo_query_hide_source = True  # hide the passage from its own pseudo-query
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05
@@ -91,13 +97,24 @@ def base_config() -> ml_collections.ConfigDict:
   # weight. 0 = off (the paper's loss).
   c.loss.routing_weight = 0.0
   c.loss.routing_temperature = 0.05
+  # KL(flat || quantized) of each query's softmax over the pool (training queries and
+  # pseudo-queries), scores / distill_temperature; quantizing modes only. 0 = off.
+  c.loss.distill_weight = 0.0
+  c.loss.distill_temperature = 0.05
+  # Uniform-usage penalty on PQ codeword and IVF list usage of the pooled rows (soft
+  # assignments, softness in units of each row's score spread); quantizing modes. 0 = off.
+  c.loss.balance_weight = 0.0
+  c.loss.balance_temperature = 0.25
+  c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
 
   c.quant = ml_collections.ConfigDict()
   c.quant.learn_codebooks = False
-  # Codes the straight-through forward decodes: 'index' = as the FAISS index stores them
-  # (refreshed at each rebuild: exactly what is served, and cheap); 'recompute' = encode
-  # the pool's current rows every step (exact for rows moved since the last rebuild).
-  c.quant.codes = "index"
+  # Codes the straight-through forward decodes: 'recompute' = encode the pool's current
+  # rows every step on the device (a live forward: a row's reconstruction follows the row
+  # between refreshes); 'index' = as the FAISS index stores them (refreshed at each
+  # rebuild: exactly what is served, but between refreshes the forward value of a row
+  # does not depend on the row, so its updates run open-loop).
+  c.quant.codes = "recompute"
 
   c.optim = ml_collections.ConfigDict()
   c.optim.encoder_lr = 2e-5

@@ -37,6 +37,7 @@ ENUMS: dict[str, tuple] = {
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
     "quant.codes": ("index", "recompute"),
+    "negatives.pseudo_query_field": ("title", "first_sentence"),
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": tuple(MODES),
@@ -67,6 +68,12 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.temperature", 0, True, None),
     ("loss.routing_weight", 0, False, None),
     ("loss.routing_temperature", 0, True, None),
+    ("loss.distill_weight", 0, False, None),
+    ("loss.distill_temperature", 0, True, None),
+    ("loss.balance_weight", 0, False, None),
+    ("loss.balance_temperature", 0, True, None),
+    ("loss.balance_rows", 0, False, None),
+    ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
     ("optim.codebook_lr", 0, False, None),
@@ -93,7 +100,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 )
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
-           "loss.routing_temperature", "optim.encoder_lr", "optim.row_lr",
+           "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
+           "loss.balance_weight", "loss.balance_temperature", "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.end_lr_fraction", "optim.weight_decay",
            "optim.grad_clip", "optim.b1", "optim.b2", "optim.eps"}
 # What a table file may hold: floats are cast losslessly enough; integers are not embeddings.
@@ -184,6 +192,22 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
       and dist.process_id >= dist.num_processes >= 1):
     problems.append(_problem("distributed.process_id", dist.process_id,
                              f"< config.distributed.num_processes={dist.num_processes}"))
+
+
+def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
+  """Distillation, balance and pseudo-queries set where they do nothing (warnings)."""
+  loss, mode = config.loss, MODES.get(config.train.mode)
+  if mode is None or not mode.trains:
+    return
+  if not mode.quantize:
+    for key in ("distill_weight", "balance_weight"):
+      if loss[key]:
+        warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
+                        f"mode {config.train.mode!r}")
+  if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
+    warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
+                    "without the distillation term (config.loss.distill_weight > 0 in a "
+                    "quantizing mode): their candidates only add negatives to the pool")
 
 
 def check_table_file(path: str | os.PathLike, *, num_rows: int | None = None,
@@ -295,6 +319,14 @@ def _check_data(config: ml_collections.ConfigDict, dataset: RetrievalDataset,
       and config.train.batch_size % num_devices):
     problems.append(_problem("train.batch_size", config.train.batch_size,
                              f"a multiple of the {num_devices} devices"))
+  pseudo = config.negatives.pseudo_queries
+  if mode_trains and isinstance(pseudo, int) and pseudo:
+    if num_devices and pseudo % num_devices:  # encoded in one batch with the queries
+      problems.append(_problem("negatives.pseudo_queries", pseudo,
+                               f"a multiple of the {num_devices} devices"))
+    if pseudo > num_rows:
+      problems.append(_problem("negatives.pseudo_queries", pseudo,
+                               f"<= the corpus's {num_rows} passages"))
 
 
 def validate_config(config: ml_collections.ConfigDict, *,
@@ -323,6 +355,8 @@ def validate_config(config: ml_collections.ConfigDict, *,
   _check_ranges(config, problems)
   _check_enums(config, problems)
   _check_settings(config, problems)
+  if training:
+    _check_quantization_terms(config, warnings)
   num_rows = len(dataset.corpus) if dataset is not None else None
   if dim is not None and isinstance(config.index.factory, str) and config.index.factory:
     _check_index(config, dim, num_rows, training, problems, warnings)

@@ -39,6 +39,7 @@ def test_mode_trains_on_index_family(inputs, tmp_path, factory, mode):
   config.index.factory = factory
   config.index.rebuild_every = 2
   config.index.full_rebuild_every = 4  # steps 2 and 6 incremental, step 4 full
+  config.quant.codes = "index"  # the live forward ('recompute') has its own test below
   config.lock()
   result = train(config, get_mode(mode), dataset, encoders, table0, tmp_path)
   assert result.step == 8 and not result.preempted
@@ -59,3 +60,20 @@ def test_mode_trains_on_index_family(inputs, tmp_path, factory, mode):
     device = result.lifecycle.loss_inputs.codes
     np.testing.assert_array_equal(np.asarray(device["codes"])[:len(table)], codes)
     np.testing.assert_array_equal(np.asarray(device["lists"])[:len(table)], lists)
+
+
+@pytest.mark.parametrize("factory", FACTORIES)
+def test_live_forward_trains_on_index_family(inputs, tmp_path, factory):
+  """quant.codes='recompute' (the default): the pool's codes are encoded on the device
+  every step from the current rows, with no stored codes on the devices."""
+  base, dataset, encoders, table0 = inputs
+  config = base.copy_and_resolve_references()
+  config.train.steps = 4
+  config.index.factory = factory
+  config.index.rebuild_every = 2
+  config.lock()
+  assert config.quant.codes == "recompute"
+  result = train(config, get_mode("dback"), dataset, encoders, table0, tmp_path)
+  assert result.step == 4 and result.lifecycle.loss_inputs.codes is None
+  table = result.lifecycle.table_to_lead(result.state.table)
+  assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50

@@ -69,13 +69,15 @@ def build_pool(candidates: np.ndarray,
                rng: np.random.Generator,
                fill_valid: bool = True,
                hidden: Sequence[np.ndarray] | None = None,
-               relevance_fn: RelevanceFn | None = None) -> Pool:
+               relevance_fn: RelevanceFn | None = None,
+               unlabelled: int = 0) -> Pool:
   """Pools the index's candidates of a batch into one static-shape set of rows.
 
   Args:
     candidates: (B, k) rows returned by the index per query; -1 (FAISS's "no result")
       is dropped.
-    positives: per query, its labelled positive rows (at least one each).
+    positives: per query, its labelled positive rows (at least one each; none for the
+      ``unlabelled`` last queries).
     pool_size: P, the static number of rows of the pool.
     num_rows: rows of the table, to draw filler rows from.
     max_positives: width of ``positive_positions``; a query's extra positives are kept in
@@ -86,6 +88,8 @@ def build_pool(candidates: np.ndarray,
     relevance_fn: called once on the pool's valid rows to find more such rows for every
       query: a passage holding query b's answer is a false negative for b whichever
       query's candidates (or the filler) brought it into the pool.
+    unlabelled: the last this many queries have no labels (label-free pseudo-queries):
+      their candidates join the pool, their ``positive_mask`` rows are all False.
 
   Returns:
     A ``Pool``.
@@ -93,12 +97,16 @@ def build_pool(candidates: np.ndarray,
   batch_size = candidates.shape[0]
   if len(positives) != batch_size:
     raise ValueError(f"{len(positives)} positive lists for a batch of {batch_size} queries.")
-  pos_counts = np.asarray([len(p) for p in positives])
-  if (pos_counts == 0).any():
-    raise ValueError(f"queries {np.flatnonzero(pos_counts == 0).tolist()} of the batch have "
-                     "no positive; drop them before batching.")
+  pos_counts = np.asarray([len(p) for p in positives], dtype=np.int64)
+  labelled = batch_size - unlabelled
+  if (pos_counts[:labelled] == 0).any():
+    raise ValueError(f"queries {np.flatnonzero(pos_counts[:labelled] == 0).tolist()} of the "
+                     "batch have no positive; drop them before batching.")
+  if pos_counts[labelled:].any():
+    raise ValueError(f"the last {unlabelled} queries are unlabelled but have positives.")
   pos_query_of = np.repeat(np.arange(batch_size), pos_counts)
-  pos_rows_all = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives])
+  pos_rows_all = np.concatenate([np.asarray(p, dtype=np.int64) for p in positives]
+                                + [np.zeros(0, np.int64)])
   pos_rows = np.unique(pos_rows_all)
   if pos_rows.size > pool_size:
     raise ValueError(f"the batch has {pos_rows.size} distinct positives but "

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qdr_jax import distributed
+from qdr_jax.data.pseudo import pseudo_query_texts
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.index.faiss_index import search
 from qdr_jax.index.lifecycle import IndexLifecycle
@@ -30,10 +31,12 @@ from qdr_jax.negatives.pool import build_pool
 
 @dataclasses.dataclass(frozen=True)
 class TrainQueries:
-  """Training queries that have at least one positive in the corpus."""
+  """Training queries that have at least one positive in the corpus, and the corpus
+  (the source of label-free pseudo-queries)."""
   texts: list[str]
   positives: list[np.ndarray]
   answers: list[list[str]] | None
+  corpus: Corpus | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 def training_queries(split: Split, corpus: Corpus) -> TrainQueries:
@@ -48,7 +51,8 @@ def training_queries(split: Split, corpus: Corpus) -> TrainQueries:
       answers.append(list(split.answers.get(qid, ())))
   if not texts:
     raise ValueError("the training split has no query with a positive passage in the corpus.")
-  return TrainQueries(texts, positives, answers if split.answers is not None else None)
+  return TrainQueries(texts, positives, answers if split.answers is not None else None,
+                      corpus)
 
 
 def batch_indices(step: int, num_queries: int, batch_size: int, seed: int) -> np.ndarray:
@@ -63,6 +67,22 @@ def batch_indices(step: int, num_queries: int, batch_size: int, seed: int) -> np
   epoch, slot = divmod(step, per_epoch)
   order = np.random.default_rng((seed, epoch)).permutation(num_queries)
   return order[slot * batch_size:(slot + 1) * batch_size]
+
+
+# Mixed into the pseudo-query draws' seed, so they are a stream apart from the batches'.
+_PSEUDO_STREAM = 0x9E0D
+
+
+def pseudo_query_rows(step: int, num_rows: int, count: int, seed: int) -> np.ndarray:
+  """The ``count`` distinct corpus rows whose pseudo-queries join ``step``'s batch.
+
+  A pure function of (seed, step), like ``batch_indices``: a resumed run draws the same.
+  """
+  if count > num_rows:
+    raise ValueError(f"config.negatives.pseudo_queries={count} exceeds the corpus's "
+                     f"{num_rows} passages.")
+  rng = np.random.default_rng((seed, _PSEUDO_STREAM, step))
+  return np.sort(rng.choice(num_rows, size=count, replace=False))
 
 
 class PhaseTimers:
@@ -90,8 +110,10 @@ class EncodedBatch:
   """A step's queries dispatched through the encoder (device futures)."""
   step: int
   query_rows: np.ndarray  # indices into TrainQueries
-  query_emb: jax.Array
+  query_emb: jax.Array    # the training queries, then the pseudo-queries
   encoder_vjp: Any
+  pseudo_rows: np.ndarray = dataclasses.field(  # corpus rows of the pseudo-queries
+      default_factory=lambda: np.zeros(0, np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,22 +162,37 @@ class NegativeSource:
     self.timers = timers
     self.batch_size = config.train.batch_size
     self.k = config.negatives.k
-    # A corpus smaller than B*k is pooled whole: the softmax is then exact.
-    self.pool_size = config.negatives.pool_size or min(self.batch_size * self.k, num_rows)
+    self.num_pseudo = config.negatives.pseudo_queries
+    if self.num_pseudo and queries.corpus is None:
+      raise ValueError("config.negatives.pseudo_queries > 0 needs the corpus: build the "
+                       "queries with training_queries(split, corpus).")
+    if (self.batch_size + self.num_pseudo) % mesh.devices.size:
+      raise ValueError(f"config.train.batch_size + config.negatives.pseudo_queries = "
+                       f"{self.batch_size + self.num_pseudo} is not divisible by the "
+                       f"{mesh.devices.size} devices of the mesh.")
+    # A corpus smaller than (B + pseudo-queries) * k is pooled whole: the softmax is
+    # then exact.
+    self.pool_size = config.negatives.pool_size or min(
+        (self.batch_size + self.num_pseudo) * self.k, num_rows)
 
   def encode(self, step: int, params) -> EncodedBatch:
     """Dispatches the query forward of ``step``'s batch; returns device futures."""
     rows = batch_indices(step, len(self.queries.texts), self.batch_size, self.config.seed)
+    texts = [self.queries.texts[i] for i in rows]
+    pseudo_rows = np.zeros(0, np.int64)
+    if self.num_pseudo:
+      pseudo_rows = pseudo_query_rows(step, self.num_rows, self.num_pseudo, self.config.seed)
+      texts += pseudo_query_texts(self.queries.corpus, pseudo_rows,
+                                  self.config.negatives.pseudo_query_field)
     # The whole batch is tokenized on every host, so all pad to the same length; each
     # then places only its own block (one block per process, see distributed.py).
-    tokens = tokenize(self.tokenizer, [self.queries.texts[i] for i in rows],
-                      self.config.model.max_query_length,
+    tokens = tokenize(self.tokenizer, texts, self.config.model.max_query_length,
                       pad_to_multiple_of=self.config.model.length_bucket)
     local = {name: distributed.process_batch_slice(a, jax.process_index(),
                                                    jax.process_count())
              for name, a in tokens.items()}
     query_emb, vjp = self.encode_fn(params, distributed.host_local_to_global(local, self.mesh))
-    return EncodedBatch(step, rows, query_emb, vjp)
+    return EncodedBatch(step, rows, query_emb, vjp, pseudo_rows)
 
   def negatives(self, batch: EncodedBatch) -> StepInputs:
     """Searches the index with the batch's embeddings and pools the results."""
@@ -171,11 +208,21 @@ class NegativeSource:
   def _pool(self, batch: EncodedBatch, query_host: np.ndarray) -> dict[str, np.ndarray]:
     _, candidates = search(self.lifecycle.index, query_host, self.k)
     relevance = None
-    if self.relevance_fn is not None:
-      relevance = lambda rows: self.relevance_fn(batch.query_rows, rows)
-    built = build_pool(candidates, [self.queries.positives[i] for i in batch.query_rows],
+    num_pseudo = batch.pseudo_rows.size
+    if self.relevance_fn is not None:  # pseudo-queries have no answers: nothing to hide
+      relevance = lambda rows: np.concatenate(
+          [self.relevance_fn(batch.query_rows, rows), np.zeros((num_pseudo, rows.size), bool)])
+    positives = [self.queries.positives[i] for i in batch.query_rows]
+    empty = np.zeros(0, np.int64)
+    hidden = None
+    if num_pseudo and self.config.negatives.pseudo_query_hide_source:
+      # A passage trivially matches its own title: it would teach the distillation
+      # nothing but its own top rank.
+      hidden = [empty] * len(positives) + [np.asarray([r]) for r in batch.pseudo_rows]
+    built = build_pool(candidates, positives + [empty] * num_pseudo,
                        pool_size=self.pool_size, num_rows=self.num_rows,
                        max_positives=self.config.negatives.max_positives,
                        rng=np.random.default_rng(self.step_seeds[batch.step]),
-                       fill_valid=self.config.negatives.fill_valid, relevance_fn=relevance)
+                       fill_valid=self.config.negatives.fill_valid, hidden=hidden,
+                       relevance_fn=relevance, unlabelled=num_pseudo)
     return {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}

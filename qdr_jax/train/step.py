@@ -21,7 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qdr_jax.quant import Quantizer, assign_coarse, coarse_scores, decode, quantize
 from qdr_jax.sharding import DATA_AXIS
-from qdr_jax.train.loss import contrastive_loss, routing_loss
+from qdr_jax.train.loss import contrastive_loss, quantization_terms, routing_loss
 from qdr_jax.train.modes import Mode
 from qdr_jax.train import optim
 from qdr_jax.train.optim import Schedule
@@ -81,6 +81,9 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   routing_temperature = float(config.loss.routing_temperature)
   nprobe = int(config.index.nprobe)
   rounding = optim.bf16_update(config.table)
+  # Distillation and balance: they compare with or act on the quantizer, so they apply
+  # to quantizing modes only.
+  extra_terms = quantization_terms(config.loss) if mode.quantize else None
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -117,6 +120,14 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
             pool["positive_mask"], valid, nprobe=nprobe)
         metrics = {**metrics, **route_metrics, "contrastive_loss": loss}
         loss = loss + routing_weight * extra
+        metrics["loss"] = loss
+      if extra_terms is not None and quantizer is not None:
+        active = valid[None, :] & ~pool["hidden_mask"]
+        extra, extra_metrics = extra_terms(
+            q, rows, targets, active, valid,
+            quantizer if codebooks is None else quantizer.replace(codebooks=codebooks))
+        metrics = {"contrastive_loss": loss, **metrics, **extra_metrics}
+        loss = loss + extra
         metrics["loss"] = loss
       return loss, metrics
 
