@@ -90,6 +90,47 @@ class Quantizer:
     return self.coarse_centroids is not None
 
 
+# The index parameters a run may learn (``config.quant.learn``) and the `Quantizer` field
+# each one is.
+INDEX_PARAMS = ("codebooks", "centroids", "rotation")
+_FIELDS = {"codebooks": "codebooks", "centroids": "coarse_centroids", "rotation": "rotation"}
+
+
+def index_params(q: Quantizer, learn) -> dict[str, Array]:
+  """The learned subset ``learn`` (names from `INDEX_PARAMS`) of ``q``'s parameters.
+
+  Raises:
+    ValueError: a name is unknown, or ``q`` has no such level (no IVF, no OPQ).
+  """
+  out = {}
+  for name in learn:
+    if name not in _FIELDS:
+      raise ValueError(f"Unknown index parameter {name!r}; expected some of {INDEX_PARAMS}.")
+    value = getattr(q, _FIELDS[name])
+    if value is None:
+      raise ValueError(f"The quantizer has no {name} to learn (no "
+                       f"{'IVF level' if name == 'centroids' else 'OPQ rotation'}).")
+    out[name] = value
+  return out
+
+
+def with_index_params(q: Quantizer, params: dict[str, Array] | None) -> Quantizer:
+  """``q`` with the learned ``params`` (`index_params`'s dict) in place of its own."""
+  if not params:
+    return q
+  return q.replace(**{_FIELDS[name]: value for name, value in params.items()})
+
+
+def orthogonalize(r: Array) -> Array:
+  """The nearest matrix to ``r`` (Frobenius) with orthonormal rows: ``U V^T`` of its SVD.
+
+  Projects a learned OPQ rotation back after a gradient step, so that `unrotate` (which
+  assumes ``A A^T = I``) stays its inverse and FAISS's reverse transform agrees.
+  """
+  u, _, vt = jnp.linalg.svd(r, full_matrices=False)
+  return u @ vt
+
+
 def _residual_centroids(q: Quantizer) -> Array:
   if q.coarse_centroids is None:
     raise ValueError("A by_residual quantizer needs coarse_centroids.")
