@@ -75,6 +75,10 @@ def test_write_back_round_trips_and_faiss_codes_equal_jax_codes(factory, learn):
     np.testing.assert_array_equal(got_lists, want_lists)
     assert (got_codes != want_codes).mean() < 1e-3
   np.testing.assert_array_equal(codes, sa_codes)
+  # A saved and read-back index (FAISS reads OPQ back as a LinearTransform) keeps them.
+  read = quant.quantizer_from_faiss(faiss.deserialize_index(faiss.serialize_index(index)))
+  for name, value in quant.index_params(read, learn).items():
+    np.testing.assert_array_equal(value, learned[name])
   # Reconstructions in the original space equal FAISS's (rotation applied back).
   index_ivf = faiss.extract_index_ivf(index) if "IVF" in factory else None
   if index_ivf is not None:

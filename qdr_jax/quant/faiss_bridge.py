@@ -5,7 +5,8 @@ Supported layouts (PQ codes of 1..8 bits per sub-quantizer; row id = search id):
   * IndexIVFPQ and IndexIVFPQFastScan (`IVF{n},PQ{m}x4fs[r]`), by_residual True or False,
     with a flat (IP or L2) or HNSW coarse quantizer (`IVF{n}_HNSW32,PQ{m}`);
   * IndexHNSWPQ (`HNSW32,PQ{m}`): an HNSW graph over an IndexPQ storage, row = position;
-  * any of the above behind an IndexPreTransform holding a single OPQMatrix.
+  * any of the above behind an IndexPreTransform holding a single OPQMatrix (or the
+    orthonormal LinearTransform FAISS reads back in its place).
 Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, refine stages, id maps) has codes
 JAX does not reproduce: `supports_straight_through` says so without raising.
 """
@@ -47,7 +48,8 @@ def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
       raise ValueError(f"Only a single OPQ transform is supported, got a chain of "
                        f"{index.chain.size()}.")
     transform = faiss.downcast_VectorTransform(index.chain.at(0))
-    if not isinstance(transform, faiss.OPQMatrix):
+    # FAISS writes an OPQMatrix as a plain LinearTransform: a read-back index has one.
+    if type(transform) not in (faiss.OPQMatrix, faiss.LinearTransform):
       raise ValueError(f"Only OPQMatrix pre-transforms are supported, got "
                        f"{type(transform).__name__}.")
     # An untrained OPQMatrix reports itself non-orthonormal until training sets A.
