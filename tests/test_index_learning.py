@@ -262,3 +262,23 @@ def test_tiny_run_learns_all_three_and_bundle_carries_them(tiny_config, tmp_path
   want_codes, want_lists = _encode_with_lists(q, saved["table"])
   np.testing.assert_array_equal(lists, want_lists)
   assert (codes != np.asarray(want_codes)).mean() < 1e-3
+
+
+def test_resume_refuses_a_checkpoint_from_before_index_params(tmp_path):
+  """A run that learned codebooks before quant.learn saved them as ``codebooks``; resuming
+  it is refused with a message naming the change (not an Orbax error)."""
+  from qdr_jax.train import loop
+  from qdr_jax.train.checkpoint import Checkpointer, MetadataMismatchError, make_metadata
+  config = base_config()
+  config.train.mode = "jpq"
+  state = {"table": np.zeros((8, 4), np.float32), "codebooks": np.zeros((2, 4, 2), np.float32)}
+  meta = make_metadata(config, step=1, corpus_size=8, table_rows=8, dim=4,
+                       table_dtype="float32", has_codebooks=True)
+  del meta["index_params"]  # as written before quant.learn
+  with Checkpointer(tmp_path, keep=2) as ckpt:
+    ckpt.save(state, meta)
+    ckpt.wait_until_finished()
+  with Checkpointer(tmp_path, read_only=True) as ckpt:
+    new_state = type("S", (), {"table": state["table"]})()
+    with pytest.raises(MetadataMismatchError, match="written before config.quant.learn"):
+      loop._resume(config, ckpt, new_state, None, 8, None, {})
