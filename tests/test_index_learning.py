@@ -132,6 +132,15 @@ def test_reconstruction_gradients_match_finite_differences():
   assert all(float(jnp.abs(g).sum()) > 0 for g in grads.values())
 
 
+@pytest.mark.parametrize("scale", [1e-3, 10.0])  # Newton-Schulz near, the SVD far away
+def test_orthogonalize_is_the_polar_factor(scale):
+  base = np.linalg.qr(np.random.default_rng(0).standard_normal((DIM, DIM)))[0]
+  r = base + scale * np.random.default_rng(1).standard_normal((DIM, DIM))
+  u, _, vt = np.linalg.svd(r)
+  got = np.asarray(jax.jit(quant.orthogonalize)(jnp.asarray(r, jnp.float32)))
+  np.testing.assert_allclose(got, u @ vt, atol=2e-5)
+
+
 def test_rotation_stays_orthonormal_after_many_updates():
   cfg = base_config().optim
   cfg.rotation_lr = 1e-2

@@ -121,14 +121,32 @@ def with_index_params(q: Quantizer, params: dict[str, Array] | None) -> Quantize
   return q.replace(**{_FIELDS[name]: value for name, value in params.items()})
 
 
+# Newton-Schulz steps for a rotation one optimizer step away from orthonormal: the error
+# squares each step, so 6 take a deviation of 0.3 below float32's resolution.
+_NEWTON_SCHULZ_STEPS = 6
+
+
 def orthogonalize(r: Array) -> Array:
-  """The nearest matrix to ``r`` (Frobenius) with orthonormal rows: ``U V^T`` of its SVD.
+  """The nearest matrix to ``r`` (Frobenius) with orthonormal rows (its polar factor,
+  ``U V^T`` of its SVD).
 
   Projects a learned OPQ rotation back after a gradient step, so that `unrotate` (which
-  assumes ``A A^T = I``) stays its inverse and FAISS's reverse transform agrees.
+  assumes ``A A^T = I``) stays its inverse and FAISS's reverse transform agrees. Near an
+  orthonormal matrix (the case after a step) the Newton-Schulz iteration
+  ``X <- 1.5 X - 0.5 X X^T X`` reaches it with matmuls alone (46 ms against the SVD's 476 ms
+  at 384x384 on a shared 2-core CPU); any other ``r`` falls back to the SVD (``lax.cond`` runs one branch).
   """
-  u, _, vt = jnp.linalg.svd(r, full_matrices=False)
-  return u @ vt
+  x = r
+  for _ in range(_NEWTON_SCHULZ_STEPS):
+    x = 1.5 * x - 0.5 * (x @ x.T) @ x
+  # Every entry compared (a NaN compares False), not a max: XLA's max may drop NaNs.
+  converged = jnp.all(jnp.abs(x @ x.T - jnp.eye(r.shape[0], dtype=r.dtype)) < 1e-5)
+
+  def exact(r):
+    u, _, vt = jnp.linalg.svd(r, full_matrices=False)
+    return u @ vt
+
+  return jax.lax.cond(converged, lambda _: x, exact, r)
 
 
 def _residual_centroids(q: Quantizer) -> Array:
