@@ -49,7 +49,7 @@ def time_update(codes: str, distill: float = 0.0, balance: float = 0.0) -> float
   mesh = sharding.make_mesh(config.sharding)
   lifecycle = IndexLifecycle(config.index, mesh=mesh, num_rows=len(table),
                              padded_rows=sharding.padded_rows(len(table), mesh), quantize=True,
-                             codes_from_index=codes == "index", learn_codebooks=False)
+                             codes_from_index=codes == "index", learn_index=False)
   lifecycle.build(table)
   encoder_tx, _ = optim.make_encoder_optimizer(config.optim, config.train.steps)
   row_tx = optim.make_row_transform(config.optim)

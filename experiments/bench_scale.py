@@ -130,7 +130,7 @@ def child_steps(devices: int, out: str) -> None:
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, config.train.steps)
   tick = time.perf_counter()
-  state = init_state(config, mode, params, table, quantizer.codebooks, mesh, encoder_tx, row_tx, None)
+  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, None)
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - tick
   del table

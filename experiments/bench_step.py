@@ -42,7 +42,7 @@ from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.loop import train
 from qdr_jax.train.negatives import batch_indices, training_queries
-from qdr_jax.train.modes import get_mode
+from qdr_jax.train.modes import mode_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -142,7 +142,7 @@ def main(argv):
   bench_dir = workdir / "bench_step"
   bench_dir.mkdir(parents=True, exist_ok=True)
   (bench_dir / "metrics.jsonl").unlink(missing_ok=True)
-  train(config, get_mode(config.train.mode, config.quant.learn_codebooks), dataset, encoders,
+  train(config, mode_from_config(config), dataset, encoders,
         table, bench_dir)
   records = [json.loads(l) for l in (bench_dir / "metrics.jsonl").read_text().splitlines()]
   # Cumulative per-phase means are logged each step; difference out the compile steps.

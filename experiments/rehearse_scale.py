@@ -248,7 +248,7 @@ def job_main(out: pathlib.Path) -> None:
   _, flat_ids = exact_search(trained.state.table, queries, 100, mesh, num_rows)
   evaluated = IndexLifecycle(config.index, mesh=mesh, num_rows=num_rows,
                              padded_rows=trained.state.table.shape[0], quantize=True,
-                             codes_from_index=True, learn_codebooks=False)
+                             codes_from_index=True, learn_index=False)
   evaluated.build(trained.state.table)
   recall = {"flat": recall_at(flat_ids, positive_rows)}
   if evaluated.lead:
@@ -271,7 +271,7 @@ def job_main(out: pathlib.Path) -> None:
   incremental_seconds = time.perf_counter() - start
   rebuilt = IndexLifecycle(config.index, mesh=mesh, num_rows=num_rows,
                            padded_rows=table.shape[0], quantize=True, codes_from_index=True,
-                           learn_codebooks=False)
+                           learn_index=False)
   start = time.perf_counter()
   rebuilt.build(table)
   full_seconds = time.perf_counter() - start

@@ -108,7 +108,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
 
   c.quant = ml_collections.ConfigDict()
-  c.quant.learn_codebooks = False
+  # Index parameters trained jointly with the encoder (and rows), written into FAISS and
+  # the whole corpus re-encoded with them at every refresh: any of "codebooks" (PQ),
+  # "centroids" (IVF coarse), "rotation" (OPQ, kept orthonormal). Any quantizing mode;
+  # with query_only the loss then scores quantized rows (the rows stay fixed).
+  c.quant.learn = ()
+  c.quant.learn_codebooks = False  # alias of "codebooks" in quant.learn (jpq implies it)
   # Codes the straight-through forward decodes: 'recompute' = encode the pool's current
   # rows every step on the device (a live forward: a row's reconstruction follows the row
   # between refreshes); 'index' = as the FAISS index stores them (refreshed at each
@@ -120,6 +125,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.encoder_lr = 2e-5
   c.optim.row_lr = 1e-4
   c.optim.codebook_lr = 1e-4
+  c.optim.centroid_lr = 1e-4   # IVF coarse centroids (quant.learn "centroids")
+  c.optim.rotation_lr = 1e-5   # OPQ rotation (quant.learn "rotation")
   c.optim.row_optimizer = "adam"  # adam | sgd, state kept per row
   c.optim.schedule = "cosine"     # cosine | linear | constant
   c.optim.warmup_steps = 20

@@ -32,7 +32,7 @@ from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
-from qdr_jax.train.modes import get_mode
+from qdr_jax.train.modes import mode_from_config
 from qdr_jax.train.restore import restore_trained
 from qdr_jax.validation import ConfigError, validate_config, validate_runs
 
@@ -66,7 +66,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, lead: bool,
                         dataset: RetrievalDataset, encoders: Encoders,
                         inputs: dict[str, str]) -> dict:
-  mode = get_mode(config.train.mode, config.quant.learn_codebooks)
+  mode = mode_from_config(config)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
   subsets = seen_subsets(config, dataset, eval_split)
@@ -99,9 +99,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     table = trained.lifecycle.table_to_lead(trained.state.table)
     if mode.quantize:
       # The quantizer the loss was trained against, with the final table re-encoded (and
-      # the learned codebooks written in): what serving without a retrain gives.
-      trained.lifecycle.write_codebooks(trained.state.table, trained.state.codebooks,
-                                        sync=False)
+      # the learned index parameters written in): what serving without a retrain gives.
+      trained.lifecycle.write_index_params(trained.state.table, trained.state.index_params,
+                                           sync=False)
       final_index = trained.lifecycle.index
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}

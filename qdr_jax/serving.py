@@ -36,7 +36,7 @@ from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, para
 from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
                                        search, set_search_params)
 from qdr_jax.models import load_encoder, load_tokenizer, save_encoder_hf
-from qdr_jax.quant import quantizer_from_faiss, write_codebooks_to_faiss
+from qdr_jax.quant import quantizer_from_faiss, with_index_params, write_quantizer_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply
 from qdr_jax.train.restore import restore_trained
 
@@ -54,9 +54,10 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
   """Writes a serving bundle from a training checkpoint.
 
   The index is built over the trained table with the run's factory string and
-  ``config.index.seed``; when the run learned PQ codebooks, they are written into the
-  index saved with the checkpoint (its coarse quantizer kept) instead, since retraining
-  FAISS's quantizer would discard them.
+  ``config.index.seed``; when the run learned index parameters (``quant.learn``:
+  codebooks, centroids, rotation), they are written into the index saved with the
+  checkpoint instead and the table re-encoded, since retraining FAISS's quantizer would
+  discard them.
 
   Args:
     workdir: training workdir with checkpoints.
@@ -76,13 +77,14 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
   out = pathlib.Path(out)
   if out.exists():
     raise FileExistsError(f"{out} exists; choose a new bundle directory")
-  trained = restore_trained(workdir, step=step, config=config, extra=("codebooks",))
+  trained = restore_trained(workdir, step=step, config=config, extra=("index_params",))
   config, corpus = trained["config"], trained["dataset"].corpus
   table = trained["table"]
-  if trained["codebooks"] is not None and trained["index"] is not None:
-    quantizer = quantizer_from_faiss(trained["index"]).replace(
-        codebooks=jax.numpy.asarray(trained["codebooks"]))
-    index = write_codebooks_to_faiss(trained["index"], quantizer, table)
+  learned = trained["index_params"]
+  if learned is not None and trained["index"] is not None:
+    quantizer = with_index_params(quantizer_from_faiss(trained["index"]),
+                                  {k: jax.numpy.asarray(v) for k, v in learned.items()})
+    index = write_quantizer_to_faiss(trained["index"], quantizer, table)
     set_search_params(index, nprobe=config.index.nprobe,
                       ef_search=config.index.ef_search or None, strict=False)
   else:
@@ -113,7 +115,8 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
                   "dtype": config.model.dtype, "dim": int(enc.hidden_size)},
         "index": {"factory": config.index.factory, "nprobe": int(config.index.nprobe),
                   "ef_search": int(config.index.ef_search or 0),
-                  "learned_codebooks": trained["codebooks"] is not None,
+                  "learned_codebooks": learned is not None and "codebooks" in learned,
+                  "learned_index_params": sorted(learned or ()),
                   **{k: v for k, v in describe_index(index).items()
                      if k in ("ntotal", "d", "bytes_per_vector", "compression_ratio")}},
         "source": {"workdir": str(pathlib.Path(workdir).absolute()), "step": trained["step"],

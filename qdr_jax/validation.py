@@ -25,7 +25,7 @@ from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=protected-access
 from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
                                        factory_layout)
-from qdr_jax.train.modes import MODES, get_mode
+from qdr_jax.train.modes import MODES, mode_from_config
 
 # The enumerated settings and their allowed values.
 ENUMS: dict[str, tuple] = {
@@ -77,6 +77,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
     ("optim.codebook_lr", 0, False, None),
+    ("optim.centroid_lr", 0, False, None),
+    ("optim.rotation_lr", 0, False, None),
     ("optim.warmup_steps", 0, False, None),
     ("optim.end_lr_fraction", 0, False, 1),
     ("optim.weight_decay", 0, False, None),
@@ -102,7 +104,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
            "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
            "loss.balance_weight", "loss.balance_temperature", "optim.encoder_lr", "optim.row_lr",
-           "optim.codebook_lr", "optim.end_lr_fraction", "optim.weight_decay",
+           "optim.codebook_lr", "optim.centroid_lr", "optim.rotation_lr",
+           "optim.end_lr_fraction", "optim.weight_decay",
            "optim.grad_clip", "optim.b1", "optim.b2", "optim.eps"}
 # What a table file may hold: floats are cast losslessly enough; integers are not embeddings.
 _TABLE_DTYPES = (np.float16, np.float32, np.float64)
@@ -164,9 +167,13 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
     problems.append(_problem("index.full_rebuild_every", index.full_rebuild_every,
                              f"a multiple of config.index.rebuild_every="
                              f"{index.rebuild_every} (or 0)"))
-  if config.train.mode in MODES:
+  learn = config.quant.learn
+  if not isinstance(learn, (tuple, list)) or not all(isinstance(p, str) for p in learn):
+    problems.append(_problem("quant.learn", learn, 'a tuple of "codebooks", "centroids", '
+                             '"rotation"'))
+  elif config.train.mode in MODES:
     try:
-      get_mode(config.train.mode, config.quant.learn_codebooks)
+      mode_from_config(config)
     except ValueError as e:
       problems.append(str(e))
   if config.table.init in ("npy", "faiss") and not config.table.path:
@@ -243,13 +250,13 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
   """The factory parsed by FAISS for ``dim`` and the mode; its training needs."""
   index = config.index
   try:
-    mode = get_mode(config.train.mode, config.quant.learn_codebooks)
+    mode = mode_from_config(config)
   except ValueError:  # reported by _check_settings; check the factory on its own
     training = False
     mode = MODES["posthoc"]
   try:
     check_index_for_mode(index.factory, dim, needs_quantizer=training and mode.quantize,
-                         learn_codebooks=training and mode.learn_codebooks,
+                         learn=mode.learn if training else (),
                          incremental=training and index.full_rebuild_every > 0)
     layout = factory_layout(index.factory, dim)
   except ValueError as e:

@@ -92,7 +92,7 @@ def _setup(*, rows: int, table_dtype: str, num_devices: int, batch: int = BATCH,
   encoder_tx, _ = optim.make_encoder_optimizer(config.optim, config.train.steps)
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, config.train.steps)
-  state = init_state(config, mode, params, table, quantizer.codebooks, mesh, encoder_tx, row_tx, None)
+  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, None)
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
   fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None, mesh)

@@ -2,7 +2,6 @@
 `compare_modes` over training seeds."""
 
 import json
-import math
 
 import numpy as np
 import pytest

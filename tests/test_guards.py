@@ -272,5 +272,5 @@ def test_in_loop_eval_of_learned_codebooks_serves_the_saved_codebooks(tiny_confi
   experiment.train_and_evaluate(tiny_config, workdir)
   assert [r["step"] for r in _records(workdir) if "eval_quantized" in r] == [2, 3]
   for codebooks, step in zip(evaluated[:2], (2, 3)):
-    saved = restore_trained(workdir, step=step, extra=("codebooks",))
-    np.testing.assert_allclose(codebooks, saved["codebooks"], rtol=1e-6)
+    saved = restore_trained(workdir, step=step, extra=("index_params",))
+    np.testing.assert_allclose(codebooks, saved["index_params"]["codebooks"], rtol=1e-6)

@@ -166,7 +166,7 @@ def test_search_works_for_every_family(factory):
   assert np.mean([np.isin(i, e).mean() for i, e in zip(ids, exact)]) >= 0.5
 
 
-MODES = dict(needs_quantizer=False, learn_codebooks=False, incremental=False)
+MODES = dict(needs_quantizer=False, learn=(), incremental=False)
 
 
 @pytest.mark.parametrize("factory,mode,message", [
@@ -176,7 +176,7 @@ MODES = dict(needs_quantizer=False, learn_codebooks=False, incremental=False)
     ("SQ8", {"needs_quantizer": True}, r"\(IndexScalarQuantizer\) stores codes JAX cannot"),
     ("RQ4x8", {"needs_quantizer": True}, r"stores codes JAX cannot"),
     ("PQ8x10", {"needs_quantizer": True}, r"stores codes JAX cannot"),
-    ("IVF16,SQ8", {"learn_codebooks": True}, r"codebook learning is impossible"),
+    ("IVF16,SQ8", {"learn": ("codebooks",)}, r"codebook learning included\) is impossible"),
     ("IDMap,Flat", {"incremental": True}, r"cannot be refreshed in place"),
     ("IVF16,PQ8,Refine(Flat)", {"incremental": True}, r"cannot be refreshed in place"),
 ])
@@ -188,7 +188,7 @@ def test_check_index_for_mode_refuses(factory, mode, message):
 @pytest.mark.parametrize("factory", PQ_FAMILIES + ["OPQ16,IVF64,PQ16x4fs", "OPQ8_64,IVF16,PQ8"])
 def test_check_index_for_mode_accepts_pq_families(factory):
   check_index_for_mode(factory, D_FOR.get(factory, D), needs_quantizer=True,
-                       learn_codebooks=True, incremental=True)
+                       learn=("codebooks",), incremental=True)
 
 
 @pytest.mark.parametrize("factory", SEARCH_ONLY + ["HNSW32,PQ48x8", "IVF64,PQ16,Refine(Flat)"])

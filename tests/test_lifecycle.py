@@ -31,11 +31,11 @@ def _table(seed=0):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _lifecycle(cfg, *, quantize=True, codes_from_index=True, learn_codebooks=False):
+def _lifecycle(cfg, *, quantize=True, codes_from_index=True, learn_index=False):
   mesh = sharding.make_mesh(base_config().sharding)
   return IndexLifecycle(cfg, mesh=mesh, num_rows=ROWS,
                         padded_rows=sharding.padded_rows(ROWS, mesh), quantize=quantize,
-                        codes_from_index=codes_from_index, learn_codebooks=learn_codebooks), mesh
+                        codes_from_index=codes_from_index, learn_index=learn_index), mesh
 
 
 def _device_codes(lifecycle):

@@ -44,8 +44,9 @@ def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0):
   encoder_tx, _ = optim.make_encoder_optimizer(config.optim, steps)
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
-  cb_tx = optim.make_codebook_optimizer(config.optim, steps)[0] if mode.learn_codebooks else None
-  state = init_state(config, mode, params, table, quantizer.codebooks, mesh, encoder_tx, row_tx, cb_tx)
+  cb_tx = (optim.make_index_optimizer(config.optim, steps, mode.learn)[0]
+           if mode.learns_index else None)
+  state = init_state(config, mode, params, table, quantizer, mesh, encoder_tx, row_tx, cb_tx)
   apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
                                       t["token_type_ids"])
   fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, cb_tx)
@@ -103,7 +104,7 @@ def test_pool_targets_forward_is_reconstruction_and_gradient_identity():
   grad = jax.grad(lambda x: jnp.sum(w * pool_targets(x, quantizer, None)))(rows)
   np.testing.assert_allclose(grad, w, atol=1e-6)
   # Codebooks get a gradient through the reconstruction when learned.
-  g_cb = jax.grad(lambda cb: jnp.sum(w * pool_targets(rows, quantizer, cb)))(
+  g_cb = jax.grad(lambda cb: jnp.sum(w * pool_targets(rows, quantizer, {"codebooks": cb})))(
       quantizer.codebooks)
   assert float(jnp.abs(g_cb).sum()) > 0
 
@@ -113,7 +114,8 @@ def test_modes_update_what_they_should(mode_name):
   _, mode, _, params, table, quantizer, state, fns, tokens, pool, _ = _setup(mode_name)
   q, vjp = fns.encode(state.params, tokens)
   arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
-  codebooks_before = None if state.codebooks is None else np.asarray(state.codebooks)
+  codebooks_before = None if state.index_params is None else np.asarray(
+      state.index_params["codebooks"])
   new_state, _ = fns.update(state, vjp, q, arrays, quantizer)
   table_moved = not np.array_equal(np.asarray(new_state.table), table)
   params_moved = any(not np.array_equal(a, b) for a, b in zip(
@@ -121,7 +123,8 @@ def test_modes_update_what_they_should(mode_name):
   assert table_moved == mode.update_rows
   assert params_moved == mode.update_encoder
   if mode.learn_codebooks:
-    assert not np.array_equal(np.asarray(new_state.codebooks), codebooks_before)
+    assert not np.array_equal(np.asarray(new_state.index_params["codebooks"]),
+                              codebooks_before)
 
 
 def test_schedule_values():
@@ -244,7 +247,7 @@ def _row_runs(row_optimizer: str, normalize: bool, steps: int = 5, rows: int = 2
     state = TrainState(step=jnp.zeros((), jnp.int32), params=None, encoder_opt_state=None,
                        table=table,
                        row_opt_state=optim.init_row_state(row_tx, table, rounding == "master"),
-                       codebooks=None, codebook_opt_state=None, rng=jax.random.key(seed))
+                       index_params=None, index_opt_state=None, rng=jax.random.key(seed))
     for g in grads:
       state = _row_update(state, jnp.asarray(g), row_tx, lr, normalize, rounding)
     out[kind] = (np.asarray(state.table, np.float32) - start, state)
@@ -316,7 +319,7 @@ def test_stochastic_rounding_bits_come_from_the_key_and_step():
   def table_after(step, seed):
     state = TrainState(step=jnp.asarray(step, jnp.int32), params=None, encoder_opt_state=None,
                        table=rows, row_opt_state=optim.init_row_state(row_tx, rows),
-                       codebooks=None, codebook_opt_state=None, rng=jax.random.key(seed))
+                       index_params=None, index_opt_state=None, rng=jax.random.key(seed))
     return np.asarray(_update_rows(state, jnp.arange(64), jnp.ones(64, bool),
                                    rows.astype(jnp.float32), grads, row_tx, 1e-4, False,
                                    "stochastic")[0], np.float32)

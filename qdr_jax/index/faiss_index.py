@@ -38,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -119,6 +119,13 @@ def _find(index: faiss.Index, cls: type) -> object | None:
 
 def _ivf(index: faiss.Index) -> faiss.IndexIVF | None:
   return _find(index, faiss.IndexIVF)
+
+
+def _has_opq(index: faiss.Index) -> bool:
+  index = faiss.downcast_index(index)
+  return isinstance(index, faiss.IndexPreTransform) and any(
+      isinstance(faiss.downcast_VectorTransform(index.chain.at(i)), faiss.OPQMatrix)
+      for i in range(index.chain.size()))
 
 
 def _hnsw_objects(index: faiss.Index) -> list[faiss.IndexHNSW]:
@@ -239,8 +246,8 @@ def check_index_for_mode(
     dim: int,
     *,
     needs_quantizer: bool,
-    learn_codebooks: bool,
     incremental: bool,
+    learn: Sequence[str] = (),
     metric: str = "ip",
 ) -> None:
   """Checks at config time, before any embedding, that a run can use `factory`.
@@ -253,7 +260,8 @@ def check_index_for_mode(
     dim: the embedding dimension.
     needs_quantizer: the loss quantizes targets with a JAX copy of the index's quantizer
       (straight-through modes).
-    learn_codebooks: the run trains the PQ codebooks and writes them back into the index.
+    learn: the index parameters the run trains and writes back (`config.quant.learn`:
+      "codebooks", "centroids", "rotation").
     incremental: the run refreshes the index in place between full rebuilds
       (`full_rebuild_every > 0`).
     metric: "ip" or "l2".
@@ -272,15 +280,22 @@ def check_index_for_mode(
                        f"does not divide the dimension {dim}.") from None
     raise
   kind = type(faiss.downcast_index(index)).__name__
+  learn = tuple(learn)
+  if learn and not supports_straight_through(index):
+    raise ValueError(
+        f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so "
+        f"config.quant.learn={learn} (codebook learning included) is impossible with it.")
+  if "centroids" in learn and _ivf(index) is None:
+    raise ValueError(f"config.quant.learn has 'centroids' but index factory {factory!r} "
+                     "has no IVF coarse quantizer.")
+  if "rotation" in learn and not _has_opq(index):
+    raise ValueError(f"config.quant.learn has 'rotation' but index factory {factory!r} "
+                     "has no OPQ rotation (write OPQ{m},... in front).")
   if needs_quantizer and not supports_straight_through(index):
     raise ValueError(
         f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so it cannot "
         "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ or "
         "fast-scan PQ (PQ{m}x4fs), or a mode that only searches.")
-  if learn_codebooks and not supports_straight_through(index):
-    raise ValueError(
-        f"Index factory {factory!r} ({kind}) has no PQ codebooks that can be written back, "
-        "so codebook learning is impossible with it.")
   if incremental and not supports_incremental_refresh(index):
     raise ValueError(
         f"Index factory {factory!r} ({kind}) cannot be refreshed in place, so set "

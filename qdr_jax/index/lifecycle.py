@@ -13,8 +13,10 @@ What each refresh costs:
   * incremental: only the rows moved since the last refresh are gathered, re-encoded in
     FAISS (``incremental_refresh``) and rewritten in the devices' code array.
   * skipped: nothing moved (e.g. ``query_only``, whose table never changes).
-Learned codebooks change every code, so their refresh writes them into FAISS and
-re-encodes the whole table (streamed).
+Learned index parameters (``quant.learn``: PQ codebooks, IVF centroids, OPQ rotation)
+change every code, so a run that learns any of them refreshes by writing them into FAISS
+and re-encoding the whole table (streamed), never incrementally: the rows that did not
+move have new codes too.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ from qdr_jax import distributed, sharding
 from qdr_jax.index.faiss_index import (add_vectors, index_options, set_search_params,
                                        train_index, training_rows)
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
-from qdr_jax.quant import Quantizer, quantizer_from_faiss, stored_codes, write_codebooks_to_faiss
+from qdr_jax.quant import (Quantizer, quantizer_from_faiss, stored_codes, with_index_params,
+                           write_quantizer_to_faiss)
 from qdr_jax.quant.faiss_bridge import unpack_codes
 
-RefreshOutcome = Literal["full", "incremental", "codebooks", "skipped"]
+RefreshOutcome = Literal["full", "incremental", "learned", "skipped"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,20 +75,21 @@ class IndexLifecycle:
     padded_rows: rows of the device table.
     quantize: the loss decodes through the index's quantizer.
     codes_from_index: the loss decodes the codes the index stores (else it re-encodes).
-    learn_codebooks: the run trains the PQ codebooks; refreshes write them into FAISS.
+    learn_index: the run trains index parameters (``quant.learn``); every refresh writes
+      them into FAISS and re-encodes the whole table.
     shard_rows: the table is split by rows (else replicated), for the code array.
   """
 
   def __init__(self, index_cfg: ml_collections.ConfigDict, *, mesh: Mesh, num_rows: int,
                padded_rows: int, quantize: bool, codes_from_index: bool,
-               learn_codebooks: bool, shard_rows: bool = True):
+               learn_index: bool, shard_rows: bool = True):
     self.cfg = index_cfg
     self.mesh = mesh
     self.num_rows = num_rows
     self.padded_rows = padded_rows
     self.quantize = quantize
     self.codes_from_index = quantize and codes_from_index
-    self.learn_codebooks = learn_codebooks
+    self.learn_index = learn_index
     self.shard_rows = shard_rows
     self.lead = distributed.is_lead_process()
     self.index: faiss.Index | None = None  # process 0 only
@@ -141,22 +145,24 @@ class IndexLifecycle:
   def refresh_due(self, step: int) -> bool:
     return refresh_kind(step, self.cfg.rebuild_every, self.cfg.full_rebuild_every) is not None
 
-  def maybe_refresh(self, step: int, table: jax.Array, codebooks: jax.Array | None = None
+  def maybe_refresh(self, step: int, table: jax.Array,
+                    index_params: dict[str, jax.Array] | None = None
                     ) -> RefreshOutcome | None:
     """The refresh ``index.rebuild_every`` / ``full_rebuild_every`` schedule after
     ``step`` completed steps, or None when none is due.
 
     Returns what was done: a scheduled refresh is skipped when no row moved (and no
-    codebook is learned), since it would rebuild the very same index.
+    index parameter is learned), since it would rebuild the very same index; with
+    learned ``index_params`` (`TrainState.index_params`) it is always 'learned'.
     """
     kind = refresh_kind(step, self.cfg.rebuild_every, self.cfg.full_rebuild_every)
     if kind is None:
       return None
     start = time.perf_counter()
-    if self.learn_codebooks:
-      self.write_codebooks(table, codebooks)
-      self._record(step, "codebooks", self.num_rows, start)
-      return "codebooks"
+    if self.learn_index:
+      self.write_index_params(table, index_params)
+      self._record(step, "learned", self.num_rows, start)
+      return "learned"
     if not len(self.changed):
       self._record(step, "skipped", 0, start)
       return "skipped"
@@ -180,20 +186,24 @@ class IndexLifecycle:
     self._record(step, "incremental", touched, start)
     return "incremental"
 
-  def write_codebooks(self, table, codebooks: jax.Array | np.ndarray | None, *,
-                      sync: bool = True) -> None:
-    """Writes ``codebooks`` (or the index's own) into the index and re-encodes every row
-    of ``table`` with them, coarse quantizer and rotation kept: what serving the trained
-    table with the training's quantizer gives, without retraining k-means. ``sync=False``
-    leaves the loss's copy of the quantizer as it was (after the last step)."""
-    if isinstance(codebooks, jax.Array):  # a collective: every process takes part
-      codebooks = distributed.global_to_host(codebooks)
+  def write_index_params(self, table, index_params: dict | None, *,
+                         sync: bool = True) -> None:
+    """Writes the learned ``index_params`` (`TrainState.index_params`; None keeps the
+    index's own) into the index (rotation into the OPQ matrix, centroids into the coarse
+    quantizer, whose HNSW graph is rebuilt, codebooks into the PQ) and re-encodes every
+    row of ``table`` with them: what serving the trained table with the training's
+    quantizer gives, without retraining k-means. ``sync=False`` leaves the loss's copy
+    of the quantizer and codes as they were (after the last step)."""
+    if index_params is not None:  # a collective for device arrays: every process joins
+      index_params = {name: np.asarray(distributed.global_to_host(value), np.float32)
+                      if isinstance(value, jax.Array) else np.asarray(value, np.float32)
+                      for name, value in index_params.items()}
     if self.lead:
-      quantizer = quantizer_from_faiss(self.index)
-      if codebooks is not None:
-        quantizer = quantizer.replace(codebooks=jnp.asarray(codebooks))
+      quantizer = with_index_params(
+          quantizer_from_faiss(self.index),
+          {k: jnp.asarray(v) for k, v in (index_params or {}).items()})
       empty = np.zeros((0, self.index.d), np.float32)
-      write_codebooks_to_faiss(self.index, quantizer, empty)
+      write_quantizer_to_faiss(self.index, quantizer, empty)
     self.index = self._add_table(self.index, table)
     self.changed.clear()
     if sync:
@@ -298,7 +308,8 @@ def encoded_like_index(index: faiss.Index, vectors: np.ndarray
 def pq_codebook_shape(factory: str, dim: int) -> tuple[int, int, int]:
   """(M, ksub, dsub) of the product quantizer a factory string describes, without
   training anything (e.g. to lay out a state before restoring learned codebooks)."""
-  index = faiss.downcast_index(faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT))
+  made = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)  # owns the views below
+  index = faiss.downcast_index(made)
   if isinstance(index, faiss.IndexPreTransform):
     index = faiss.downcast_index(index.index)
   if isinstance(index, faiss.IndexHNSW):
@@ -307,3 +318,21 @@ def pq_codebook_shape(factory: str, dim: int) -> tuple[int, int, int]:
   if pq is None:
     raise ValueError(f"{factory!r} has no product quantizer.")
   return int(pq.M), int(pq.ksub), int(pq.dsub)
+
+
+def placeholder_quantizer(factory: str, dim: int) -> Quantizer:
+  """A `Quantizer` of zeros with the shapes of the index a factory string describes
+  (codebooks, OPQ rotation, IVF centroids), without training anything: the layout of
+  learned index parameters before a checkpoint restores them."""
+  # ``made`` owns the index and its parts: it must outlive every downcast view of them.
+  made = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+  top = faiss.downcast_index(made)
+  index, rotation, centroids = top, None, None
+  if isinstance(top, faiss.IndexPreTransform):
+    transform = faiss.downcast_VectorTransform(top.chain.at(0))
+    rotation = jnp.zeros((transform.d_out, transform.d_in), jnp.float32)
+    index = faiss.downcast_index(top.index)
+  if isinstance(index, faiss.IndexIVF):
+    centroids = jnp.zeros((index.nlist, index.d), jnp.float32)
+  return Quantizer(codebooks=jnp.zeros(pq_codebook_shape(factory, dim), jnp.float32),
+                   rotation=rotation, coarse_centroids=centroids)

@@ -5,7 +5,8 @@ Supported layouts (PQ codes of 1..8 bits per sub-quantizer; row id = search id):
   * IndexIVFPQ and IndexIVFPQFastScan (`IVF{n},PQ{m}x4fs[r]`), by_residual True or False,
     with a flat (IP or L2) or HNSW coarse quantizer (`IVF{n}_HNSW32,PQ{m}`);
   * IndexHNSWPQ (`HNSW32,PQ{m}`): an HNSW graph over an IndexPQ storage, row = position;
-  * any of the above behind an IndexPreTransform holding a single OPQMatrix.
+  * any of the above behind an IndexPreTransform holding a single OPQMatrix (or the
+    orthonormal LinearTransform FAISS reads back in its place).
 Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, refine stages, id maps) has codes
 JAX does not reproduce: `supports_straight_through` says so without raising.
 """
@@ -47,7 +48,8 @@ def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
       raise ValueError(f"Only a single OPQ transform is supported, got a chain of "
                        f"{index.chain.size()}.")
     transform = faiss.downcast_VectorTransform(index.chain.at(0))
-    if not isinstance(transform, faiss.OPQMatrix):
+    # FAISS writes an OPQMatrix as a plain LinearTransform: a read-back index has one.
+    if type(transform) not in (faiss.OPQMatrix, faiss.LinearTransform):
       raise ValueError(f"Only OPQMatrix pre-transforms are supported, got "
                        f"{type(transform).__name__}.")
     # An untrained OPQMatrix reports itself non-orthonormal until training sets A.
@@ -78,8 +80,7 @@ def supports_straight_through(index: faiss.Index) -> bool:
   """Whether JAX reproduces `index`'s codes (`quantizer_from_faiss` accepts it).
 
   Looks at the layout only, so an untrained index (e.g. fresh from `index_factory`)
-  answers too. Codebook write-back (`write_codebooks_to_faiss`) works for the same
-  layouts.
+  answers too. Write-back (`write_quantizer_to_faiss`) works for the same layouts.
   """
   try:
     _split(index, require_trained=False)
@@ -238,26 +239,9 @@ def write_codebooks_to_faiss(
   """Writes the JAX codebooks into a trained FAISS index and re-encodes its vectors.
 
   The rotation and coarse centroids are not written: they must still match the index
-  (checked), so only the PQ centroids change. No re-training happens. The index is
-  modified in place and also returned. Works for every supported layout; an HNSW-PQ
-  index rebuilds its graph over the re-encoded vectors (as adding them does).
-
-  Args:
-    index: a trained index of a supported layout (see the module docstring).
-    quantizer: the quantizer whose `codebooks` to write (e.g. after optax updates).
-    vectors: (N, d) float32 vectors to re-add after clearing the index.
-    ids: optional (N,) int64 ids for `add_with_ids` (IVF only); default 0..N-1.
-
-  Returns:
-    `index`, now searching with scores equal to `adc_scores` under `quantizer` (up to
-    fast-scan's 8-bit lookup tables, for the fast-scan layouts).
+  (checked), so only the PQ centroids change; `write_quantizer_to_faiss` writes all
+  three. Arguments and result as for `write_quantizer_to_faiss`.
   """
-  parts = _split(index)
-  pq = parts.pq
-  codebooks = np.asarray(quantizer.codebooks, np.float32)
-  if codebooks.shape != (pq.M, pq.ksub, pq.dsub):
-    raise ValueError(f"Codebooks shape {codebooks.shape} does not match the index's PQ "
-                     f"{(pq.M, pq.ksub, pq.dsub)}.")
   reference = quantizer_from_faiss(index)
   for name in ("rotation", "coarse_centroids"):
     ours, theirs = getattr(quantizer, name), getattr(reference, name)
@@ -265,14 +249,81 @@ def write_codebooks_to_faiss(
         ours is not None and not np.allclose(np.asarray(ours), np.asarray(theirs), atol=1e-6)):
       raise ValueError(f"The quantizer's {name} differs from the index's; only codebooks "
                        "are written back.")
-  if quantizer.by_residual != reference.by_residual:
+  return write_quantizer_to_faiss(index, quantizer, vectors, ids)
+
+
+def _write_rotation(transform: faiss.LinearTransform, rotation: np.ndarray) -> None:
+  shape = (transform.d_out, transform.d_in)
+  if rotation.shape != shape:
+    raise ValueError(f"Rotation shape {rotation.shape} does not match the index's OPQ "
+                     f"matrix {shape}.")
+  faiss.copy_array_to_vector(np.ascontiguousarray(rotation.reshape(-1)), transform.A)
+  # FAISS's reverse transform (reconstruct) uses A^T only for an orthonormal A.
+  transform.set_is_orthonormal()
+  if not transform.is_orthonormal:
+    raise ValueError("The rotation written into the OPQ matrix is not orthonormal; project "
+                     "it (qdr_jax.quant.orthogonalize) first.")
+
+
+def _write_coarse_centroids(ivf: faiss.IndexIVF, centroids: np.ndarray) -> None:
+  if centroids.shape != (ivf.nlist, ivf.d):
+    raise ValueError(f"Coarse centroids shape {centroids.shape} does not match the index's "
+                     f"IVF {(ivf.nlist, ivf.d)}.")
+  # reset + add: a flat quantizer takes the rows as they are, an HNSW one rebuilds its
+  # graph over them (its search then routes to the new centroids).
+  quantizer = faiss.downcast_index(ivf.quantizer)
+  quantizer.reset()
+  quantizer.add(np.ascontiguousarray(centroids))
+
+
+def write_quantizer_to_faiss(
+    index: faiss.Index,
+    quantizer: Quantizer,
+    vectors: np.ndarray,
+    ids: np.ndarray | None = None,
+) -> faiss.Index:
+  """Writes a JAX quantizer (OPQ rotation, IVF centroids, PQ codebooks) into a trained
+  FAISS index and re-encodes its vectors with it.
+
+  Every level the index has is overwritten with the quantizer's (learned) values; no
+  re-training happens. The index is modified in place and also returned. Works for
+  every supported layout; an HNSW coarse quantizer or HNSW-PQ graph is rebuilt.
+
+  Args:
+    index: a trained index of a supported layout (see the module docstring).
+    quantizer: the quantizer to write (e.g. after optax updates); its levels must be
+      those of the index (same shapes, same by_residual).
+    vectors: (N, d) float32 vectors to re-add after clearing the index.
+    ids: optional (N,) int64 ids for `add_with_ids` (IVF only); default 0..N-1.
+
+  Returns:
+    `index`, whose stored codes are now `encode_with_lists(quantizer, vectors)` (exact
+    coarse quantizers) and whose scores equal `adc_scores` under `quantizer` (up to
+    fast-scan's 8-bit lookup tables).
+  """
+  parts = _split(index)
+  pq = parts.pq
+  codebooks = np.asarray(quantizer.codebooks, np.float32)
+  if codebooks.shape != (pq.M, pq.ksub, pq.dsub):
+    raise ValueError(f"Codebooks shape {codebooks.shape} does not match the index's PQ "
+                     f"{(pq.M, pq.ksub, pq.dsub)}.")
+  for name, level in (("rotation", parts.transform), ("coarse_centroids", parts.ivf)):
+    if (getattr(quantizer, name) is None) != (level is None):
+      raise ValueError(f"The quantizer's {name} is "
+                       f"{'missing' if level is not None else 'present'} but the index "
+                       f"{'has' if level is not None else 'has no'} such level.")
+  if parts.ivf is not None and quantizer.by_residual != bool(parts.ivf.by_residual):
     raise ValueError("The quantizer's by_residual differs from the index's.")
   if ids is not None and parts.ivf is None:
     raise ValueError(f"{type(parts.base).__name__} numbers rows by position and does not "
                      "support add_with_ids.")
 
+  if parts.transform is not None:
+    _write_rotation(parts.transform, np.asarray(quantizer.rotation, np.float32))
+  if parts.ivf is not None:
+    _write_coarse_centroids(parts.ivf, np.asarray(quantizer.coarse_centroids, np.float32))
   faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.reshape(-1)), pq.centroids)
-  # Derived tables would otherwise keep encoding/searching with the old centroids.
+  # Derived tables would otherwise keep encoding/searching with the old parameters.
   if pq.transposed_centroids.size() > 0:
     pq.sync_transposed_centroids()
   if pq.sdc_table.size() > 0:

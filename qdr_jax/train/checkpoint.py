@@ -82,10 +82,13 @@ def has_checkpoint(workdir: str | pathlib.Path) -> bool:
 
 def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: int,
                   table_rows: int, dim: int, table_dtype: str, has_codebooks: bool,
-                  inputs: Mapping[str, str] | None = None) -> dict:
+                  inputs: Mapping[str, str] | None = None,
+                  index_params: Sequence[str] = ()) -> dict:
   """The JSON stored next to a state: enough to rebuild the run and to refuse misuse.
 
-  ``inputs`` are the run's `qdr_jax.fingerprint.input_fingerprints` (corpus, encoder).
+  ``inputs`` are the run's `qdr_jax.fingerprint.input_fingerprints` (corpus, encoder);
+  ``index_params`` the names of the learned index parameters in the state
+  (``TrainState.index_params``; the key's presence marks a state with that field).
   """
   return {
       "format": FORMAT_VERSION,
@@ -99,6 +102,7 @@ def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: 
       "mode": config.train.mode,
       "index_factory": config.index.factory,
       "has_codebooks": bool(has_codebooks),
+      "index_params": list(index_params),
       "input_fingerprints": dict(inputs or {}),
       "config": json.loads(config.to_json_best_effort()),
   }

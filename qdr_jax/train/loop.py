@@ -27,12 +27,12 @@ from qdr_jax import distributed, sharding
 from qdr_jax.data.answers import AnswerMatcher
 from qdr_jax.data.types import RetrievalDataset
 from qdr_jax.fingerprint import input_fingerprints
-from qdr_jax.index.lifecycle import IndexLifecycle, pq_codebook_shape
+from qdr_jax.index.lifecycle import IndexLifecycle, placeholder_quantizer
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
-from qdr_jax.train.checkpoint import (Checkpointer, StopSignal, has_checkpoint, make_metadata,
-                                      validate_metadata)
+from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, StopSignal,
+                                      has_checkpoint, make_metadata, validate_metadata)
 from qdr_jax.train.modes import Mode
 from qdr_jax.train.negatives import (NegativeSource, PhaseTimers, StepInputs, batch_indices,
                                      training_queries)
@@ -160,7 +160,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
       lifecycle.note_updated(current.updated_rows)
     if not last and lifecycle.refresh_due(done):
       with timers.time("rebuild"):
-        lifecycle.maybe_refresh(done, state.table, state.codebooks)
+        lifecycle.maybe_refresh(done, state.table, state.index_params)
     # A process that got SIGTERM still prepares the next batch in a multi-process job:
     # the others, which may not have it yet, need it for the collectives inside.
     if not overlap and not last and (multi or not stop.requested):
@@ -241,14 +241,14 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   encoder_tx, encoder_lr = optim.make_encoder_optimizer(config.optim, steps)
   row_tx = optim.make_row_transform(config.optim)
   row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
-  codebook_tx = (optim.make_codebook_optimizer(config.optim, steps)[0]
-                 if mode.learn_codebooks else None)
+  index_tx = (optim.make_index_optimizer(config.optim, steps, mode.learn)[0]
+              if mode.learns_index else None)
   timers = PhaseTimers()
 
   lifecycle = IndexLifecycle(
       config.index, mesh=mesh, num_rows=num_rows,
       padded_rows=sharding.padded_rows(num_rows, mesh), quantize=mode.quantize,
-      codes_from_index=config.quant.codes == "index", learn_codebooks=mode.learn_codebooks,
+      codes_from_index=config.quant.codes == "index", learn_index=mode.learns_index,
       shard_rows=config.sharding.shard_table)
   ckpt = (Checkpointer.from_config(config, workdir)
           if config.checkpoint.every or has_checkpoint(workdir) else None)
@@ -256,12 +256,12 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   with timers.time("rebuild"):
     if not resuming:  # a resumed run takes the checkpoint's index instead
       lifecycle.build(table0)
-  codebooks = None
-  if mode.learn_codebooks:  # the index's, or placeholders of their shape for the restore
-    codebooks = (jnp.zeros(pq_codebook_shape(config.index.factory, table0.shape[1]))
-                 if resuming else lifecycle.loss_inputs.quantizer.codebooks)
-  state = init_state(config, mode, encoders.query_params, table0, codebooks, mesh,
-                     encoder_tx, row_tx, codebook_tx)
+  quantizer = None
+  if mode.learns_index:  # the index's, or placeholders of its shapes for the restore
+    quantizer = (placeholder_quantizer(config.index.factory, table0.shape[1])
+                 if resuming else lifecycle.loss_inputs.quantizer)
+  state = init_state(config, mode, encoders.query_params, table0, quantizer, mesh,
+                     encoder_tx, row_tx, index_tx)
   writer = MetricsWriter(workdir / "metrics.jsonl", enabled=lead)
   start_step = 0
   if resuming:
@@ -271,7 +271,7 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   fns = make_step_functions(
       lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
                                                  t["attention_mask"], t["token_type_ids"]),
-      mode, config, encoder_tx, row_tx, row_lr, codebook_tx, mesh)
+      mode, config, encoder_tx, row_tx, row_lr, index_tx, mesh)
   relevance_fn = None
   if queries.answers is not None and config.negatives.hide_answer_matches:
     matcher = AnswerMatcher(corpus.texts)
@@ -305,9 +305,9 @@ def _stop_if_not_finite(config, step: int, metrics: dict[str, float], bar,
 def _pool_stats(config, inputs: StepInputs) -> dict[str, float]:
   """How many distinct candidates the index returned for the pool, and the duplicates."""
   candidates = int(inputs.pool["num_candidates"])
+  searched = (config.train.batch_size + config.negatives.pseudo_queries) * config.negatives.k
   return {"pool_candidates": candidates,
-          "pool_duplicate_fraction": 1.0 - candidates / (config.train.batch_size *
-                                                         config.negatives.k)}
+          "pool_duplicate_fraction": 1.0 - candidates / searched}
 
 
 def _evaluate_in_loop(evaluate_fn: InLoopEval, state: TrainState, lifecycle: IndexLifecycle,
@@ -333,9 +333,9 @@ def _eval_index(config, mode: Mode, lifecycle: IndexLifecycle, state: TrainState
   checkpoint of this step is served with, so that the figures that rank checkpoints
   are those of the checkpoint saved, not of the table of the last refresh.
 
-  * learned codebooks: a copy of the run's index with the current codebooks written in
+  * learned index parameters: a copy of the run's index with the current ones written in
     and every row re-encoded, coarse quantizer kept (what ``export_bundle`` serves for
-    such a run; a k-means retrain would discard the codebooks);
+    such a run; a k-means retrain would discard them);
   * otherwise: a fresh build of the current table with ``config.index`` and its seed,
     streamed like the run's own builds; equal to ``build_quantized(table, config.index,
     config.index.seed)``, i.e. what ``export_bundle`` serves from the checkpoint;
@@ -344,16 +344,16 @@ def _eval_index(config, mode: Mode, lifecycle: IndexLifecycle, state: TrainState
   The run's own index is left as it is: evaluation must not change the negatives, or
   ``eval.every`` would change the training.
   """
-  if not mode.update_rows and not mode.learn_codebooks:
+  if not mode.update_rows and not mode.learns_index:
     return lifecycle.index
   fresh = IndexLifecycle(
       config.index, mesh=lifecycle.mesh, num_rows=lifecycle.num_rows,
       padded_rows=lifecycle.padded_rows, quantize=False, codes_from_index=False,
-      learn_codebooks=False, shard_rows=lifecycle.shard_rows)
-  if mode.learn_codebooks:
+      learn_index=False, shard_rows=lifecycle.shard_rows)
+  if mode.learns_index:
     fresh.adopt(faiss.clone_index(lifecycle.index) if lifecycle.lead else None,
                 moved_since=False)
-    fresh.write_codebooks(state.table, state.codebooks, sync=False)
+    fresh.write_index_params(state.table, state.index_params, sync=False)
   else:
     fresh.build(state.table)
   return fresh.index
@@ -366,7 +366,7 @@ def _updates_finite(state: TrainState, row_ids: jax.Array, mode: Mode) -> jax.Ar
   in the loss before the next step."""
   return _written_finite(state.table if mode.update_rows else None, row_ids,
                          state.params if mode.update_encoder else None,
-                         state.codebooks if mode.learn_codebooks else None)
+                         state.index_params if mode.learns_index else None)
 
 
 @jax.jit
@@ -402,7 +402,8 @@ def _checkpoint_metadata(config, state: TrainState, step: int, num_rows: int,
                          digests: dict[str, str]) -> dict:
   return make_metadata(config, step=step, corpus_size=num_rows, table_rows=state.table.shape[0],
                        dim=state.table.shape[1], table_dtype=str(state.table.dtype),
-                       has_codebooks=state.codebooks is not None, inputs=digests)
+                       has_codebooks=state.index_params is not None, inputs=digests,
+                       index_params=sorted(state.index_params or ()))
 
 
 def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifecycle,
@@ -415,8 +416,13 @@ def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifec
   and ``batch_indices`` is a pure function of the step, so the resumed steps repeat the
   uninterrupted run's exactly. Log records past the checkpoint are dropped.
   """
-  validate_metadata(ckpt.read_metadata(), config, num_rows, state.table.shape[1],
-                    inputs=digests, resume=True)
+  meta = ckpt.read_metadata()
+  validate_metadata(meta, config, num_rows, state.table.shape[1], inputs=digests, resume=True)
+  if meta.get("has_codebooks") and "index_params" not in meta:
+    raise MetadataMismatchError(
+        f"checkpoint {ckpt.step_path(meta['step'])} holds learned codebooks as "
+        "'codebooks'/'codebook_opt_state', written before config.quant.learn moved them into "
+        "TrainState.index_params: it cannot be resumed; export or evaluate it, or retrain.")
   restored = ckpt.restore(state, with_index=jax.process_count() == 1)
   if restored.metadata["config"]["train"]["steps"] != config.train.steps:
     logging.warning("resuming with train.steps=%d, the checkpoint's run had %d: the "

@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules for the encoder, the table rows and the codebooks.
+"""Optimizers and learning-rate schedules for the encoder, the table rows and the index
+parameters (PQ codebooks, IVF centroids, OPQ rotation).
 
 The table rows use a per-row optimizer: an optax transform is ``vmap``-ed over rows, so
 each passage keeps its own moments and step count (in the table's shape) and only the
@@ -112,7 +113,18 @@ def stochastic_round_bf16(x: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(x), rounded, x).astype(jnp.bfloat16)
 
 
-def make_codebook_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
-                            ) -> tuple[optax.GradientTransformation, Schedule]:
-  schedule = make_schedule(cfg.codebook_lr, cfg, total_steps)
-  return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps), schedule
+# The learning-rate key of each learnable index parameter (`qdr_jax.quant.INDEX_PARAMS`).
+INDEX_LR_KEYS = {"codebooks": "codebook_lr", "centroids": "centroid_lr",
+                 "rotation": "rotation_lr"}
+
+
+def make_index_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
+                         learn: tuple[str, ...]
+                         ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
+  """Adam over the index-parameter dict (``TrainState.index_params``), one learning rate
+  (and schedule) per parameter from ``cfg``'s `INDEX_LR_KEYS`; returns (tx, schedules)."""
+  schedules = {name: make_schedule(cfg[INDEX_LR_KEYS[name]], cfg, total_steps)
+               for name in learn}
+  transforms = {name: optax.adam(schedules[name], b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+                for name in learn}
+  return optax.multi_transform(transforms, lambda params: {k: k for k in params}), schedules

@@ -10,7 +10,8 @@ import numpy as np
 
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.fingerprint import input_fingerprints
-from qdr_jax.index.lifecycle import pq_codebook_shape
+from qdr_jax.index.lifecycle import pq_codebook_shape, placeholder_quantizer
+from qdr_jax.quant import index_params as select_index_params
 from qdr_jax.targets.encoders import load_encoders
 from qdr_jax.train.checkpoint import (Checkpointer, checkpoint_dir, config_from_metadata,
                                       validate_metadata)
@@ -28,12 +29,14 @@ def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
       it describes the same model, dimension and corpus (`validate_metadata`). Either
       way the corpus and the initial encoder weights it loads must have the fingerprints
       the checkpoint recorded: a corpus reordered or edited since training is refused.
-    extra: ``("codebooks",)`` also restores learned PQ codebooks (None when the mode
-      learns none).
+    extra: ``("index_params",)`` also restores the learned index parameters
+      (``TrainState.index_params``; None when the run learned none). A checkpoint written
+      before ``quant.learn`` (learned codebooks as ``codebooks``) gives
+      ``{"codebooks": ...}``.
 
   Returns:
     ``{"config", "metadata", "step", "dataset", "encoders", "params", "table" (unpadded
-    float32, host), "codebooks", "index" (the FAISS index saved with the state)}``.
+    float32, host), "index_params", "index" (the FAISS index saved with the state)}``.
 
   Raises:
     MetadataMismatchError: ``config`` (or the files it names) does not match the
@@ -58,11 +61,19 @@ def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
          "params": restored.state["params"],
          "table": np.asarray(jax.device_get(restored.state["table"][:meta["corpus_size"]]),
                              np.float32),
-         "codebooks": None}
-  if "codebooks" in extra and meta.get("has_codebooks"):
-    # Learned codebooks have the PQ shape of the run's factory string.
+         "index_params": None}
+  if "index_params" in extra and meta.get("index_params"):
+    # Learned parameters have the shapes of the run's factory string.
+    shapes = select_index_params(placeholder_quantizer(config.index.factory,
+                                                       meta["table_dim"]),
+                                 meta["index_params"])
+    target = {name: jax.ShapeDtypeStruct(v.shape, np.float32, sharding=device)
+              for name, v in shapes.items()}
+    out["index_params"] = jax.device_get(ckpt.restore_arrays(
+        {"index_params": target}, step=restored.step).state["index_params"])
+  elif "index_params" in extra and meta.get("has_codebooks"):  # before quant.learn
     shape = pq_codebook_shape(config.index.factory, meta["table_dim"])
-    out["codebooks"] = ckpt.restore_arrays(
+    out["index_params"] = {"codebooks": jax.device_get(ckpt.restore_arrays(
         {"codebooks": jax.ShapeDtypeStruct(shape, np.float32, sharding=device)},
-        step=restored.step).state["codebooks"]
+        step=restored.step).state["codebooks"])}
   return out

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from qdr_jax import sharding
+from qdr_jax.quant import Quantizer, index_params as select_index_params
 from qdr_jax.train import optim
 from qdr_jax.train.modes import Mode
 
@@ -28,8 +29,10 @@ class TrainState:
     row_opt_state: per-row optimizer state, every leaf with the table's rows first; an
       `optim.MasterRows` (with float32 copies of the rows) for a bfloat16 table with
       ``table.bf16_update='master'``.
-    codebooks: (M, K, dsub) learned PQ codebooks, or None when they stay FAISS's.
-    codebook_opt_state: optax state of the codebooks, or None.
+    index_params: the learned index parameters (``mode.learn``), a dict of some of
+      "codebooks" (M, K, dsub), "centroids" (nlist, d_out) and "rotation" (d_out, d_in),
+      replicated; None when the mode learns none (they stay FAISS's).
+    index_opt_state: optax state of ``index_params``, or None.
     rng: PRNG key from which per-step host randomness (pool subsampling) and the
       stochastic rounding of a bfloat16 table are derived.
   """
@@ -38,21 +41,21 @@ class TrainState:
   encoder_opt_state: Any
   table: jax.Array
   row_opt_state: Any
-  codebooks: jax.Array | None
-  codebook_opt_state: Any
+  index_params: dict[str, jax.Array] | None
+  index_opt_state: Any
   rng: jax.Array
 
 
 def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
-               codebooks, mesh, encoder_tx, row_tx, codebook_tx) -> TrainState:
+               quantizer: Quantizer | None, mesh, encoder_tx, row_tx, index_tx) -> TrainState:
   """The initial state, placed on the mesh.
 
   The table and its per-row optimizer state are split by rows (``sharding.shard_table``);
   encoder weights and their optimizer state are replicated, or split FSDP-style with
   ``sharding.shard_params``; the rest is replicated. The table goes straight from the host
   to its row shards (``sharding.put_rows``) and the per-row state is created sharded, so
-  no device ever holds all rows. ``codebooks`` are the initial learned PQ codebooks
-  (the index's), used when ``mode.learn_codebooks``.
+  no device ever holds all rows. ``quantizer`` is the index's (or a placeholder of its
+  shapes, for a restore); its ``mode.learn`` parameters start the learned ones.
   """
   rows = sharding.padded_rows(table.shape[0], mesh)
   row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
@@ -74,11 +77,13 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   params = sharding.place(jax.device_get(params), by_shape)
   encoder_opt_state = (sharding.place(encoder_tx.init(params), by_shape)
                        if mode.update_encoder else None)
-  codebooks = codebooks if mode.learn_codebooks else None
-  codebook_opt_state = codebook_tx.init(codebooks) if mode.learn_codebooks else None
+  learned = index_opt_state = None
+  if mode.learns_index:
+    learned = jax.device_get(select_index_params(quantizer, mode.learn))
+    index_opt_state = index_tx.init(learned)
   return TrainState(
       step=replicate(np.zeros((), np.int32)), params=params,
       encoder_opt_state=encoder_opt_state, table=table_dev, row_opt_state=row_state,
-      codebooks=replicate(codebooks), codebook_opt_state=replicate(codebook_opt_state),
+      index_params=replicate(learned), index_opt_state=replicate(index_opt_state),
       rng=replicate(jax.random.key(config.seed)))
 

@@ -4,7 +4,8 @@
 residuals), so the query embeddings can go to FAISS for negatives before the loss is
 known; ``update`` then pulls the loss gradient back through that VJP instead of paying
 for a second forward pass, updates the encoder, the pooled table rows (each with its own
-optimizer state) and, when learned, the PQ codebooks.
+optimizer state) and, when learned, the index parameters (PQ codebooks, IVF centroids,
+OPQ rotation, projected back to orthonormal after each step).
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import optax
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qdr_jax.quant import Quantizer, assign_coarse, coarse_scores, decode, quantize
+from qdr_jax.quant import (Quantizer, assign_coarse, coarse_scores, decode, orthogonalize,
+                           quantize, with_index_params)
 from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import contrastive_loss, quantization_terms, routing_loss
 from qdr_jax.train.modes import Mode
@@ -34,19 +36,22 @@ class StepFunctions:
   update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
-def pool_targets(rows: jax.Array, quantizer: Quantizer | None, codebooks: jax.Array | None,
+def pool_targets(rows: jax.Array, quantizer: Quantizer | None,
+                 learned: dict[str, jax.Array] | None,
                  codes: jax.Array | None = None, lists: jax.Array | None = None) -> jax.Array:
   """Pool rows as the loss sees them.
 
   With a quantizer the forward value is the PQ reconstruction of each row while the
   gradient reaches the full-precision row unchanged (straight-through) and, through the
-  reconstruction with the codes held fixed, the codebooks. ``codes`` (and IVF ``lists``)
-  are the rows' codes as the index stores them; without them the rows are encoded anew.
+  reconstruction ``R^T (decode(codes) + c[list])`` with the codes held fixed, the
+  ``learned`` index parameters (`TrainState.index_params`: codebooks, the centroid of the
+  row's list, the rotation), which replace the quantizer's own. ``codes`` (and IVF
+  ``lists``) are the rows' codes as the index stores them; without them the rows are
+  encoded anew.
   """
   if quantizer is None:
     return rows
-  if codebooks is not None:
-    quantizer = quantizer.replace(codebooks=codebooks)
+  quantizer = with_index_params(quantizer, learned)
   frozen = jax.lax.stop_gradient(rows)
   if codes is None:
     return rows - frozen + quantize(quantizer, frozen)
@@ -57,7 +62,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
                         config: ml_collections.ConfigDict,
                         encoder_tx: optax.GradientTransformation,
                         row_tx: optax.GradientTransformation, row_schedule: Schedule,
-                        codebook_tx: optax.GradientTransformation | None,
+                        index_tx: optax.GradientTransformation | None,
                         mesh: Mesh | None = None) -> StepFunctions:
   """Builds the jitted halves of a step.
 
@@ -68,7 +73,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     encoder_tx: encoder optimizer.
     row_tx: per-row update direction (vmapped over rows here).
     row_schedule: row learning rate by global step.
-    codebook_tx: codebook optimizer when ``mode.learn_codebooks``.
+    index_tx: optimizer of ``state.index_params`` when ``mode.learns_index``.
     mesh: when given (and it has several devices), the gathered pool rows are split over
       its data axis, so each device decodes and scores its share of the pool rather than
       all of it; the pool size must then be a multiple of the device count.
@@ -97,7 +102,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     rows = state.table[row_ids].astype(jnp.float32)
     if split_pool and row_ids.shape[0] % mesh.devices.size == 0:
       rows = jax.lax.with_sharding_constraint(rows, NamedSharding(mesh, P(DATA_AXIS)))
-    learned = state.codebooks if mode.learn_codebooks else None
+    learned = state.index_params if mode.learns_index else None
 
     codes = lists = None
     if index_codes is not None:
@@ -106,32 +111,32 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     route = routing_weight > 0 and mode.quantize and quantizer is not None \
         and quantizer.has_ivf
 
-    def loss_fn(q, rows, codebooks):
-      targets = pool_targets(rows, quantizer if mode.quantize else None, codebooks, codes,
+    def loss_fn(q, rows, learned):
+      # The quantizer as trained so far (learned index parameters in place of the index's).
+      current = None if quantizer is None else with_index_params(quantizer, learned)
+      targets = pool_targets(rows, quantizer if mode.quantize else None, learned, codes,
                              lists)
       loss, metrics = contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"],
                                        valid, temperature=temperature,
                                        multi_positive=multi_positive)
       if route:
         row_lists = lists if lists is not None else assign_coarse(
-            quantizer, jax.lax.stop_gradient(rows))
+            current, jax.lax.stop_gradient(rows))
         extra, route_metrics = routing_loss(
-            coarse_scores(quantizer, q) / routing_temperature, row_lists,
+            coarse_scores(current, q) / routing_temperature, row_lists,
             pool["positive_mask"], valid, nprobe=nprobe)
         metrics = {**metrics, **route_metrics, "contrastive_loss": loss}
         loss = loss + routing_weight * extra
         metrics["loss"] = loss
-      if extra_terms is not None and quantizer is not None:
+      if extra_terms is not None and current is not None:
         active = valid[None, :] & ~pool["hidden_mask"]
-        extra, extra_metrics = extra_terms(
-            q, rows, targets, active, valid,
-            quantizer if codebooks is None else quantizer.replace(codebooks=codebooks))
+        extra, extra_metrics = extra_terms(q, rows, targets, active, valid, current)
         metrics = {"contrastive_loss": loss, **metrics, **extra_metrics}
         loss = loss + extra
         metrics["loss"] = loss
       return loss, metrics
 
-    (_, metrics), (g_query, g_rows, g_codebooks) = jax.value_and_grad(
+    (_, metrics), (g_query, g_rows, g_learned) = jax.value_and_grad(
         loss_fn, argnums=(0, 1, 2), has_aux=True)(query_emb, rows, learned)
     new = {}
     if mode.update_encoder:
@@ -146,14 +151,25 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
           rounding)
       metrics["row_grad_norm"] = optax.tree.norm(g_rows)
       metrics["row_lr"] = row_schedule(state.step)
-    if mode.learn_codebooks:
-      updates, new["codebook_opt_state"] = codebook_tx.update(
-          g_codebooks, state.codebook_opt_state, state.codebooks)
-      new["codebooks"] = optax.apply_updates(state.codebooks, updates)
+    if mode.learns_index:
+      new["index_params"], new["index_opt_state"] = _update_index_params(
+          state, g_learned, index_tx)
+      metrics["index_grad_norm"] = optax.tree.norm(g_learned)
     return state.replace(step=state.step + 1, **new), metrics
 
   return StepFunctions(encode=jax.jit(encode),
                        update=jax.jit(update, donate_argnums=(0,)))
+
+
+def _update_index_params(state: TrainState, grads: dict[str, jax.Array],
+                         index_tx: optax.GradientTransformation):
+  """One optimizer step on the learned index parameters; the rotation is projected back
+  to orthonormal rows (FAISS's OPQ and `unrotate` both assume ``R R^T = I``)."""
+  updates, opt_state = index_tx.update(grads, state.index_opt_state, state.index_params)
+  params = optax.apply_updates(state.index_params, updates)
+  if "rotation" in params:
+    params = {**params, "rotation": orthogonalize(params["rotation"])}
+  return params, opt_state
 
 
 # Folded into the state's key (then the step) for stochastic rounding, so its bits are
