@@ -215,15 +215,18 @@ def _nearest_codewords(q: Quantizer, r: Array) -> Array:
   """(N, M) int32 nearest codeword (L2) per sub-vector of (N, M*dsub) `r`."""
   n = r.shape[0]
   m, k, dsub = q.codebooks.shape
-  sub = r.reshape(n, m, dsub)
-  # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 as one batched matmul: (N, M, K) memory,
+  # Sub-quantizer-major (M, N, dsub), so that the batch axis of the matmul leads on both
+  # sides: XLA:CPU then runs M plain GEMMs instead of transposing the (N, M, K) output
+  # (2.2x faster for the live forward's 3,200 x 48 x 256 pool codes).
+  sub = r.reshape(n, m, dsub).transpose(1, 0, 2)
+  # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 as one batched matmul: (M, N, K) memory,
   # never the (N, M, K, dsub) broadcast. ||r||^2 is kept (not dropped as a constant) so
   # the float rounding is closer to FAISS's, which matters only for near-ties.
-  dots = jnp.einsum("nmd,mkd->nmk", sub, q.codebooks)
+  dots = jnp.einsum("mnd,mkd->mnk", sub, q.codebooks)
   c_sq = jnp.sum(q.codebooks * q.codebooks, axis=-1)
   r_sq = jnp.sum(sub * sub, axis=-1, keepdims=True)
-  dist = r_sq - 2.0 * dots + c_sq[None]
-  return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+  dist = r_sq - 2.0 * dots + c_sq[:, None, :]
+  return jnp.argmin(dist, axis=-1).astype(jnp.int32).T
 
 
 def encode(q: Quantizer, x: Array, coarse_ids: Array | None = None) -> Array:
