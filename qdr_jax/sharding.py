@@ -13,6 +13,7 @@ import functools
 import math
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -90,22 +91,52 @@ def put_rows(host: np.ndarray, mesh: Mesh, shard_rows: bool, num_rows: int,
              dtype=None) -> jax.Array:
   """A host array with table rows first, as a row-sharded global array of ``num_rows`` rows.
 
-  Rows past ``host``'s own are zero padding. Each device's block is cut (and cast) from
-  ``host`` by itself, so neither a padded copy of the whole array nor a single-device
-  copy of it is ever made, and in a multi-process job each process only places the
-  rows its devices hold (every process must pass the same ``host``).
+  Rows past ``host``'s own are zero padding. Each device's block is copied from ``host``
+  straight into its own buffer: a block of real rows in the right dtype goes as a view
+  (of a memory-mapped table: read from the file into the device buffer, never staged in
+  a second host copy), only a padded or cast block is assembled on the host first. So
+  neither a padded copy of the whole array nor a single-device copy of it is ever made,
+  and in a multi-process job each process only places the rows its devices hold (every
+  process must pass the same ``host``). A memory-mapped ``host`` gives its pages back
+  afterwards (`release_pages`).
   """
   dtype = np.dtype(dtype or host.dtype)
   shape = (num_rows,) + host.shape[1:]
+  sharding = row_sharding(mesh, shard_rows)
 
   def block(index) -> np.ndarray:
     start, stop, _ = index[0].indices(num_rows)
+    if stop <= host.shape[0] and host.dtype == dtype:
+      return host[start:stop]
     out = np.zeros((stop - start,) + host.shape[1:], dtype)
     real = max(0, min(stop, host.shape[0]) - start)
     out[:real] = host[start:start + real]
     return out
 
-  return jax.make_array_from_callback(shape, row_sharding(mesh, shard_rows), block)
+  # On CPU, device_put of a host array may alias its memory instead of copying (even with
+  # may_alias=False): a buffer over a read-only file mapping, or over a temporary, that
+  # the step would donate. The on-device copy gives each shard a buffer of its own.
+  shards = [jnp.copy(jax.device_put(block(index), device))
+            for device, index in sharding.addressable_devices_indices_map(shape).items()]
+  placed = jax.make_array_from_single_device_arrays(shape, sharding, shards)
+  release_pages(host)
+  return placed
+
+
+def release_pages(host: np.ndarray) -> None:
+  """Drops the resident pages of a memory-mapped ``host`` (no-op for other arrays).
+
+  Reading a memory-mapped table to place it leaves its pages resident in the process
+  (they count in its RSS until the kernel reclaims them); the devices now hold the rows,
+  so hand the pages back now. A later read pages them in again from the file.
+  """
+  import mmap
+  base = host
+  while isinstance(base, np.ndarray) and not isinstance(base, np.memmap):
+    base = base.base
+  region = getattr(base, "_mmap", None)
+  if region is not None and hasattr(region, "madvise"):
+    region.madvise(mmap.MADV_DONTNEED)
 
 
 # Gathers are padded to a multiple of this many rows so that refreshes of varying size
