@@ -291,12 +291,21 @@ class SelfAttention(nn.Module):
       ctx = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(q.dtype),
                                          scale=1.0)
     else:
+      # Heads-first operands, transposed explicitly: with the einsums on (B, L, H, D)
+      # XLA:CPU computed probs @ v as (v^T probs^T), a dot at ~13 GFLOP/s taking 39%
+      # of the 32x256 forward; this form made attention's forward 20-30% cheaper.
+      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
       # Scores and softmax in float32 even under bf16: masking with a large
       # negative and the exp are where low precision hurts.
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k,
-                          preferred_element_type=jnp.float32)
-      probs = jax.nn.softmax(scores + mask_bias, axis=-1).astype(v.dtype)
-      ctx = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+      scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
+                          preferred_element_type=jnp.float32) + mask_bias
+      # Softmax with its normalisation deferred to the (B, H, L, D) context: one
+      # pass less over the (B, H, L, L) scores than dividing the probabilities.
+      unnormalized = jnp.exp(
+          scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+      denom = unnormalized.sum(axis=-1, keepdims=True)
+      ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
+      ctx = (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3)
     return self.layer_norm(x + self.output(ctx.reshape(b, l, c.hidden_size)))
 
 
