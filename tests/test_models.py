@@ -392,6 +392,51 @@ def test_tiny_config_init_jit_and_grad():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_custom_vjp_grads_match_plain_autodiff(dtype, monkeypatch):
+  # Bias and LayerNorm scale/shift gradients come from custom VJPs (sums as GEMVs,
+  # issue 12); float32 autodiff of the plain expressions is the reference (for
+  # bfloat16 too, whose plain sums would round in bfloat16 where ours accumulate
+  # in float32).
+  from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top
+  ids = jnp.array([[2, 5, 9, 3, 0, 0], [2, 7, 3, 11, 4, 8]], jnp.int32)
+  w = jax.random.normal(jax.random.key(1), (2, 32))
+  config = EncoderConfig.tiny(pooling='mean', normalize=True)
+  params = init_params(BertEncoder(config), jax.random.key(0))
+  params = jax.tree.map(  # non-trivial LayerNorm scales and biases
+      lambda x: x + 0.1 * jax.random.normal(jax.random.key(x.size), x.shape), params)
+
+  def grads(module):
+    loss = lambda p: jnp.sum(module.apply({'params': p}, ids, (ids > 0)) * w)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  loss, got = grads(BertEncoder(config.replace(dtype=dtype)))
+  monkeypatch.setattr(bert, '_add_bias', lambda y, b: y + b)
+  monkeypatch.setattr(bert, '_scale_shift', lambda y, s, b: y * s + b)
+  ref_loss, want = grads(BertEncoder(config))
+  tol = 1e-5 if dtype == 'float32' else 5e-2
+  np.testing.assert_allclose(loss, ref_loss, rtol=tol)
+  # Per-leaf scale, floored: the key bias's true gradient is 0 (softmax ignores a
+  # per-query constant), so only rounding noise is left there.
+  floor = 1e-2 * max(float(np.abs(r).max()) for r in jax.tree.leaves(want))
+  for (path, g), r in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                          jax.tree.leaves(want)):
+    assert g.dtype == r.dtype == jnp.float32, path
+    scale = max(float(np.abs(r).max()), floor)
+    np.testing.assert_allclose(g, r, atol=tol * scale, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_gelu_erf_matches_exact_gelu():
+  from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top
+  x = jnp.linspace(-12.0, 12.0, 20001, dtype=jnp.float32)
+  exact = lambda v: jax.nn.gelu(v, approximate=False)
+  np.testing.assert_allclose(bert._gelu_erf(x), exact(x), atol=2e-6, rtol=1e-6)
+  d = jax.vmap(jax.grad(bert._gelu_erf))(x)
+  np.testing.assert_allclose(d, jax.vmap(jax.grad(exact))(x), atol=2e-6, rtol=1e-6)
+  assert bert._gelu_erf(x.astype(jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_roberta_position_ids():
   from qdr_jax.models.bert import position_ids  # pylint: disable=g-import-not-at-top
   config = EncoderConfig.tiny(architecture='roberta', pad_token_id=1)
