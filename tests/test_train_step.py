@@ -91,8 +91,12 @@ def test_split_step_gradient_equals_direct_gradient():
       q, pool_targets(rows, quantizer, None), arrays["positive_mask"], arrays["hidden_mask"],
       arrays["valid"], temperature=config.loss.temperature)[0])(q)
   (split,) = vjp(g_q)
+  # float32 sums of terms up to ~100 in another order: the error scales with the largest
+  # gradient entry, so small entries get that much absolute slack.
+  scale = max(float(np.abs(np.asarray(b)).max()) for b in jax.tree.leaves(split))
   for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(split)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=max(1e-5, 1e-6 * scale))
 
 
 def test_pool_targets_forward_is_reconstruction_and_gradient_identity():

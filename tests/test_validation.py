@@ -267,7 +267,7 @@ def test_train_script_refuses_bad_config(tmp_path, tiny_beir, tiny_encoder_dir):
 def test_compare_script_refuses_bogus_mode_first(tmp_path, tiny_beir, tiny_encoder_dir):
   result = _script("compare.py", tmp_path, tiny_beir, tiny_encoder_dir,
                    "--modes=posthoc,bogus", "--levels=4")
-  _assert_refused(result, "error: level 4, mode 'bogus': config.train.mode='bogus'", tmp_path)
+  _assert_refused(result, "error: level 4, mode 'bogus', seed 0: config.train.mode='bogus'", tmp_path)
 
 
 def test_train_script_refuses_non_utf8_corpus(tmp_path, tiny_beir, tiny_encoder_dir):
