@@ -46,8 +46,12 @@ def _assert_same_state(a, b, *, table_atol=1e-5):
       # Softmax is invariant to the key bias, so its true gradient is 0 and Adam turns
       # the float noise of either layout into steps of up to the learning rate.
       np.testing.assert_allclose(a[name], b[name], atol=2 * STEPS * ENCODER_LR, err_msg=name)
-    elif name == "table" or name.startswith("rowstate"):
+    elif name == "table":
       np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=table_atol, err_msg=name)
+    elif name.startswith("rowstate"):
+      # Adam's moments are the row gradients themselves (mu = 0.1 g after one step), and
+      # those carry the encoder's reduction-order noise of either layout (~1e-4 relative).
+      np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=table_atol, err_msg=name)
     elif name.startswith("params"):
       # Adam divides by the gradient's own scale, so where an entry's gradient is near 0
       # the reduction-order noise of the two layouts can move it by a fraction of the
