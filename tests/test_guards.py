@@ -20,6 +20,7 @@ from qdr_jax.index.faiss_index import build_quantized
 from qdr_jax.io_utils import WorkdirLockedError, workdir_lock
 from qdr_jax.quant import quantizer_from_faiss, stored_codes
 from qdr_jax.train import loop
+from qdr_jax.train import step as step_module
 from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
 from qdr_jax.train.restore import restore_trained
 
@@ -71,6 +72,10 @@ def _poison_step(monkeypatch, at_step: int, what: str):
           metrics = {**metrics, "loss": jnp.float32(jnp.nan)}
         else:  # a pooled row written as inf, with a finite loss and gradients
           new = new.replace(table=new.table.at[pool["row_ids"][0]].set(jnp.inf))
+          # The jitted update checks what it wrote; this write happens after it, so run
+          # the same check on the poisoned values.
+          metrics = {**metrics, "updates_finite": step_module._written_finite(
+              {"table": new.table, "params": new.params}, pool["row_ids"])}
       return new, metrics
 
     return dataclasses.replace(fns, update=update)

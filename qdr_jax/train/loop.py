@@ -147,7 +147,6 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
                                 current.pool_dev, lifecycle.loss_inputs.quantizer,
                                 lifecycle.loss_inputs.codes)
-    metrics["updates_finite"] = _updates_finite(state, current.pool_dev["row_ids"], mode)
     searched = time.perf_counter()
     inputs = source.negatives(upcoming) if upcoming is not None else None
     searched = time.perf_counter() - searched  # counted by the source's own timers
@@ -357,24 +356,6 @@ def _eval_index(config, mode: Mode, lifecycle: IndexLifecycle, state: TrainState
   else:
     fresh.build(state.table)
   return fresh.index
-
-
-def _updates_finite(state: TrainState, row_ids: jax.Array, mode: Mode) -> jax.Array:
-  """Whether what this step wrote is finite: the pooled rows, the encoder and the
-  codebooks (a device scalar, fetched with the step's metrics). Finite gradients do not
-  imply it: an infinite learning rate or the re-normalisation of a zero row do not show
-  in the loss before the next step."""
-  return _written_finite(state.table if mode.update_rows else None, row_ids,
-                         state.params if mode.update_encoder else None,
-                         state.index_params if mode.learns_index else None)
-
-
-@jax.jit
-def _written_finite(table, row_ids, params, codebooks) -> jax.Array:
-  parts = [jnp.isfinite(x).all() for x in jax.tree.leaves((params, codebooks))]
-  if table is not None:  # None (nothing written) is a static, empty pytree here
-    parts.append(jnp.isfinite(table[row_ids]).all())
-  return jnp.all(jnp.stack(parts)) if parts else jnp.array(True)
 
 
 def _non_finite_message(config, step: int, metrics: dict[str, float],

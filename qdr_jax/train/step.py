@@ -155,6 +155,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       new["index_params"], new["index_opt_state"] = _update_index_params(
           state, g_learned, index_tx)
       metrics["index_grad_norm"] = optax.tree.norm(g_learned)
+    metrics["updates_finite"] = _written_finite(new, row_ids)
     return state.replace(step=state.step + 1, **new), metrics
 
   return StepFunctions(encode=jax.jit(encode),
@@ -170,6 +171,18 @@ def _update_index_params(state: TrainState, grads: dict[str, jax.Array],
   if "rotation" in params:
     params = {**params, "rotation": orthogonalize(params["rotation"])}
   return params, opt_state
+
+
+def _written_finite(new: dict[str, Any], row_ids: jax.Array) -> jax.Array:
+  """Whether what this step wrote is finite: the encoder, the pooled rows and the learned
+  index parameters. Finite gradients do not imply it: an infinite learning rate or the
+  re-normalisation of a zero row do not show in the loss before the next step. Computed
+  here, on the values already in hand, rather than by a second pass over the state."""
+  parts = [jnp.isfinite(x).all()
+           for x in jax.tree.leaves((new.get("params"), new.get("index_params")))]
+  if "table" in new:
+    parts.append(jnp.isfinite(new["table"][row_ids].astype(jnp.float32)).all())
+  return jnp.all(jnp.stack(parts)) if parts else jnp.array(True)
 
 
 # Folded into the state's key (then the step) for stochastic rounding, so its bits are
