@@ -12,6 +12,8 @@ and ``query_only``, and ``{workdir}/compare.png`` plots the primary metric again
 per vector, with the flat index before training as the reference line. ``--seeds=3``
 trains every mode with 3 training seeds (config.seed, +1, +2), each evaluated on the
 config's index seeds: means, error bars and tests are then over training seeds.
+A mode may name index parameters it learns on top of ``config.quant.learn``:
+``--modes=query_only,jpq,dback,dback+codebooks+centroids``.
 """
 
 import json

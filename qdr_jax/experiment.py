@@ -359,14 +359,21 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
 
 def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str,
                 seed: int) -> ml_collections.ConfigDict:
-  """``config`` for one (PQ level, mode, training seed) run of `compare_modes`."""
+  """``config`` for one (PQ level, mode, training seed) run of `compare_modes`.
+
+  ``mode`` is a mode name, optionally followed by index parameters it learns on top of
+  ``config.quant.learn``: ``dback+codebooks+centroids`` compares against plain ``dback``
+  in one summary.
+  """
   run_cfg = config.copy_and_resolve_references()
+  name, *learn = mode.split("+")
   try:
     factory = with_pq_subquantizers(config.index.factory, level)
   except ValueError as e:
     raise ConfigError([str(e)]) from None
   with run_cfg.unlocked():
-    run_cfg.train.mode = mode
+    run_cfg.train.mode = name
+    run_cfg.quant.learn = tuple(dict.fromkeys((*run_cfg.quant.learn, *learn)))
     run_cfg.index.factory = factory
     run_cfg.table.cache_dir = cache_dir
     run_cfg.seed = seed

@@ -212,3 +212,15 @@ def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
   assert "query_only vs dback" in text and max(map(len, text.splitlines())) <= 100
   plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
   assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_mode_spec_adds_learned_index_parameters(tiny_config):
+  from qdr_jax.experiment import _run_config
+  from qdr_jax.train.modes import mode_from_config
+  tiny_config.quant.learn = ("codebooks",)
+  run = _run_config(tiny_config, 4, "dback+centroids+codebooks", "/tmp/cache", 7)
+  assert run.train.mode == "dback" and tuple(run.quant.learn) == ("codebooks", "centroids")
+  assert set(mode_from_config(run).learn) == {"centroids", "codebooks"}
+  assert run.seed == 7 and "PQ4" in run.index.factory
+  plain = _run_config(tiny_config, 4, "query_only", "/tmp/cache", 0)
+  assert plain.train.mode == "query_only" and tuple(plain.quant.learn) == ("codebooks",)
