@@ -176,6 +176,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = ""   # in-training quantized eval measure; "" = eval.primary_metric
   c.checkpoint.best_mode = "max"  # max | min
   c.checkpoint.async_save = True  # write files in the background after the host copy
+  # zstd on the saved arrays: encoding works on host copies (about the local state's size
+  # on CPU during a save) and float tables gain little, so it is off.
+  c.checkpoint.compress = False
+  # Host memory a restore may stage at once (at least the largest shard it reads); without
+  # a bound, all of a process's table rows and their optimizer state are staged at once.
+  c.checkpoint.restore_buffer_mib = 256
   return c
 
 

@@ -99,6 +99,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("checkpoint.every", 0, False, None),
     ("checkpoint.keep", 1, False, None),
     ("checkpoint.keep_best", 0, False, None),
+    ("checkpoint.restore_buffer_mib", 1, False, None),
 )
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",

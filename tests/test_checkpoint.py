@@ -172,8 +172,15 @@ def test_flipped_array_byte_fails_the_fingerprint(runs, tmp_path):
   src = checkpoint_dir(runs["root"] / "straight") / str(STEPS)
   copy = checkpoint_dir(tmp_path) / str(STEPS)
   shutil.copytree(src, copy)
-  _flip_byte(max((p for p in (copy / "state").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size))
+  # Arrays are stored uncompressed (checkpoint.compress=False): flip a bit of the table's
+  # row 3 where its bytes lie.
+  row = np.asarray(restore_trained(runs["root"] / "straight", step=STEPS)["table"][3],
+                   np.float32).tobytes()
+  hits = [(p, p.read_bytes().find(row)) for p in (copy / "state").rglob("*") if p.is_file()]
+  path, at = next((p, at) for p, at in hits if at >= 0)
+  raw = bytearray(path.read_bytes())
+  raw[at + 5] ^= 0x01
+  path.write_bytes(bytes(raw))
   with pytest.raises(CheckpointError, match=r"array '\S+' does not match its fingerprint"):
     restore_trained(tmp_path, step=STEPS)
 

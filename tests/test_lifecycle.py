@@ -144,12 +144,19 @@ scores, ids = exact_search(device_table, queries, 50, mesh, 1001, batch_size=256
 want = np.argsort(-(queries @ table.T), axis=1, kind="stable")[:, :50]
 np.testing.assert_array_equal(ids, want)
 np.testing.assert_allclose(scores, np.take_along_axis(queries @ table.T, want, 1), rtol=1e-5)
+# Scored a block at a time: 251 rows per device in blocks of 60 (the last one overlaps the
+# one before) and of 30 (fewer rows per block than k).
+for block_rows in (60, 30):
+  blocked = exact_search(device_table, queries, 50, mesh, 1001, block_rows=block_rows)
+  np.testing.assert_array_equal(blocked[1], want)
+  np.testing.assert_allclose(blocked[0], scores, rtol=1e-6)
 print("ok")
 """
 
 
 def test_exact_search_on_the_mesh_equals_brute_force():
-  """Every device's top-k merged equals the top-k of the whole table; padding rows lose."""
+  """Every device's top-k merged equals the top-k of the whole table, scored whole or in
+  row blocks; padding rows lose."""
   import os
   import subprocess
   import sys

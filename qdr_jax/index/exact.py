@@ -2,7 +2,7 @@
 
 A flat FAISS index needs the whole float table on one host; at tens of millions of rows
 that is the largest allocation of a run. Here every device scores the queries against
-its own rows and keeps its top-k, and only those (queries x k x devices) candidates are
+its own rows, a block at a time, and keeps its top-k, and only those (queries x k x devices) candidates are
 gathered and merged, so the table never leaves the devices.
 """
 
@@ -20,15 +20,34 @@ from qdr_jax.sharding import DATA_AXIS
 
 
 @functools.lru_cache(maxsize=None)
-def _search_fn(mesh: Mesh, k: int, num_rows: int, shard_rows: int):
+def _search_fn(mesh: Mesh, k: int, num_rows: int, shard_rows: int, block_rows: int):
   local_k = min(k, shard_rows)
+  block = min(block_rows, shard_rows)
+  blocks = -(-shard_rows // block)
 
   def per_shard(table, queries):
-    scores = queries @ table.astype(jnp.float32).T  # (b, shard_rows)
-    rows = jax.lax.axis_index(DATA_AXIS) * shard_rows + jnp.arange(shard_rows)
-    scores = jnp.where(rows < num_rows, scores, -jnp.inf)  # padding rows never win
-    top, at = jax.lax.top_k(scores, local_k)
-    return top, rows[at]
+    first_row = jax.lax.axis_index(DATA_AXIS) * shard_rows
+
+    def merge_block(i, best):
+      # The shard is scored block by block, so the (queries x rows) scores never exceed
+      # one block: scoring a whole shard at once grows with the corpus. The last block
+      # ends at the shard's end; the rows it shares with the block before are masked.
+      start = jnp.minimum(i * block, shard_rows - block)
+      local = start + jnp.arange(block)
+      scores = queries @ jax.lax.dynamic_slice_in_dim(table, start, block).astype(
+          jnp.float32).T
+      keep = (local >= i * block) & (first_row + local < num_rows)  # padding never wins
+      top, at = jax.lax.top_k(jnp.where(keep, scores, -jnp.inf), min(k, block))
+      scores = jnp.concatenate([best[0], top], axis=1)
+      ids = jnp.concatenate([best[1], (first_row + local)[at]], axis=1)
+      top, at = jax.lax.top_k(scores, local_k)
+      return top, jnp.take_along_axis(ids, at, axis=1)
+
+    none = (jnp.full((queries.shape[0], local_k), -jnp.inf, jnp.float32),
+            jnp.zeros((queries.shape[0], local_k), jnp.int32))
+    # Each device's running top-k differs: the carry varies over the data axis.
+    none = jax.lax.pcast(none, (DATA_AXIS,), to="varying")
+    return jax.lax.fori_loop(0, blocks, merge_block, none)
 
   sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
                           out_specs=(P(None, DATA_AXIS), P(None, DATA_AXIS)))
@@ -43,11 +62,13 @@ def _search_fn(mesh: Mesh, k: int, num_rows: int, shard_rows: int):
 
 
 def exact_search(table: jax.Array, queries: np.ndarray, k: int, mesh: Mesh, num_rows: int,
-                 *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                 *, batch_size: int = 256, block_rows: int = 32768
+                 ) -> tuple[np.ndarray, np.ndarray]:
   """Top-k rows of ``table`` (the first ``num_rows``) by inner product, on the devices.
 
   A collective in a multi-process job: every process passes the same queries and gets
-  the same result.
+  the same result. Device memory for scores is ``batch_size x block_rows`` floats per
+  device, whatever the corpus size.
 
   Returns:
     scores (Q, k) float32 and ids (Q, k) int64, best first, as ``faiss_index.search``.
@@ -55,7 +76,7 @@ def exact_search(table: jax.Array, queries: np.ndarray, k: int, mesh: Mesh, num_
   queries = np.ascontiguousarray(queries, np.float32)
   k = min(k, num_rows)
   shard_rows = table.shape[0] // mesh.devices.size
-  fn = _search_fn(mesh, k, num_rows, shard_rows)
+  fn = _search_fn(mesh, k, num_rows, shard_rows, block_rows)
   scores = np.empty((queries.shape[0], k), np.float32)
   ids = np.empty((queries.shape[0], k), np.int64)
   for start in range(0, queries.shape[0], batch_size):

@@ -371,6 +371,15 @@ def _abstract(leaf, default_sharding) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
+def _largest_shard_bytes(abstract) -> int:
+  """Bytes of the largest single-device shard among ``abstract``'s leaves."""
+  largest = 0
+  for leaf in jax.tree.leaves(abstract):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    largest = max(largest, int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize)
+  return largest
+
+
 # ----------------------------------------------------------------------------- manager
 
 
@@ -400,17 +409,28 @@ class Checkpointer:
       were given ``metrics`` compete.
     best_metric: key of the ``metrics`` dict passed to `save` that ranks checkpoints.
     best_mode: "max" (higher is better) or "min".
-    async_save: write in a background thread after the device-to-host copy.
+    async_save: write in a background thread after the device-to-host copy. Meanwhile a
+      second copy of the local state exists: the host copy on accelerators; on CPU, where
+      the "copy" is the device buffer itself, the next step cannot donate buffers that are
+      still being written and allocates new ones.
+    compress: zstd-compress the saved arrays. Compression encodes every array from a host
+      copy, which on CPU costs about the local state's size in extra memory during a
+      save; float tables gain little from it (optimizer moments of untouched rows do).
+    restore_buffer_bytes: host memory a restore may stage at once (raised to the largest
+      shard it reads): arrays are read into host buffers before they go to their devices,
+      and a row-sharded state read all at once would stage all of its local rows.
     read_only: never write, clean up or move anything (evaluation, export).
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, keep_best: int = 0,
                best_metric: str = "", best_mode: str = "max", async_save: bool = True,
+               compress: bool = False, restore_buffer_bytes: int = 256 << 20,
                read_only: bool = False):
     if best_mode not in ("max", "min"):
       raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     self.directory = pathlib.Path(directory).absolute()
     self.read_only = read_only
+    self.compress, self.restore_buffer_bytes = bool(compress), int(restore_buffer_bytes)
     self.best_metric = best_metric if keep_best else ""
     policy = None
     if not read_only:
@@ -430,7 +450,7 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint directory {self.directory}")
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={_STATE: ocp.PyTreeCheckpointHandler(),
+        item_handlers={_STATE: ocp.PyTreeCheckpointHandler(use_compression=self.compress),
                        _INDEX: ocp.PyTreeCheckpointHandler(),
                        _META: ocp.JsonCheckpointHandler()})
 
@@ -441,6 +461,8 @@ class Checkpointer:
     return cls(checkpoint_dir(workdir), keep=ck.keep, keep_best=ck.get("keep_best", 0),
                best_metric=ck.get("best_metric", "") or config.eval.primary_metric,
                best_mode=ck.get("best_mode", "max"), async_save=ck.get("async_save", True),
+               compress=ck.get("compress", False),
+               restore_buffer_bytes=ck.get("restore_buffer_mib", 256) << 20,
                read_only=read_only)
 
   def _metric(self, metrics: Mapping[str, Any]) -> float:
@@ -626,15 +648,20 @@ class Checkpointer:
       return ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype,
                                   strict=not row_leaf(a.shape))
 
-    items = {_STATE: ocp.args.PyTreeRestore(
-        item=abstract, restore_args=jax.tree.map(restore_args, abstract),
-        partial_restore=partial)}
+    # The state is read by its own handler, whose staging budget fits this target: Orbax
+    # refuses a single read larger than the budget, and reading a row-sharded state with
+    # no budget stages all of this process's rows in host memory at once.
+    budget = max(self.restore_buffer_bytes, _largest_shard_bytes(abstract))
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)
+                          ) as reader:
+      tree = reader.restore(self.step_path(step) / _STATE, args=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=jax.tree.map(restore_args, abstract),
+          partial_restore=partial))
     load_index = with_index and meta.get("index_crc32") is not None
     if load_index:
-      items[_INDEX] = ocp.args.PyTreeRestore(
-          restore_args={"faiss": ocp.RestoreArgs(restore_type=np.ndarray)})
-    out = self._manager.restore(step, args=ocp.args.Composite(**items))
-    tree = out[_STATE]
+      out = self._manager.restore(step, args=ocp.args.Composite(**{
+          _INDEX: ocp.args.PyTreeRestore(
+              restore_args={"faiss": ocp.RestoreArgs(restore_type=np.ndarray)})}))
     saved = meta.get("fingerprints", {})
     for path, value in fingerprints(tree).items():
       if path not in saved:

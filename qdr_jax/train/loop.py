@@ -264,6 +264,10 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   writer = MetricsWriter(workdir / "metrics.jsonl", enabled=lead)
   start_step = 0
   if resuming:
+    # Only the initial state's shapes and shardings are kept as the restore's target: the
+    # devices never hold the initial and the restored state together.
+    state = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     with timers.time("rebuild"):
       state, start_step = _resume(config, ckpt, state, lifecycle, num_rows, writer, digests)
 
