@@ -323,7 +323,7 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         run_dir = workdir / f"pq{level}" / mode
         if len(train_seeds) > 1:
           run_dir = run_dir / f"seed{seed}"
-        results = train_and_evaluate(run_cfg, run_dir)
+        results = _finished_run(run_cfg, run_dir) or train_and_evaluate(run_cfg, run_dir)
         if not lead:
           continue
         afters[mode].append(results["after"])
@@ -355,6 +355,27 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if lead:
     write_json_atomic(workdir / "compare.json", summary)
   return summary
+
+
+# Config sections that cannot change a run's results (a resumed run equals an
+# uninterrupted one), left out when a finished run is matched to a compare's config.
+_RESULT_NEUTRAL = ("checkpoint",)
+
+
+def _finished_run(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> dict | None:
+  """The results of an earlier run of ``config`` in ``run_dir`` (a compare rerun after a
+  stop skips the runs it finished), or None. Every process reads the file (the workdir
+  is on storage all of them see), so all skip the same runs."""
+  path = run_dir / "results.json"
+  if not path.exists():
+    return None
+  saved = json.loads(path.read_text()).get("config", {})
+  wanted = json.loads(config.to_json_best_effort())
+  same = all(saved.get(k) == v for k, v in wanted.items() if k not in _RESULT_NEUTRAL)
+  if not same or set(saved) - set(wanted):
+    return None
+  logging.info("reusing the finished run in %s", run_dir)
+  return json.loads(path.read_text())
 
 
 def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str,

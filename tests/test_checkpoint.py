@@ -266,3 +266,21 @@ def test_evaluate_checkpoint_matches_training_and_refuses_other_configs(runs, tm
   with pytest.raises(CheckpointError, match="no checkpoint for step 5"):
     evaluate_checkpoint(workdir, step=5)
   assert NUM_ROWS == 10  # the worker's state is what test (b) padded across devices
+
+
+def test_restore_budget_below_a_shard_is_raised_to_it(tmp_path):
+  """A restore stages at most restore_buffer_bytes at once, but never refuses a shard
+  larger than that; the abstract target (no initial arrays) restores the same state."""
+  config, state = make_state(1, seed=5)
+  with Checkpointer(tmp_path, keep=1, async_save=False) as writer:
+    writer.save(state, metadata(config, state, 2))
+  shard_bytes = state.table.size * state.table.dtype.itemsize  # one device: whole table
+  reader = Checkpointer(tmp_path, read_only=True, restore_buffer_bytes=shard_bytes // 4)
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+  restored = reader.restore(abstract)
+  assert restored.step == 2
+  for want, got in zip(jax.tree.leaves(state), jax.tree.leaves(restored.state)):
+    if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
+      want, got = jax.random.key_data(want), jax.random.key_data(got)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

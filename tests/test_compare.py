@@ -212,6 +212,18 @@ def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
   assert "query_only vs dback" in text and max(map(len, text.splitlines())) <= 100
   plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
   assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # A rerun reuses the finished runs (their files are untouched) and sums up the same;
+  # a run whose config changed (other than its checkpoint settings) trains again.
+  first = tmp_path / "pq4" / "dback" / "seed1" / "results.json"
+  stamp = first.stat().st_mtime_ns
+  tiny_config.checkpoint.keep = 3
+  assert compare_modes(tiny_config, tmp_path, [4], ["query_only", "dback"], seeds=2) == summary
+  assert first.stat().st_mtime_ns == stamp
+  tiny_config.loss.temperature *= 2
+  compare_modes(tiny_config, tmp_path, [4], ["dback"], seeds=2)
+  assert first.stat().st_mtime_ns != stamp
+  assert json.loads(first.read_text())["config"]["loss"]["temperature"] == (
+      tiny_config.loss.temperature)
 
 
 def test_compare_mode_spec_adds_learned_index_parameters(tiny_config):

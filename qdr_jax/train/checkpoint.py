@@ -651,7 +651,7 @@ class Checkpointer:
     # The state is read by its own handler, whose staging budget fits this target: Orbax
     # refuses a single read larger than the budget, and reading a row-sharded state with
     # no budget stages all of this process's rows in host memory at once.
-    budget = max(self.restore_buffer_bytes, _largest_shard_bytes(abstract))
+    budget = max(self.restore_buffer_bytes, _largest_shard_bytes(abstract) + 1)  # > a read
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=budget / 1e9)
                           ) as reader:
       tree = reader.restore(self.step_path(step) / _STATE, args=ocp.args.PyTreeRestore(
