@@ -24,7 +24,7 @@ from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.metrics import split_seen
 from qdr_jax.eval.report import compare_table, format_table, subset_table
-from qdr_jax.eval.table_eval import evaluate_table
+from qdr_jax.eval.table_eval import evaluate_table, mean_and_spread
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
@@ -110,9 +110,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
              **_provenance(config, inputs)}
   if trained is not None:
     after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
-                           eval_split, corpus, config.index, config.eval, subsets)
-    if final_index is not None:
-      after["quantized_trained_quantizer"] = evaluate_in_loop(trained.params, final_index)
+                           eval_split, corpus, config.index, config.eval, subsets,
+                           served_index=final_index)
     results.update(after=after, steps=config.train.steps,
                    train_seconds=trained.train_seconds,
                    seconds_per_step=trained.seconds_per_step)
@@ -340,14 +339,17 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                         ("subsets", "subsets")):
         if key in stats:
           entry.setdefault(name, {})[mode] = stats[key]
+      _add_served(entry.setdefault("served", {}), mode, afters[mode], metric)
       write_json_atomic(workdir / "compare.json",
                         summary | {"levels": summary["levels"] + [entry]})
     if not lead:
       continue
-    entry["paired"] = {
-        mode: {f"vs_{ref}": paired_comparison(afters[mode], afters[ref], metric, subsets)
-               for ref in PAIRED_REFERENCES if ref in modes and ref != mode}
-        for mode in modes}
+    for key, evaluations in (("paired", afters), ("served_paired", _served(afters))):
+      entry[key] = {
+          mode: {f"vs_{ref}": paired_comparison(evaluations[mode], evaluations[ref], metric,
+                                                subsets)
+                 for ref in PAIRED_REFERENCES if ref in modes and ref != mode}
+          for mode in modes}
     summary["levels"].append(entry)
     print(f"\n{entry['factory']} ({entry['bytes_per_vector']:.0f} bytes/vector), quantized "
           f"test metrics after training ({len(train_seeds)} training seed(s)):")
@@ -355,6 +357,24 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if lead:
     write_json_atomic(workdir / "compare.json", summary)
   return summary
+
+
+def _served(afters: dict[str, list[dict]]) -> dict[str, list[dict]]:
+  """Each mode's evaluations of the index it serves: its training quantizer ('served')
+  where it has one, otherwise the fresh builds over its table."""
+  return {mode: [after.get("served", after) for after in runs] for mode, runs in afters.items()}
+
+
+def _add_served(served: dict, mode: str, afters: list[dict], metric: str) -> None:
+  """Adds ``mode``'s served-index summary (mean, spread, subsets, its flat index after
+  training and the served / flat ratio of ``metric``) to a level's 'served' entry."""
+  stats = summarize_seeds(_served({mode: afters})[mode])
+  flat = mean_and_spread([after["flat"] for after in afters])[0]
+  for key, value in (("modes", stats["mean"]), ("modes_std", stats["std"]), ("flat", flat),
+                     ("served_over_flat", stats["mean"][metric] / flat[metric]
+                      if flat[metric] else None),
+                     ("subsets", stats.get("subsets"))):
+    served.setdefault(key, {})[mode] = value
 
 
 # Config sections that cannot change a run's results (a resumed run equals an

@@ -208,6 +208,18 @@ def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
   assert entry["paired"]["dback"] == {"vs_query_only": paired_comparison(
       afters["dback"], afters["query_only"], "nDCG@10", {"seen": seen, "unseen": unseen})}
   assert json.loads((tmp_path / "compare.json").read_text()) == summary
+  # The served index: dback's training quantizer (one per seed), query_only's fresh builds.
+  served = entry["served"]
+  assert all("served" in a and len(a["served"]["quantized_per_seed"]) == 1
+             for a in afters["dback"]) and not any("served" in a for a in afters["query_only"])
+  assert served["modes"]["dback"]["nDCG@10"] == pytest.approx(
+      np.mean([a["served"]["quantized"]["nDCG@10"] for a in afters["dback"]]))
+  assert served["modes"]["query_only"] == entry["modes"]["query_only"]
+  assert served["flat"]["dback"]["nDCG@10"] == pytest.approx(
+      np.mean([a["flat"]["nDCG@10"] for a in afters["dback"]]))
+  assert served["subsets"]["dback"]["unseen"]["count"] == len(unseen)
+  test = entry["served_paired"]["dback"]["vs_query_only"]
+  assert test["cells"]["n"] == 2 and test["queries"]["seen"]["n"] == len(seen)
   text = compare_table(summary["flat_before"], entry, "nDCG@10")
   assert "query_only vs dback" in text and max(map(len, text.splitlines())) <= 100
   plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")

@@ -148,7 +148,8 @@ def paired_comparison(afters: Sequence[Mapping], reference: Sequence[Mapping], m
     subsets: optional {name: query ids} for per-query tests on subsets (e.g. seen/unseen).
 
   Returns:
-    {'metric', 'cells': `paired_test` over the (training seed, index seed) cells' means,
+    {'metric', 'cells': `paired_test` over the (training seed, index seed) cells' means
+    (over the training seeds' means when the two have different numbers of index seeds),
     'queries': {'all' and each subset: `paired_test` over queries of the difference
     averaged over the cells}} ('queries' only when both modes kept per-query values of
     `metric` for the same queries).
@@ -158,6 +159,11 @@ def paired_comparison(afters: Sequence[Mapping], reference: Sequence[Mapping], m
                      "reference mode; pairs need the same seeds.")
   mine = [cell[metric] for after in afters for cell in after["quantized_per_seed"]]
   theirs = [cell[metric] for after in reference for cell in after["quantized_per_seed"]]
+  if len(mine) != len(theirs):
+    # One served index per training seed against one build per index seed: pair the
+    # training seeds' means.
+    mine, theirs = ([float(np.mean([cell[metric] for cell in after["quantized_per_seed"]]))
+                     for after in evaluations] for evaluations in (afters, reference))
   out = {"metric": metric, "cells": paired_test(mine, theirs)}
   per_query = [after.get("per_query") for after in (*afters, *reference)]
   if all(p is not None and p["metric"] == metric and p["query_ids"] == per_query[0]["query_ids"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 
 def format_table(rows: Mapping[str, Mapping[str, float | None]],
@@ -30,11 +30,13 @@ def format_table(rows: Mapping[str, Mapping[str, float | None]],
   return "\n".join(lines)
 
 
-def subset_table(evaluations: Mapping[str, Mapping], metric: str) -> str:
+def subset_table(evaluations: Mapping[str, Mapping], metric: str,
+                 without_flat: Sequence[str] = ()) -> str:
   """One row per query subset ('all', 'seen', 'unseen'), with its query count and
   ``metric`` on the flat and the quantized index (mean over index seeds) of each
   evaluation (e.g. {'before': ..., 'after': ...}, each an `evaluate_table` result with
-  'subsets'); '-' where a subset is empty."""
+  'subsets'); '-' where a subset is empty. Evaluations named in ``without_flat`` show
+  only their quantized column (a served index shares the flat one of 'after')."""
   first = next(iter(evaluations.values()))["subsets"]
   rows, spreads = {}, {}
   for name, entry in first.items():
@@ -42,7 +44,8 @@ def subset_table(evaluations: Mapping[str, Mapping], metric: str) -> str:
     rows[row], spreads[row] = {}, {}
     for label, evaluation in evaluations.items():
       subset = evaluation["subsets"][name]
-      rows[row][f"flat {label}".strip()] = subset["flat"][metric]
+      if label not in without_flat:
+        rows[row][f"flat {label}".strip()] = subset["flat"][metric]
       rows[row][f"quantized {label}".strip()] = subset["quantized"][metric]
       spreads[row][f"quantized {label}".strip()] = subset["quantized_std"][metric]
   return format_table(rows, spreads, row_header=f"{metric} on")
@@ -57,16 +60,18 @@ def before_after_table(results: Mapping) -> str:
           "quantized after": results["after"]["quantized"]}
   spreads = {"quantized before": results["before"].get("quantized_std", {}),
              "quantized after": results["after"].get("quantized_std", {})}
-  if "quantized_trained_quantizer" in results["after"]:
-    rows["quantized after (training's quantizer)"] = \
-        results["after"]["quantized_trained_quantizer"]
+  served = results["after"].get("served")
+  if served is not None:
+    rows["quantized after (served: training's quantizer)"] = served["quantized"]
   lines = [format_table(rows, spreads)]
   if "subsets" in results["before"] and "subsets" in results["after"]:
     metric = results.get("config", {}).get("eval", {}).get("primary_metric")
     if metric not in results["after"]["quantized"]:
       metric = next(iter(results["after"]["quantized"]))
-    lines += ["", subset_table({"before": results["before"], "after": results["after"]},
-                               metric), ""]
+    evaluations = {"before": results["before"], "after": results["after"]}
+    if served is not None and "subsets" in served:
+      evaluations["served"] = served
+    lines += ["", subset_table(evaluations, metric, without_flat=("served",)), ""]
   flat_b, quant_b = results["before"]["flat"], results["before"]["quantized"]
   quant_a = results["after"]["quantized"]
   for metric in quant_a:
@@ -76,6 +81,54 @@ def before_after_table(results: Mapping) -> str:
     lines.append(f"quantized {metric}: {quant_b[metric]:.4f} -> {quant_a[metric]:.4f} "
                  f"({gain:+.4f}{closed})")
   return "\n".join(lines)
+
+
+def _p(value: float | None) -> str:
+  return "-" if value is None else f"{value:.2g}"
+
+
+def compare_table(flat_before: Mapping[str, float], entry: Mapping, metric: str) -> str:
+  """One level of a `compare_modes` summary: every mode's quantized metrics (± spread),
+  ``metric`` on the query subsets, and the paired tests' differences and p-values; then
+  the same for the index each mode serves, with its flat index after training."""
+  lines = [format_table({"flat before": flat_before, **entry["modes"]}, entry["modes_std"])]
+  lines += _subset_and_test_lines(entry.get("subsets"), entry.get("paired", {}), metric)
+  served = entry.get("served")
+  if served:
+    rows = {mode: {f"served {metric}": values[metric],
+                   f"flat after {metric}": served["flat"][mode][metric],
+                   "served / flat": served["served_over_flat"][mode]}
+            for mode, values in served["modes"].items()}
+    spreads = {mode: {f"served {metric}": std[metric]}
+               for mode, std in served["modes_std"].items()}
+    lines += ["", "The index each mode serves (its training quantizer, else fresh builds):",
+              format_table(rows, spreads, row_header="served")]
+    lines += _subset_and_test_lines(served.get("subsets"), entry.get("served_paired", {}),
+                                    metric)
+  return "\n".join(lines)
+
+
+def _subset_and_test_lines(subsets: Mapping | None, paired: Mapping, metric: str
+                           ) -> list[str]:
+  lines = []
+  if subsets and all(subsets.values()):
+    rows, spreads = {}, {}
+    for mode, by_name in subsets.items():
+      rows[mode] = {f"{name} (n={s['count']})": s["quantized"][metric]
+                    for name, s in by_name.items()}
+      spreads[mode] = {f"{name} (n={s['count']})": s["quantized_std"][metric]
+                       for name, s in by_name.items()}
+    lines += ["", format_table(rows, spreads, row_header=f"{metric} on")]
+  for mode, tests in paired.items():
+    for against, test in tests.items():
+      cells = test["cells"]
+      line = (f"{mode} {against.replace('_', ' ', 1)}: {cells['mean_diff']:+.4f} "
+              f"(p={_p(cells['p'])} over {cells['n']} seed cells)")
+      if "queries" in test:
+        line += "; per query p: " + ", ".join(f"{name} {_p(q['p'])}"
+                                              for name, q in test["queries"].items())
+      lines.append(line)
+  return lines
 
 
 def _p(value: float | None) -> str:

@@ -48,7 +48,8 @@ def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
 
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
-                   subsets: Mapping[str, Sequence[str]] | None = None) -> dict:
+                   subsets: Mapping[str, Sequence[str]] | None = None,
+                   served_index=None) -> dict:
   """Flat and quantized (one build per index seed) metrics of one table.
 
   Each index is searched once; subset figures and per-query values come from that search.
@@ -56,6 +57,8 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
   Args:
     subsets: optional {name: query ids} (e.g. 'seen' / 'unseen' from
       `metrics.split_seen`) to report metrics on, besides 'all'.
+    served_index: optional FAISS index a run serves instead of a fresh build (its
+      training quantizer, learned parameters written in), evaluated the same way.
 
   Returns:
     {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
@@ -64,16 +67,29 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
     'flat': their values, 'quantized': one list of values per index seed} (absent when the
     primary metric is not measured), and with `subsets`, 'subsets': {'all' and each name:
     {'count', 'flat', 'quantized', 'quantized_std'}}, a metric None on an empty subset}.
+    With ``served_index``, 'served' holds the same keys for that one index (as one seed),
+    so anything that reads an evaluation reads it too.
   """
   flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg)
   quantized, index = [], None
   for seed in eval_cfg.index_seeds:
     index = build_quantized(table, index_cfg, seed)
     quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+  out = {**_against_flat(flat, quantized, eval_cfg.primary_metric, subsets),
+         "index": describe_index(index)}
+  if served_index is not None:
+    served = _score(served_index, query_emb, split, corpus, eval_cfg)
+    out["served"] = {**_against_flat(flat, [served], eval_cfg.primary_metric, subsets),
+                     "index": describe_index(served_index)}
+  return out
+
+
+def _against_flat(flat: IndexScores, quantized: Sequence[IndexScores], metric: str,
+                  subsets: Mapping[str, Sequence[str]] | None) -> dict:
+  """The flat and quantized (one search per index seed) parts of `evaluate_table`."""
   mean, std = mean_and_spread([s.metrics for s in quantized])
   out = {"flat": flat.metrics, "quantized": mean, "quantized_std": std,
-         "quantized_per_seed": [s.metrics for s in quantized], "index": describe_index(index)}
-  metric = eval_cfg.primary_metric
+         "quantized_per_seed": [s.metrics for s in quantized]}
   if metric in flat.per_query:
     query_ids, flat_values = _judged(flat, metric)
     out["per_query"] = {"metric": metric, "query_ids": query_ids,
