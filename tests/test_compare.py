@@ -222,6 +222,7 @@ def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
   assert test["cells"]["n"] == 2 and test["queries"]["seen"]["n"] == len(seen)
   text = compare_table(summary["flat_before"], entry, "nDCG@10")
   assert "query_only vs dback" in text and max(map(len, text.splitlines())) <= 100
+  assert "The index each mode serves" in text and "served / flat" in text
   plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
   assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   # A rerun reuses the finished runs (their files are untouched) and sums up the same;

@@ -129,31 +129,3 @@ def _subset_and_test_lines(subsets: Mapping | None, paired: Mapping, metric: str
                                               for name, q in test["queries"].items())
       lines.append(line)
   return lines
-
-
-def _p(value: float | None) -> str:
-  return "-" if value is None else f"{value:.2g}"
-
-
-def compare_table(flat_before: Mapping[str, float], entry: Mapping, metric: str) -> str:
-  """One level of a `compare_modes` summary: every mode's quantized metrics (± spread),
-  ``metric`` on the query subsets, and the paired tests' differences and p-values."""
-  lines = [format_table({"flat before": flat_before, **entry["modes"]}, entry["modes_std"])]
-  if entry.get("subsets"):
-    rows, spreads = {}, {}
-    for mode, subsets in entry["subsets"].items():
-      rows[mode] = {f"{name} (n={s['count']})": s["quantized"][metric]
-                    for name, s in subsets.items()}
-      spreads[mode] = {f"{name} (n={s['count']})": s["quantized_std"][metric]
-                       for name, s in subsets.items()}
-    lines += ["", format_table(rows, spreads, row_header=f"{metric} on")]
-  for mode, tests in entry.get("paired", {}).items():
-    for against, test in tests.items():
-      cells = test["cells"]
-      line = (f"{mode} {against.replace('_', ' ', 1)}: {cells['mean_diff']:+.4f} "
-              f"(p={_p(cells['p'])} over {cells['n']} seed cells)")
-      if "queries" in test:
-        line += "; per query p: " + ", ".join(f"{name} {_p(q['p'])}"
-                                              for name, q in test["queries"].items())
-      lines.append(line)
-  return "\n".join(lines)
