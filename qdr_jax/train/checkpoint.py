@@ -314,8 +314,19 @@ def fingerprints(tree) -> dict[str, int]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not flat:
     return {}
-  values = jax.device_get(_fingerprint_leaves([leaf for _, leaf in flat]))
-  return {_path_name(path): int(v) for (path, _), v in zip(flat, values)}
+  # Row-sized leaves one program each: in one program over all leaves, XLA keeps the
+  # temporaries of every leaf's reduction alive together (a fraction of the state).
+  alone = [np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) >= _FINGERPRINT_ALONE_BYTES
+           for _, x in flat]
+  together = [x for (_, x), a in zip(flat, alone) if not a]
+  values = iter(_fingerprint_leaves(together) if together else [])
+  per_leaf = [_fingerprint_leaves([x])[0] if a else next(values)
+              for (_, x), a in zip(flat, alone)]
+  return {_path_name(path): int(v) for (path, _), v in zip(flat, jax.device_get(per_leaf))}
+
+
+# Leaves at least this large get their own fingerprint program (see `fingerprints`).
+_FINGERPRINT_ALONE_BYTES = 16 << 20
 
 
 def structure(tree) -> dict[str, dict]:
