@@ -3,7 +3,8 @@ r"""Demo: all-MiniLM-L6-v2 on the bundled SciFact (BEIR), IVF64,PQ48x8 (32x comp
 Finishes in under 10 minutes on 2 CPU cores once the corpus table is cached (the first
 run embeds the 5,183 abstracts, about 6 minutes more). Arguments
 (``--config=configs/demo.py:steps=50,mode=jpq``):
-  steps: training steps; mode: dback | dback_no_ste | jpq | query_only | posthoc;
+  steps: training steps; mode: dback | dback_no_ste | jpq | query_only | posthoc, with the
+    index parameters it learns as well appended (``mode=dback+codebooks+centroids``);
   pq: sub-quantizers of the PQ (48 -> 32x, 16 -> 96x compression at d=384).
 """
 

@@ -203,6 +203,14 @@ def parse_arg(arg: str | None, **defaults):
   return values
 
 
+def split_mode_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+  """``"dback+codebooks+centroids"`` -> ("dback", ("codebooks", "centroids")): a mode name
+  and the index parameters it learns (``config.quant.learn``), as configs and
+  `compare_modes` accept them."""
+  name, *learn = spec.split("+")
+  return name, tuple(learn)
+
+
 def apply_paper_setup(c: ml_collections.ConfigDict, *, encoder_lr: float, temperature: float,
                       rebuild_every: int) -> ml_collections.ConfigDict:
   """The settings the DBACK paper shares across NQ, TriviaQA and MS MARCO.
@@ -246,7 +254,7 @@ def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
   c.optim.encoder_lr = 2e-5
   c.optim.row_lr = 1e-4
   c.optim.warmup_steps = 20
-  c.train.mode = mode
+  c.train.mode, c.quant.learn = split_mode_spec(mode)
   c.train.batch_size = 32
   c.train.steps = steps
   c.index.rebuild_every = 50

@@ -32,6 +32,7 @@ from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
+from qdr_jax.config import split_mode_spec
 from qdr_jax.train.modes import mode_from_config
 from qdr_jax.train.restore import restore_trained
 from qdr_jax.validation import ConfigError, validate_config, validate_runs
@@ -407,7 +408,7 @@ def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_
   in one summary.
   """
   run_cfg = config.copy_and_resolve_references()
-  name, *learn = mode.split("+")
+  name, learn = split_mode_spec(mode)
   try:
     factory = with_pq_subquantizers(config.index.factory, level)
   except ValueError as e:

@@ -31,3 +31,16 @@ def test_dpr_configs_differ_only_where_the_paper_does():
   assert (nq.index.rebuild_every, trivia.index.rebuild_every) == (800, 1600)
   assert nq.index.factory == trivia.index.factory == "IVF4096_HNSW32,PQ128x8"
   assert nq.model.passage_encoder.startswith("facebook/dpr-ctx_encoder")
+
+
+def test_demo_mode_argument_names_the_learned_index_parameters():
+  from qdr_jax.train.modes import mode_from_config
+  path = next(p for p in CONFIGS if p.stem == "demo")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  learned = module.get_config("mode=dback+codebooks+centroids")
+  assert learned.train.mode == "dback" and tuple(learned.quant.learn) == ("codebooks", "centroids")
+  assert set(mode_from_config(learned).learn) == {"codebooks", "centroids"}
+  plain = module.get_config("mode=query_only")
+  assert plain.train.mode == "query_only" and tuple(plain.quant.learn) == ()
