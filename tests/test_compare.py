@@ -232,11 +232,12 @@ def test_compare_modes_over_two_training_seeds(tiny_config, tmp_path):
   tiny_config.checkpoint.keep = 3
   assert compare_modes(tiny_config, tmp_path, [4], ["query_only", "dback"], seeds=2) == summary
   assert first.stat().st_mtime_ns == stamp
-  tiny_config.loss.temperature *= 2
-  compare_modes(tiny_config, tmp_path, [4], ["dback"], seeds=2)
-  assert first.stat().st_mtime_ns != stamp
-  assert json.loads(first.read_text())["config"]["loss"]["temperature"] == (
-      tiny_config.loss.temperature)
+  from qdr_jax.experiment import _finished_run, _run_config
+  run_cfg = _run_config(tiny_config, 4, "dback",
+                        tiny_config.table.cache_dir or str(tmp_path / "cache"), 1)
+  assert _finished_run(run_cfg, first.parent)["after"] == afters["dback"][1]
+  run_cfg.loss.temperature *= 2
+  assert _finished_run(run_cfg, first.parent) is None
 
 
 def test_compare_mode_spec_adds_learned_index_parameters(tiny_config):
