@@ -47,7 +47,8 @@ def subset_table(evaluations: Mapping[str, Mapping], metric: str,
       if label not in without_flat:
         rows[row][f"flat {label}".strip()] = subset["flat"][metric]
       rows[row][f"quantized {label}".strip()] = subset["quantized"][metric]
-      spreads[row][f"quantized {label}".strip()] = subset["quantized_std"][metric]
+      if len(evaluation.get("quantized_per_seed", ())) != 1:  # one index has no spread
+        spreads[row][f"quantized {label}".strip()] = subset["quantized_std"][metric]
   return format_table(rows, spreads, row_header=f"{metric} on")
 
 
