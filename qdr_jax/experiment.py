@@ -18,6 +18,7 @@ import numpy as np
 from absl import logging
 
 from qdr_jax import distributed
+from qdr_jax.config import split_mode_spec
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
                                   with_pq_subquantizers)
@@ -32,7 +33,6 @@ from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
-from qdr_jax.config import split_mode_spec
 from qdr_jax.train.modes import mode_from_config
 from qdr_jax.train.restore import restore_trained
 from qdr_jax.validation import ConfigError, validate_config, validate_runs
@@ -390,13 +390,14 @@ def _finished_run(config: ml_collections.ConfigDict, run_dir: pathlib.Path) -> d
   path = run_dir / "results.json"
   if not path.exists():
     return None
-  saved = json.loads(path.read_text()).get("config", {})
+  results = json.loads(path.read_text())
+  saved = results.get("config", {})
   wanted = json.loads(config.to_json_best_effort())
   same = all(saved.get(k) == v for k, v in wanted.items() if k not in _RESULT_NEUTRAL)
   if not same or set(saved) - set(wanted):
     return None
   logging.info("reusing the finished run in %s", run_dir)
-  return json.loads(path.read_text())
+  return results
 
 
 def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_dir: str,

@@ -2,8 +2,9 @@
 
 A flat FAISS index needs the whole float table on one host; at tens of millions of rows
 that is the largest allocation of a run. Here every device scores the queries against
-its own rows, a block at a time, and keeps its top-k, and only those (queries x k x devices) candidates are
-gathered and merged, so the table never leaves the devices.
+its own rows, a block at a time, and keeps its top-k, and only those
+(queries x k x devices) candidates are gathered and merged, so the table never leaves
+the devices.
 """
 
 from __future__ import annotations
