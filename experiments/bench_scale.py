@@ -134,8 +134,7 @@ def child_steps(devices: int, out: str) -> None:
   jax.block_until_ready(state)
   init_seconds = time.perf_counter() - tick
   del table
-  apply = lambda p, **t: module.apply({"params": p}, t["input_ids"], t["attention_mask"],
-                                      t["token_type_ids"])
+  apply = lambda p, **tokens: module.apply({"params": p}, **tokens)
   fns = make_step_functions(apply, mode, config, encoder_tx, row_tx, row_lr, None, mesh)
   batch_sh, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   quantizer = jax.device_put(quantizer, rep)

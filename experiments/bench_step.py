@@ -37,11 +37,10 @@ from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import Corpus, RetrievalDataset
 from qdr_jax.index import set_num_threads
-from qdr_jax.models import tokenize
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.loop import train
-from qdr_jax.train.negatives import batch_indices, training_queries
+from qdr_jax.train.negatives import batch_indices, query_tokens, training_queries
 from qdr_jax.train.modes import mode_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -59,15 +58,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def encoder_forward_backward_seconds(encoders, config, texts, repeats=5) -> float:
   """Median seconds of one jitted forward+backward of the query encoder on a batch."""
-  tokens = tokenize(encoders.tokenizer, texts, config.model.max_query_length,
-                    pad_to_multiple_of=config.model.length_bucket)
+  tokens = query_tokens(encoders.tokenizer, texts, config.model, jax.device_count())
   module = encoders.query_module
 
   @jax.jit
   def fwd_bwd(params):
-    return jax.grad(lambda p: module.apply({"params": p}, tokens["input_ids"],
-                                           tokens["attention_mask"],
-                                           tokens["token_type_ids"]).sum())(params)
+    return jax.grad(lambda p: module.apply({"params": p}, **tokens).sum())(params)
 
   jax.block_until_ready(fwd_bwd(encoders.query_params))
   times = []

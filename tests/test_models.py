@@ -502,3 +502,97 @@ def test_tokenize_pairs_and_passages(tokenizer):
   assert passage_inputs(None, texts, 'concat')[0] == texts
   with pytest.raises(ValueError):
     passage_inputs(titles, texts, 'bogus')
+
+
+# --- Packed sequences ---------------------------------------------------------
+
+
+def test_pack_sequences_first_fit_decreasing():
+  from qdr_jax.models.tokenization import pack_sequences  # pylint: disable=g-import-not-at-top
+  ids = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
+  types = [[0] * len(x) for x in ids]
+  types[2] = [0, 1]
+  out = pack_sequences(ids, types, 8, rows_multiple=3, pad_id=99)
+  # Longest first: [6 | 2] fills row 0, [4 | 3] row 1; 2 rows rounded up to 3.
+  assert out['input_ids'].shape == (3, 8)
+  np.testing.assert_array_equal(out['input_ids'][0], [4, 5, 6, 7, 8, 9, 10, 11])
+  np.testing.assert_array_equal(out['input_ids'][1], [12, 13, 14, 15, 1, 2, 3, 99])
+  np.testing.assert_array_equal(out['input_ids'][2], [99] * 8)
+  np.testing.assert_array_equal(out['segment_ids'][0], [2] * 6 + [3] * 2)
+  np.testing.assert_array_equal(out['segment_ids'][1], [4] * 4 + [1] * 3 + [0])
+  np.testing.assert_array_equal(out['positions'][1], [0, 1, 2, 3, 0, 1, 2, 0])
+  np.testing.assert_array_equal(out['token_type_ids'][0], [0] * 7 + [1])
+  np.testing.assert_array_equal(out['attention_mask'], out['segment_ids'] > 0)
+  np.testing.assert_array_equal(out['sequence_lengths'], [3, 6, 2, 4])
+  assert all(v.dtype == np.int32 for v in out.values())
+  with pytest.raises(ValueError, match=r'1\.\.9 tokens do not fit rows of 8'):
+    pack_sequences([[1] * 9, [2]], [[0] * 9, [0]], 8)
+
+
+@pytest.mark.parametrize('name,pooling', [('tiny_bert', 'mean'), ('tiny_bert', 'cls'),
+                                          ('tiny_roberta', 'mean'), ('tiny_ance', 'ance')])
+def test_packed_rows_encode_like_one_sequence_per_row(name, pooling):
+  """Packed sequences give the padded batch's embeddings, and the same gradients."""
+  from qdr_jax.models.tokenization import pack_sequences  # pylint: disable=g-import-not-at-top
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling=pooling)
+  lengths = ref['attention_mask'].sum(1)
+  ids = [list(row[:n]) for row, n in zip(ref['input_ids'], lengths)]
+  types = [list(row[:n]) for row, n in zip(ref['token_type_ids'], lengths)]
+  packed = pack_sequences(ids, types, int(lengths.max()) + 3, rows_multiple=2,
+                          pad_id=module.config.pad_token_id)
+  assert packed['input_ids'].shape[0] < len(ids)  # several sequences share a row
+  padded = {k: ref[k] for k in ('input_ids', 'attention_mask', 'token_type_ids')}
+  weights = np.random.default_rng(0).standard_normal(ref[pooling].shape).astype(np.float32)
+
+  def loss(p, batch):
+    out = module.apply({'params': p}, **batch)
+    return jnp.sum(out * weights), out
+
+  grad_fn = jax.jit(jax.grad(loss, has_aux=True))
+  (g_padded, out_padded), (g_packed, out_packed) = (grad_fn(params, padded),
+                                                    grad_fn(params, packed))
+  np.testing.assert_allclose(np.asarray(out_packed), ref[pooling], atol=TOL, rtol=0)
+  np.testing.assert_allclose(np.asarray(out_packed), np.asarray(out_padded), atol=1e-5,
+                             rtol=0)
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(g_padded))
+  for path, a in jax.tree_util.tree_flatten_with_path(g_padded)[0]:
+    b = dict(jax.tree_util.tree_flatten_with_path(g_packed)[0])[path]
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5 * scale, rtol=0,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_packed_inputs_come_together():
+  ref = _tiny_ref('tiny_bert')
+  module, params = load_encoder(os.path.join(GOLDENS, 'tiny_bert'))
+  with pytest.raises(ValueError, match='together'):
+    module.apply({'params': params}, ref['input_ids'], ref['attention_mask'],
+                 segment_ids=ref['attention_mask'])
+
+
+def test_tokenize_packs_minilm_queries_like_padding(tokenizer, minilm):
+  module, params, fn = minilm
+  texts = ['what causes rain', 'a much longer question about the chemistry of clouds and '
+           'how water droplets form around aerosol particles', 'short', 'why is the sky blue']
+  padded = tokenize(tokenizer, texts, 32)
+  packed = tokenize(tokenizer, texts, 32, pack_rows_multiple=2)
+  assert packed['input_ids'].shape == (2, 32)
+  out = jax.jit(lambda p, t: module.apply({'params': p}, **t))(params, packed)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(fn(params, padded['input_ids'],
+                                                            padded['attention_mask'],
+                                                            padded['token_type_ids'])),
+                             atol=1e-5, rtol=0)
+
+
+def test_packed_rows_on_the_fused_attention_path(monkeypatch):
+  from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top
+  from qdr_jax.models.tokenization import pack_sequences  # pylint: disable=g-import-not-at-top
+  ref = _tiny_ref('tiny_bert')
+  module, params = load_encoder(os.path.join(GOLDENS, 'tiny_bert'), pooling='mean')
+  lengths = ref['attention_mask'].sum(1)
+  packed = pack_sequences([list(r[:n]) for r, n in zip(ref['input_ids'], lengths)],
+                          [list(r[:n]) for r, n in zip(ref['token_type_ids'], lengths)],
+                          int(lengths.max()) + 3)
+  monkeypatch.setattr(bert, '_use_fused_attention', lambda: True)
+  out = module.apply({'params': params}, **packed)
+  np.testing.assert_allclose(np.asarray(out), ref['mean'], atol=TOL, rtol=0)

@@ -105,9 +105,19 @@ class EncoderConfig:
     return _DTYPES[self.dtype]
 
 
-def position_ids(config: EncoderConfig, input_ids: jax.Array) -> jax.Array:
-  """Position ids as the Hugging Face model computes them from input ids."""
+def position_ids(config: EncoderConfig, input_ids: jax.Array,
+                 positions: jax.Array | None = None) -> jax.Array:
+  """Position ids as the Hugging Face model computes them from input ids.
+
+  `positions` (packed rows, see `tokenization.pack_sequences`) gives each token's
+  0-based place in its own sequence; positions then restart at every sequence.
+  """
   seq_len = input_ids.shape[-1]
+  if positions is not None:
+    if config.architecture == 'roberta':
+      return jnp.where(input_ids != config.pad_token_id,
+                       positions + config.pad_token_id + 1, config.pad_token_id)
+    return positions
   if config.architecture == 'roberta':
     # RoBERTa numbers real tokens pad+1, pad+2, ... and gives pads the pad id;
     # it keys off input_ids (not attention_mask), so we do too for parity.
@@ -247,9 +257,9 @@ class Embeddings(nn.Module):
     self.token_type = nn.Embed(c.type_vocab_size, **kw)
     self.layer_norm = _layer_norm(c, 'layer_norm')
 
-  def __call__(self, input_ids, token_type_ids):
+  def __call__(self, input_ids, token_type_ids, positions=None):
     x = (self.word(input_ids)
-         + self.position(position_ids(self.config, input_ids))
+         + self.position(position_ids(self.config, input_ids, positions))
          + self.token_type(token_type_ids))
     return self.layer_norm(x)
 
@@ -356,30 +366,65 @@ class BertEncoder(nn.Module):
       self.head_norm = _layer_norm(c, 'head_norm', eps=ANCE_HEAD_EPS)
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
-                    token_type_ids: jax.Array | None = None) -> jax.Array:
-    """Last hidden states (B, L, hidden) in the compute dtype."""
+                    token_type_ids: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None,
+                    positions: jax.Array | None = None) -> jax.Array:
+    """Last hidden states (B, L, hidden) in the compute dtype.
+
+    With `segment_ids` (packed rows: 1 + the sequence's index, 0 on padding) a token
+    attends only to the tokens of its own sequence, and `positions` restart at each.
+    """
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = self.embeddings(input_ids, token_type_ids)
-    # Additive key mask, broadcast over heads and queries: (B, 1, 1, L).
-    mask_bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0,
-                          jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    x = self.embeddings(input_ids, token_type_ids, positions)
+    if segment_ids is None:  # key mask, broadcast over heads and queries: (B, 1, 1, L)
+      keep = attention_mask[:, None, None, :] > 0
+    else:  # same-sequence mask: (B, 1, L, L)
+      keys = segment_ids[:, None, None, :]
+      keep = (segment_ids[:, None, :, None] == keys) & (keys > 0)
+    mask_bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
     for layer in self.layers:
       x = layer(x, mask_bias)
     return x
 
-  def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-    """Pools hidden states (B, L, d) into float32 vectors (B, d)."""
+  def pool(self, hidden: jax.Array, attention_mask: jax.Array,
+           segment_ids: jax.Array | None = None,
+           sequence_lengths: jax.Array | None = None) -> jax.Array:
+    """Pools hidden states (B, L, d) into float32 vectors (B, d), or, for packed rows,
+    (R, L, d) into one vector per sequence, (len(sequence_lengths), d)."""
     c = self.config
+    hidden = hidden.astype(jnp.float32)
+    if segment_ids is not None:
+      return self._finish(self._pool_packed(hidden, segment_ids, sequence_lengths))
     if c.pooling == 'mean':
       m = attention_mask.astype(jnp.float32)[..., None]
-      summed = jnp.sum(hidden.astype(jnp.float32) * m, axis=1)
+      summed = jnp.sum(hidden * m, axis=1)
       # Same clamp as sentence-transformers, so an all-pad row gives zeros.
-      out = summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9)
-    elif c.pooling == 'ance':
-      out = self.head_norm(self.head_dense(hidden[:, 0]))
-    else:
-      out = hidden[:, 0]
+      return self._finish(summed / jnp.maximum(jnp.sum(m, axis=1), 1e-9))
+    return self._finish(hidden[:, 0])
+
+  def _pool_packed(self, hidden: jax.Array, segment_ids: jax.Array,
+                   sequence_lengths: jax.Array) -> jax.Array:
+    """Per-sequence mean (or first token) of packed rows, as one (B, R*L) @ (R*L, d)
+    product with a 0/1 (or 1/length) matrix: a GEMM forward and backward on every
+    platform, where a segment sum would scatter."""
+    tokens = segment_ids.reshape(-1)
+    member = tokens[None, :] == jnp.arange(1, sequence_lengths.shape[0] + 1)[:, None]
+    if self.config.pooling == 'mean':
+      weights = member / jnp.maximum(sequence_lengths, 1).astype(jnp.float32)[:, None]
+    else:  # the sequence's first token: position 0 of its segment
+      first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+      weights = member & first.reshape(-1)[None, :]
+    return jnp.dot(weights.astype(jnp.float32), hidden.reshape(-1, hidden.shape[-1]),
+                   precision=jax.lax.Precision.HIGHEST)
+
+  def _finish(self, pooled: jax.Array) -> jax.Array:
+    """The pooled vector through ANCE's head (if any) and the L2 normalisation."""
+    c = self.config
+    out = pooled
+    if c.pooling == 'ance':
+      out = self.head_norm(self.head_dense(pooled.astype(c.compute_dtype)))
     out = out.astype(jnp.float32)
     if c.normalize:
       norm = jnp.linalg.norm(out, axis=-1, keepdims=True)
@@ -387,10 +432,22 @@ class BertEncoder(nn.Module):
     return out
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
-               token_type_ids: jax.Array | None = None) -> jax.Array:
-    """Encodes token ids (B, L) into pooled float32 embeddings (B, d)."""
-    hidden = self.hidden_states(input_ids, attention_mask, token_type_ids)
-    return self.pool(hidden, attention_mask)
+               token_type_ids: jax.Array | None = None, *,
+               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               sequence_lengths: jax.Array | None = None) -> jax.Array:
+    """Encodes token ids (B, L) into pooled float32 embeddings (B, d).
+
+    Packed rows (`tokenization.pack_sequences`: `segment_ids`, `positions` and
+    `sequence_lengths`, all or none) give one embedding per packed sequence, in the
+    order the sequences were given, equal to encoding them one per row.
+    """
+    packed = (segment_ids, positions, sequence_lengths)
+    if any(a is None for a in packed) and any(a is not None for a in packed):
+      raise ValueError('Packed inputs need segment_ids, positions and sequence_lengths '
+                       'together.')
+    hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, segment_ids,
+                                positions)
+    return self.pool(hidden, attention_mask, segment_ids, sequence_lengths)
 
 
 def init_params(module: BertEncoder, rng: jax.Array,

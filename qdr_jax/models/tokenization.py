@@ -29,13 +29,15 @@ def _round_up(n: int, multiple: int | None) -> int:
 def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *,
              pair_texts: Sequence[str] | None = None,
              pad_to_multiple_of: int | None = None,
-             pad_to_max: bool = False) -> dict[str, np.ndarray]:
+             pad_to_max: bool = False,
+             pack_rows_multiple: int = 0) -> dict[str, np.ndarray]:
   """Tokenizes a batch into int32 numpy arrays.
 
   Sequences are truncated to `max_length` (longest-first for pairs) and right
   padded to the longest in the batch, rounded up to `pad_to_multiple_of` but
   never past `max_length`; `pad_to_max` pads to exactly `max_length` so that
-  every batch has one shape (one jit compile).
+  every batch has one shape (one jit compile). With `pack_rows_multiple` > 0 they
+  are packed several to a row of `max_length` tokens instead (`pack_sequences`).
 
   Args:
     tokenizer: A transformers tokenizer.
@@ -44,9 +46,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *,
     pair_texts: Optional second segments (token type 1).
     pad_to_multiple_of: Bucket size for the padded length.
     pad_to_max: Pad to `max_length` regardless of content.
+    pack_rows_multiple: Pack (see `pack_sequences`) into a multiple of this many rows.
 
   Returns:
-    {'input_ids', 'attention_mask', 'token_type_ids'}, each (B, L) int32.
+    {'input_ids', 'attention_mask', 'token_type_ids'}, each (B, L) int32, or packed
+    rows as `pack_sequences` returns them.
   """
   texts = list(texts)
   if pair_texts is not None:
@@ -60,10 +64,13 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *,
                   return_attention_mask=False) if texts else {'input_ids': []}
   ids = enc['input_ids']
   types = enc.get('token_type_ids') or [[0] * len(x) for x in ids]
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  if pack_rows_multiple:
+    return pack_sequences(ids, types, max_length, rows_multiple=pack_rows_multiple,
+                          pad_id=pad_id)
   longest = max((len(x) for x in ids), default=0)
   length = max_length if pad_to_max else min(
       _round_up(longest, pad_to_multiple_of), max(max_length, longest))
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   out = {'input_ids': np.full((len(ids), length), pad_id, np.int32),
          'attention_mask': np.zeros((len(ids), length), np.int32),
          'token_type_ids': np.zeros((len(ids), length), np.int32)}
@@ -72,6 +79,60 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int, *,
     out['input_ids'][i, :n] = row
     out['attention_mask'][i, :n] = 1
     out['token_type_ids'][i, :n] = row_types
+  return out
+
+
+def pack_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
+                   row_length: int, *, rows_multiple: int = 1,
+                   pad_id: int = 0) -> dict[str, np.ndarray]:
+  """Packs token sequences several to a row, so that padding does not cost compute.
+
+  Short texts (training queries: 23 tokens on average on SciFact, padded to 64) waste
+  most of a padded batch; packed, 32 of them fill about 12 rows of 64. Sequences are
+  placed longest first into the first row with room (first-fit decreasing, which is
+  deterministic, so every process packs a global batch alike); the row count is
+  rounded up to `rows_multiple` (e.g. a multiple of the device count, and few distinct
+  shapes to compile). The encoder keeps each sequence to itself (`segment_ids`) and
+  restarts positions, so a packed sequence encodes as it would alone in a row.
+
+  Args:
+    ids: token ids per sequence, each at most `row_length` long.
+    types: token type ids per sequence, the same lengths.
+    row_length: tokens per packed row.
+    rows_multiple: the row count is a multiple of this.
+    pad_id: id of padding tokens.
+
+  Returns:
+    int32 arrays: `input_ids`, `attention_mask`, `token_type_ids`, `segment_ids`
+    (1 + the sequence's index in `ids`, 0 on padding) and `positions` (0-based within
+    the sequence), each (R, row_length); `sequence_lengths` (len(ids),).
+  """
+  lengths = np.asarray([len(x) for x in ids], np.int64)
+  if lengths.size and (lengths.max() > row_length or lengths.min() < 1):
+    raise ValueError(f'pack_sequences: sequences of {lengths.min()}..{lengths.max()} '
+                     f'tokens do not fit rows of {row_length} (expected 1..{row_length}).')
+  if rows_multiple < 1:
+    raise ValueError(f'pack_sequences: rows_multiple={rows_multiple}; expected >= 1.')
+  free: list[int] = []  # room left in each row
+  placed: list[tuple[int, int]] = [(0, 0)] * len(ids)  # (row, offset) per sequence
+  for i in sorted(range(len(ids)), key=lambda i: (-lengths[i], i)):
+    row = next((r for r, room in enumerate(free) if room >= lengths[i]), len(free))
+    if row == len(free):
+      free.append(row_length)
+    placed[i] = (row, row_length - free[row])
+    free[row] -= int(lengths[i])
+  num_rows = max(_round_up(len(free), rows_multiple), rows_multiple)
+  out = {'input_ids': np.full((num_rows, row_length), pad_id, np.int32)}
+  for name in ('attention_mask', 'token_type_ids', 'segment_ids', 'positions'):
+    out[name] = np.zeros((num_rows, row_length), np.int32)
+  for i, (row, start) in enumerate(placed):
+    span = slice(start, start + lengths[i])
+    out['input_ids'][row, span] = ids[i]
+    out['attention_mask'][row, span] = 1
+    out['token_type_ids'][row, span] = types[i]
+    out['segment_ids'][row, span] = i + 1
+    out['positions'][row, span] = np.arange(lengths[i])
+  out['sequence_lengths'] = lengths.astype(np.int32)
   return out
 
 

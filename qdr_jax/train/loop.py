@@ -272,8 +272,7 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
       state, start_step = _resume(config, ckpt, state, lifecycle, num_rows, writer, digests)
 
   fns = make_step_functions(
-      lambda p, **t: encoders.query_module.apply({"params": p}, t["input_ids"],
-                                                 t["attention_mask"], t["token_type_ids"]),
+      lambda p, **tokens: encoders.query_module.apply({"params": p}, **tokens),
       mode, config, encoder_tx, row_tx, row_lr, index_tx, mesh)
   relevance_fn = None
   if queries.answers is not None and config.negatives.hide_answer_matches:

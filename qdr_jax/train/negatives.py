@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from typing import Any, Callable
@@ -83,6 +84,17 @@ def pseudo_query_rows(step: int, num_rows: int, count: int, seed: int) -> np.nda
                      f"{num_rows} passages.")
   rng = np.random.default_rng((seed, _PSEUDO_STREAM, step))
   return np.sort(rng.choice(num_rows, size=count, replace=False))
+
+
+def query_tokens(tokenizer, texts: list[str], model_cfg: ml_collections.ConfigDict,
+                 num_devices: int) -> dict[str, np.ndarray]:
+  """A training batch's queries as the encoder takes them: packed into a multiple of
+  ``model.pack_query_rows`` rows (and of ``num_devices``, so the rows split evenly over
+  the mesh) or, with 0, one per row padded to a multiple of ``model.length_bucket``."""
+  rows = model_cfg.pack_query_rows
+  return tokenize(tokenizer, texts, model_cfg.max_query_length,
+                  pad_to_multiple_of=model_cfg.length_bucket,
+                  pack_rows_multiple=math.lcm(rows, num_devices) if rows else 0)
 
 
 class PhaseTimers:
@@ -186,8 +198,7 @@ class NegativeSource:
                                   self.config.negatives.pseudo_query_field)
     # The whole batch is tokenized on every host, so all pad to the same length; each
     # then places only its own block (one block per process, see distributed.py).
-    tokens = tokenize(self.tokenizer, texts, self.config.model.max_query_length,
-                      pad_to_multiple_of=self.config.model.length_bucket)
+    tokens = query_tokens(self.tokenizer, texts, self.config.model, self.mesh.devices.size)
     local = {name: distributed.process_batch_slice(a, jax.process_index(),
                                                    jax.process_count())
              for name, a in tokens.items()}
