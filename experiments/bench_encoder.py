@@ -6,14 +6,19 @@ r"""The JAX encoder against PyTorch's BertModel on the same weights, same thread
 Times, for all-MiniLM-L6-v2 (mean pooling, L2-normalised):
 - forward: a batch of 32 sequences padded to 256 tokens (corpus embedding shape);
 - train: forward + backward to every encoder parameter on 32 sequences of 64 tokens
-  (the training-query shape), loss = sum of embeddings . fixed random vectors.
+  (the training-query shape), loss = sum of embeddings . fixed random vectors;
+- train_queries: the same on a real training batch (``--queries``: the bundled SciFact
+  demo's first batch of training queries, as training draws it), each framework
+  batching it its own way: JAX as the training step does (packed several to a row,
+  ``model.pack_query_rows`` of ``--queries``), PyTorch padded to the longest query, as
+  the paper's recipe and transformers do. Ratio ``ratio_train_queries``.
 PyTorch (``pip install -e ".[bench]"``) runs transformers' BertModel in eval mode
 (dropout off, as the JAX encoder has none) with ``torch.set_num_threads(--threads)``;
 XLA's CPU client uses one intra-op thread per core, so run it on a machine (or a
 ``taskset``) with ``--threads`` cores. JAX and torch repeats alternate so that load
 from other processes hits both alike; each figure is the median of ``--repeats``
 after ``--warmup`` calls. Outputs are checked to agree within ``--atol`` first.
-Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ...}``
+Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ..., ...}``
 (ratio = JAX seconds / PyTorch seconds; null without PyTorch).
 
 ``--variants=default,ynn_xla_default`` compiles the same JAX functions once per named
@@ -37,6 +42,7 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import load_encoder, resolve_model_path
@@ -50,6 +56,11 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls first (compile, cache
 _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads.")
 _ATOL = flags.DEFINE_float("atol", 1e-4, "Largest allowed |JAX - PyTorch| of the outputs.")
 _OUT = flags.DEFINE_string("out", "bench_encoder.json", "Result JSON path.")
+_QUERIES = config_flags.DEFINE_config_file(
+    "queries", "configs/demo.py",
+    "Config whose training split gives the real query batch (and its tokenization).")
+_TRAIN_QUERIES = flags.DEFINE_bool("train_queries", True,
+                                   "Time the real training query batch (train_queries).")
 _VARIANTS = flags.DEFINE_list(
     "variants", ["default"],
     "JAX compile variants to time side by side (names in VARIANTS): each is the same "
@@ -90,21 +101,34 @@ def make_batch(rng: np.random.Generator, batch: int, length: int,
           "token_type_ids": np.zeros_like(ids)}
 
 
-def jax_fns(module, compiler_options: dict[str, Any], params, fwd, train_batch, w):
-  """Forward and value_and_grad of the JAX encoder, compiled ahead of time for these
-  (on-device) inputs with `compiler_options`."""
+def training_query_texts(config) -> list[str]:
+  """The first training batch of a config's data, as the train loop draws it."""
+  from qdr_jax.data.loader import load_dataset  # pylint: disable=g-import-not-at-top
+  from qdr_jax.train.negatives import batch_indices, training_queries  # pylint: disable=g-import-not-at-top
+  dataset = load_dataset(config.data)
+  queries = training_queries(dataset.split(config.data.train_split), dataset.corpus)
+  rows = batch_indices(0, len(queries.texts), _BATCH.value, config.seed)
+  return [queries.texts[i] for i in rows]
+
+
+def jax_fns(module, compiler_options: dict[str, Any], params, batches: dict[str, Any], w):
+  """Forward (on ``batches["forward"]``) and value_and_grad (on every other batch) of the
+  JAX encoder, compiled ahead of time for these on-device inputs with
+  ``compiler_options``."""
 
   def embed(p, b):
-    return module.apply({"params": p}, b["input_ids"], b["attention_mask"],
-                        b["token_type_ids"])
+    return module.apply({"params": p}, **b)
 
   def loss(p, b, w):
     return jnp.sum(embed(p, b) * w)
 
-  forward = jax.jit(embed).lower(params, fwd).compile(compiler_options)
-  train = jax.jit(jax.value_and_grad(loss)).lower(params, train_batch, w).compile(
-      compiler_options)
-  return forward, train
+  fns = {"forward": jax.jit(embed).lower(params, batches["forward"]).compile(
+      compiler_options)}
+  for name, batch in batches.items():
+    if name != "forward":
+      fns[name] = jax.jit(jax.value_and_grad(loss)).lower(params, batch, w).compile(
+          compiler_options)
+  return fns
 
 
 def torch_fns(model_dir: str, threads: int):
@@ -166,23 +190,38 @@ def main(argv):
   module, params = load_encoder(_MODEL.value)
   params = jax.device_put(params)
   vocab = module.config.vocab_size
-  fwd_np = make_batch(rng, _BATCH.value, _FWD_LEN.value, vocab)
-  train_np = make_batch(rng, _BATCH.value, _TRAIN_LEN.value, vocab)
+  # Batches by measurement: "forward" is timed forward only, every other one forward +
+  # backward; each framework gets its own tokenization of the same texts.
+  batches_np = {"forward": make_batch(rng, _BATCH.value, _FWD_LEN.value, vocab),
+                "train": make_batch(rng, _BATCH.value, _TRAIN_LEN.value, vocab)}
+  torch_batches_np = dict(batches_np)
   w_np = rng.standard_normal((_BATCH.value, module.config.hidden_size)).astype(np.float32)
-  fwd_j, train_j, w_j = jax.device_put((fwd_np, train_np, w_np))
+  if _TRAIN_QUERIES.value:
+    from qdr_jax.models import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
+    from qdr_jax.train.negatives import query_tokens  # pylint: disable=g-import-not-at-top
+    config = _QUERIES.value
+    texts = training_query_texts(config)
+    tokenizer = load_tokenizer(_MODEL.value)
+    batches_np["train_queries"] = query_tokens(tokenizer, texts, config.model, 1)
+    torch_batches_np["train_queries"] = tokenize(tokenizer, texts,
+                                                 config.model.max_query_length)
+  batches, w_j = jax.device_put((batches_np, w_np))
+  trains = [name for name in batches if name != "forward"]
 
   calls: dict[str, Callable[[], Any]] = {}
   compiled = {}
-  for name in _VARIANTS.value:
-    fwd_fn, train_fn = jax_fns(module, VARIANTS[name], params, fwd_j, train_j, w_j)
-    compiled[name] = fwd_fn, train_fn
-    calls[f"{name}/forward"] = functools.partial(
-        lambda f: f(params, fwd_j).block_until_ready(), fwd_fn)
-    calls[f"{name}/train"] = functools.partial(
-        lambda f: jax.block_until_ready(f(params, train_j, w_j)), train_fn)
+  for variant in _VARIANTS.value:
+    compiled[variant] = fns = jax_fns(module, VARIANTS[variant], params, batches, w_j)
+    calls[f"{variant}/forward"] = functools.partial(
+        lambda f: f(params, batches["forward"]).block_until_ready(), fns["forward"])
+    for name in trains:
+      calls[f"{variant}/{name}"] = functools.partial(
+          lambda f, b: jax.block_until_ready(f(params, b, w_j)), fns[name], batches[name])
   result: dict[str, Any] = {
       "model": _MODEL.value, "batch": _BATCH.value, "forward_len": _FWD_LEN.value,
       "train_len": _TRAIN_LEN.value, "repeats": _REPEATS.value,
+      "jax_shapes": {k: list(v["input_ids"].shape) for k, v in batches_np.items()},
+      "torch_shapes": {k: list(v["input_ids"].shape) for k, v in torch_batches_np.items()},
       "jax": {"version": jax.__version__, "devices": str(jax.devices()),
               "variant": _VARIANTS.value[0]},
       "jax_variants": {}, "torch": None, "ratio_forward": None, "ratio_train": None,
@@ -195,21 +234,25 @@ def main(argv):
   if torch_mod is not None:
     torch, t_forward, t_train, to_torch = torch_fns(
         resolve_model_path(_MODEL.value), _THREADS.value)
-    fwd_t, train_t = to_torch(fwd_np), to_torch(train_np)
+    torch_batches = {k: to_torch(v) for k, v in torch_batches_np.items()}
     w_t = torch.from_numpy(w_np)
     # Agreement first, for every variant: a fast wrong model proves nothing.
-    ref_fwd, ref_loss = t_forward(fwd_t).numpy(), float(t_train(train_t, w_t))
-    for name, (fwd_fn, train_fn) in compiled.items():
-      diff_fwd = float(np.abs(np.asarray(fwd_fn(params, fwd_j)) - ref_fwd).max())
-      diff_loss = abs(float(train_fn(params, train_j, w_j)[0]) - ref_loss)
-      result.setdefault("max_abs_diff_forward", {})[name] = diff_fwd
-      result.setdefault("abs_diff_train_loss", {})[name] = diff_loss
+    ref_fwd = t_forward(torch_batches["forward"]).numpy()
+    ref_loss = {name: float(t_train(torch_batches[name], w_t)) for name in trains}
+    for variant, fns in compiled.items():
+      diff_fwd = float(np.abs(np.asarray(fns["forward"](params, batches["forward"]))
+                              - ref_fwd).max())
+      diff_loss = max(abs(float(fns[name](params, batches[name], w_j)[0]) - ref_loss[name])
+                      for name in trains)
+      result.setdefault("max_abs_diff_forward", {})[variant] = diff_fwd
+      result.setdefault("abs_diff_train_loss", {})[variant] = diff_loss
       if diff_fwd > _ATOL.value or diff_loss > _ATOL.value * _BATCH.value:
-        raise SystemExit(f"JAX ({name}) and PyTorch disagree: forward max |diff| "
+        raise SystemExit(f"JAX ({variant}) and PyTorch disagree: forward max |diff| "
                          f"{diff_fwd:.2e}, train loss |diff| {diff_loss:.2e} "
                          f"(atol {_ATOL.value}).")
-    calls["torch/forward"] = lambda: t_forward(fwd_t)
-    calls["torch/train"] = lambda: t_train(train_t, w_t)
+    calls["torch/forward"] = lambda: t_forward(torch_batches["forward"])
+    for name in trains:
+      calls[f"torch/{name}"] = functools.partial(t_train, torch_batches[name], w_t)
     result["torch"] = {"version": torch.__version__, "threads": torch.get_num_threads()}
 
   times = alternate(calls, _REPEATS.value, _WARMUP.value)
@@ -223,14 +266,13 @@ def main(argv):
   # The first variant is "jax" in the result and in the ratios; every variant has
   # its own ratios under "jax_variants".
   result["jax"].update({k: result["jax_variants"][_VARIANTS.value[0]][k]
-                        for k in ("forward", "train")})
+                        for k in ["forward"] + trains})
   if result["torch"] is not None:
     for entry in [result] + list(result["jax_variants"].values()):
       jax_entry = entry["jax"] if entry is result else entry
-      entry["ratio_forward"] = (jax_entry["forward"]["median_s"]
-                                / result["torch"]["forward"]["median_s"])
-      entry["ratio_train"] = (jax_entry["train"]["median_s"]
-                              / result["torch"]["train"]["median_s"])
+      for name in ["forward"] + trains:
+        entry[f"ratio_{name}"] = (jax_entry[name]["median_s"]
+                                  / result["torch"][name]["median_s"])
   result["load_average"] = os.getloadavg()
   text = json.dumps(result, indent=2)
   print(text)
