@@ -6,14 +6,11 @@ import os
 # the cores XLA's thread pool needs for the next step: on a small shared CPU that
 # slowed encoder passes and index builds 2-15x (STACK.md). The OpenMP runtime reads
 # this once, when it is loaded, so it must be set before faiss (or torch) is
-# imported, hence here; an explicit user setting wins. Passive threads still spin
-# GOMP_SPINCOUNT times (about 0.1 ms at 10,000) before they sleep: FAISS's k-means runs
-# thousands of short parallel regions back to back, and waking sleeping threads for each
-# made the demo's IVF64,PQ48x8 build 7.7 s instead of 6.8 s, while XLA steps interleaved
-# with searches were as fast (experiments/bench_omp_wait.py).
-if "OMP_WAIT_POLICY" not in os.environ:
-  os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-  os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+# imported, hence here; an explicit user setting wins. A short spin before sleeping
+# (GOMP_SPINCOUNT=10000, about 0.1 ms) was measured against it: the demo's index build
+# 7.3-6.8 s instead of 7.8-7.7 s, XLA steps between FAISS searches 0-5% slower, i.e. no
+# net gain (experiments/bench_omp_wait.py, BENCHMARKS.md).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # XLA:CPU's YNNPACK library fusions run the encoder's GEMMs together with their
 # bias/GELU/reduce neighbours at 15-20 GFLOP/s on the (2048, 384) training shapes,
