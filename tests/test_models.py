@@ -508,6 +508,7 @@ def test_tokenize_pairs_and_passages(tokenizer):
 
 
 def test_pack_sequences_first_fit_decreasing():
+  from qdr_jax.models.bert import packed_positions  # pylint: disable=g-import-not-at-top
   from qdr_jax.models.tokenization import pack_sequences  # pylint: disable=g-import-not-at-top
   ids = [[1, 2, 3], [4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14, 15]]
   types = [[0] * len(x) for x in ids]
@@ -520,7 +521,8 @@ def test_pack_sequences_first_fit_decreasing():
   np.testing.assert_array_equal(out['input_ids'][2], [99] * 8)
   np.testing.assert_array_equal(out['segment_ids'][0], [2] * 6 + [3] * 2)
   np.testing.assert_array_equal(out['segment_ids'][1], [4] * 4 + [1] * 3 + [0])
-  np.testing.assert_array_equal(out['positions'][1], [0, 1, 2, 3, 0, 1, 2, 0])
+  np.testing.assert_array_equal(packed_positions(out['segment_ids'])[1],
+                                [0, 1, 2, 3, 0, 1, 2, 0])
   np.testing.assert_array_equal(out['token_type_ids'][0], [0] * 7 + [1])
   np.testing.assert_array_equal(out['attention_mask'], out['segment_ids'] > 0)
   np.testing.assert_array_equal(out['sequence_lengths'], [3, 6, 2, 4])

@@ -105,15 +105,23 @@ class EncoderConfig:
     return _DTYPES[self.dtype]
 
 
-def position_ids(config: EncoderConfig, input_ids: jax.Array,
-                 positions: jax.Array | None = None) -> jax.Array:
-  """Position ids as the Hugging Face model computes them from input ids.
+def packed_positions(segment_ids: jax.Array) -> jax.Array:
+  """Each token's 0-based place in its own sequence, for packed rows
+  (`tokenization.pack_sequences`): the distance to where its segment starts."""
+  index = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1], dtype=jnp.int32),
+                           segment_ids.shape)
+  starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                            segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return index - jax.lax.cummax(jnp.where(starts, index, 0), axis=1)
 
-  `positions` (packed rows, see `tokenization.pack_sequences`) gives each token's
-  0-based place in its own sequence; positions then restart at every sequence.
-  """
+
+def position_ids(config: EncoderConfig, input_ids: jax.Array,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+  """Position ids as the Hugging Face model computes them from input ids; with
+  `segment_ids` (packed rows) they restart at every sequence."""
   seq_len = input_ids.shape[-1]
-  if positions is not None:
+  if segment_ids is not None:
+    positions = packed_positions(segment_ids)
     if config.architecture == 'roberta':
       return jnp.where(input_ids != config.pad_token_id,
                        positions + config.pad_token_id + 1, config.pad_token_id)
@@ -257,9 +265,9 @@ class Embeddings(nn.Module):
     self.token_type = nn.Embed(c.type_vocab_size, **kw)
     self.layer_norm = _layer_norm(c, 'layer_norm')
 
-  def __call__(self, input_ids, token_type_ids, positions=None):
+  def __call__(self, input_ids, token_type_ids, segment_ids=None):
     x = (self.word(input_ids)
-         + self.position(position_ids(self.config, input_ids, positions))
+         + self.position(position_ids(self.config, input_ids, segment_ids))
          + self.token_type(token_type_ids))
     return self.layer_norm(x)
 
@@ -367,16 +375,15 @@ class BertEncoder(nn.Module):
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
                     token_type_ids: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None,
-                    positions: jax.Array | None = None) -> jax.Array:
+                    segment_ids: jax.Array | None = None) -> jax.Array:
     """Last hidden states (B, L, hidden) in the compute dtype.
 
     With `segment_ids` (packed rows: 1 + the sequence's index, 0 on padding) a token
-    attends only to the tokens of its own sequence, and `positions` restart at each.
+    attends only to the tokens of its own sequence, and positions restart at each.
     """
     if token_type_ids is None:
       token_type_ids = jnp.zeros_like(input_ids)
-    x = self.embeddings(input_ids, token_type_ids, positions)
+    x = self.embeddings(input_ids, token_type_ids, segment_ids)
     if segment_ids is None:  # key mask, broadcast over heads and queries: (B, 1, 1, L)
       keep = attention_mask[:, None, None, :] > 0
     else:  # same-sequence mask: (B, 1, L, L)
@@ -413,9 +420,7 @@ class BertEncoder(nn.Module):
     if self.config.pooling == 'mean':
       weights = member / jnp.maximum(sequence_lengths, 1).astype(jnp.float32)[:, None]
     else:  # the sequence's first token: position 0 of its segment
-      first = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
-                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-      weights = member & first.reshape(-1)[None, :]
+      weights = member & (packed_positions(segment_ids) == 0).reshape(-1)[None, :]
     return jnp.dot(weights.astype(jnp.float32), hidden.reshape(-1, hidden.shape[-1]),
                    precision=jax.lax.Precision.HIGHEST)
 
@@ -433,20 +438,17 @@ class BertEncoder(nn.Module):
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                token_type_ids: jax.Array | None = None, *,
-               segment_ids: jax.Array | None = None, positions: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
                sequence_lengths: jax.Array | None = None) -> jax.Array:
     """Encodes token ids (B, L) into pooled float32 embeddings (B, d).
 
-    Packed rows (`tokenization.pack_sequences`: `segment_ids`, `positions` and
-    `sequence_lengths`, all or none) give one embedding per packed sequence, in the
-    order the sequences were given, equal to encoding them one per row.
+    Packed rows (`tokenization.pack_sequences`: `segment_ids` and `sequence_lengths`,
+    both or neither) give one embedding per packed sequence, in the order the sequences
+    were given, equal to encoding them one per row.
     """
-    packed = (segment_ids, positions, sequence_lengths)
-    if any(a is None for a in packed) and any(a is not None for a in packed):
-      raise ValueError('Packed inputs need segment_ids, positions and sequence_lengths '
-                       'together.')
-    hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, segment_ids,
-                                positions)
+    if (segment_ids is None) != (sequence_lengths is None):
+      raise ValueError('Packed inputs need segment_ids and sequence_lengths together.')
+    hidden = self.hidden_states(input_ids, attention_mask, token_type_ids, segment_ids)
     return self.pool(hidden, attention_mask, segment_ids, sequence_lengths)
 
 

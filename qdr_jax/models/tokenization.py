@@ -93,7 +93,8 @@ def pack_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
   deterministic, so every process packs a global batch alike); the row count is
   rounded up to `rows_multiple` (e.g. a multiple of the device count, and few distinct
   shapes to compile). The encoder keeps each sequence to itself (`segment_ids`) and
-  restarts positions, so a packed sequence encodes as it would alone in a row.
+  restarts positions at each (derived from `segment_ids`), so a packed sequence encodes
+  as it would alone in a row.
 
   Args:
     ids: token ids per sequence, each at most `row_length` long.
@@ -103,9 +104,9 @@ def pack_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
     pad_id: id of padding tokens.
 
   Returns:
-    int32 arrays: `input_ids`, `attention_mask`, `token_type_ids`, `segment_ids`
-    (1 + the sequence's index in `ids`, 0 on padding) and `positions` (0-based within
-    the sequence), each (R, row_length); `sequence_lengths` (len(ids),).
+    int32 arrays: `input_ids`, `attention_mask`, `token_type_ids` and `segment_ids`
+    (1 + the sequence's index in `ids`, 0 on padding), each (R, row_length);
+    `sequence_lengths` (len(ids),).
   """
   lengths = np.asarray([len(x) for x in ids], np.int64)
   if lengths.size and (lengths.max() > row_length or lengths.min() < 1):
@@ -123,7 +124,7 @@ def pack_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
     free[row] -= int(lengths[i])
   num_rows = max(_round_up(len(free), rows_multiple), rows_multiple)
   out = {'input_ids': np.full((num_rows, row_length), pad_id, np.int32)}
-  for name in ('attention_mask', 'token_type_ids', 'segment_ids', 'positions'):
+  for name in ('attention_mask', 'token_type_ids', 'segment_ids'):
     out[name] = np.zeros((num_rows, row_length), np.int32)
   for i, (row, start) in enumerate(placed):
     span = slice(start, start + lengths[i])
@@ -131,7 +132,6 @@ def pack_sequences(ids: Sequence[Sequence[int]], types: Sequence[Sequence[int]],
     out['attention_mask'][row, span] = 1
     out['token_type_ids'][row, span] = types[i]
     out['segment_ids'][row, span] = i + 1
-    out['positions'][row, span] = np.arange(lengths[i])
   out['sequence_lengths'] = lengths.astype(np.int32)
   return out
 
