@@ -18,6 +18,7 @@ to the float error of a different reduction order.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -361,4 +362,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # A job that hangs (e.g. processes waiting on different collectives) is sent SIGABRT by
+  # the parent test: every thread's stack then goes to the log the test prints.
+  faulthandler.enable(all_threads=True)
   main(sys.argv[1:])

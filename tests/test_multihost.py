@@ -10,9 +10,11 @@ a single-process, single-device run of the same steps.
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -37,21 +39,38 @@ def _launch(args, log):
 
 
 def _run_jobs(tmp, jobs: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
-  """Runs the workers at once, fails with a log tail on error, loads their outputs."""
+  """Runs the workers at once, fails with a log tail on error, loads their outputs.
+
+  A worker still running after ``TIMEOUT_S`` (together) is sent SIGABRT, which makes it
+  write every thread's Python stack to its log (faulthandler), so a hang shows where each
+  process waits.
+  """
   logs = {name: open(tmp / f"{name}.log", "w") for name in jobs}
   procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
+  deadline = time.monotonic() + TIMEOUT_S
+  codes = {}
   try:
-    codes = {name: p.wait(timeout=TIMEOUT_S) for name, p in procs.items()}
+    for name, p in procs.items():
+      try:
+        codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 1))
+      except subprocess.TimeoutExpired:
+        codes[name] = f"no exit after {TIMEOUT_S} s"
   finally:
     for p in procs.values():
       if p.poll() is None:
-        p.kill()
-        p.wait()
+        p.send_signal(signal.SIGABRT)
+        try:
+          p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+          p.kill()
+          p.wait()
     for f in logs.values():
       f.close()
-  for name, code in codes.items():
-    tail = (tmp / f"{name}.log").read_text()[-3000:]
-    assert code == 0, f"{name} exited with {code}:\n{tail}"
+  failed = {name: code for name, code in codes.items() if code != 0}
+  if failed:
+    tails = "\n".join(f"--- {name} ({code}):\n{(tmp / f'{name}.log').read_text()[-6000:]}"
+                      for name, code in failed.items())
+    pytest.fail(f"workers failed: {failed}\n{tails}")
   out = {}
   for name in jobs:
     data = np.load(tmp / f"{name}.npz", allow_pickle=False)

@@ -45,7 +45,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from qdr_jax import fingerprint
+from qdr_jax import distributed, fingerprint
 from qdr_jax.config import base_config
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -451,10 +451,24 @@ class Checkpointer:
         policies.append(cp.BestN(get_metric_fn=self._metric, reverse=best_mode == "min",
                                  n=int(keep_best), keep_checkpoints_without_metrics=False))
       policy = cp.AnyPreservationPolicy(policies)
+    # Orbax's barriers default to device collectives, and an async save runs some of them
+    # in its background thread while the main thread runs the training step's
+    # collectives: two threads issuing collectives may order them differently in two
+    # processes, which deadlocks. Naming the processes makes every Orbax barrier wait on
+    # the coordination service instead, which is safe from any thread; Orbax then leaves
+    # the root directory to us.
+    multiprocess = jax.process_count() > 1
+    processes = ocp.options.MultiprocessingOptions(
+        active_processes=set(range(jax.process_count())) if multiprocess else None)
+    if multiprocess and not read_only:
+      if distributed.is_lead_process():
+        self.directory.mkdir(parents=True, exist_ok=True)
+      distributed.barrier("checkpoint directory")
     options = ocp.CheckpointManagerOptions(
-        read_only=read_only, create=not read_only, preservation_policy=policy,
+        read_only=read_only, create=not read_only and not multiprocess,
+        preservation_policy=policy,
         best_fn=self._metric if self.best_metric else None, best_mode=best_mode,
-        enable_async_checkpointing=async_save,
+        enable_async_checkpointing=async_save, multiprocessing_options=processes,
         # Leftovers of a killed save are never valid; remove them when we may write.
         cleanup_tmp_directories=not read_only)
     if read_only and not self.directory.is_dir():
