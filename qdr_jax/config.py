@@ -106,6 +106,11 @@ def base_config() -> ml_collections.ConfigDict:
   # pseudo-queries), scores / distill_temperature; quantizing modes only. 0 = off.
   c.loss.distill_weight = 0.0
   c.loss.distill_temperature = 0.05
+  # What the distillation's student gradient moves: "all" (query encoder, rows through the
+  # straight-through estimator, learned index parameters) or "index" (only the learned
+  # index parameters, quant.learn: the ranking is matched by the shared parameters alone,
+  # and the flat ranking of the encoder and rows is left to the contrastive loss).
+  c.loss.distill_reaches = "all"
   # Uniform-usage penalty on PQ codeword and IVF list usage of the pooled rows (soft
   # assignments, softness in units of each row's score spread); quantizing modes. 0 = off.
   c.loss.balance_weight = 0.0

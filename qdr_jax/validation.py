@@ -36,6 +36,7 @@ ENUMS: dict[str, tuple] = {
     "table.init": ("encode", "npy", "faiss"),
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
+    "loss.distill_reaches": ("all", "index"),
     "quant.codes": ("index", "recompute"),
     "negatives.pseudo_query_field": ("title", "first_sentence"),
     "optim.row_optimizer": ("adam", "sgd"),
@@ -213,6 +214,15 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
       if loss[key]:
         warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
                         f"mode {config.train.mode!r}")
+  if mode.quantize and loss.distill_weight and loss.distill_reaches == "index":
+    try:
+      learns = mode_from_config(config).learns_index
+    except ValueError:  # reported as a problem by _check_settings
+      learns = True
+    if not learns:
+      warnings.append("config.loss.distill_reaches='index' in a mode that learns no index "
+                      "parameter (config.quant.learn is empty): the distillation term moves "
+                      "nothing")
   if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
     warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
                     "without the distillation term (config.loss.distill_weight > 0 in a "

@@ -89,6 +89,32 @@ def test_distillation_gradient_matches_finite_differences():
   assert np.all(np.asarray(grad_t)[5] == 0)  # inactive for every query
 
 
+def test_distillation_reaching_only_the_index_moves_only_the_shared_parameters():
+  """reaches="index": the same value and the same codebook gradient as "all", none for the
+  query or the rows, whose straight-through path the "all" variant does feed."""
+  rng = np.random.default_rng(3)
+  q, rows, _, active = _case(seed=3)
+  codebook = jnp.asarray(rng.normal(size=(4, rows.shape[1])))
+  codes = jnp.asarray(rng.integers(0, 4, rows.shape[0]))
+
+  def loss(a, r, c, reaches):
+    targets = r - jax.lax.stop_gradient(r) + c[codes]  # pool_targets' straight-through form
+    return distillation_loss(a, r, targets, active, temperature=0.5, reaches=reaches)[0]
+
+  with jax.enable_x64(True):
+    args = (jnp.asarray(q), jnp.asarray(rows), codebook)
+    everything = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args, "all")
+    index_only = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args, "index")
+  (v_all, (gq_all, gr_all, gc_all)), (v_idx, (gq_idx, gr_idx, gc_idx)) = everything, index_only
+  assert float(v_all) == pytest.approx(float(v_idx), rel=1e-12) and float(v_idx) > 0
+  np.testing.assert_allclose(np.asarray(gc_idx), np.asarray(gc_all), rtol=1e-10, atol=1e-14)
+  assert np.abs(np.asarray(gc_idx)).max() > 1e-3
+  assert np.abs(np.asarray(gq_all)).max() > 1e-3 and np.abs(np.asarray(gr_all)).max() > 1e-3
+  assert np.abs(np.asarray(gq_idx)).max() == 0 and np.abs(np.asarray(gr_idx)).max() == 0
+  with pytest.raises(ValueError, match="reaches"):
+    distillation_loss(*args[:2], args[1], active, temperature=0.5, reaches="rows")
+
+
 def test_kl_divergence_gradient_both_sides():
   rng = np.random.default_rng(2)
   mask = np.ones((2, 5), bool)

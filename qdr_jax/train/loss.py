@@ -96,8 +96,11 @@ def routing_loss(coarse_logits: jax.Array, row_lists: jax.Array, positive_mask: 
   return loss, {"routing_loss": loss, "routing_recall": recall}
 
 
+DISTILL_REACHES = ("all", "index")
+
+
 def distillation_loss(query_emb: jax.Array, rows: jax.Array, targets: jax.Array,
-                      active: jax.Array, *, temperature: float
+                      active: jax.Array, *, temperature: float, reaches: str = "all"
                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """KL(flat || quantized) of each query's softmax over its active pool rows.
 
@@ -110,7 +113,9 @@ def distillation_loss(query_emb: jax.Array, rows: jax.Array, targets: jax.Array,
   teacher's gradient back through its own flat score and the two would largely cancel.
   The student's gradient reaches the query encoder, the rows (straight-through) and the
   quantizer's shared parameters (codebooks, centroids, rotation when learned), which is
-  how it reaches passages no label names.
+  how it reaches passages no label names. With ``reaches="index"`` only the shared
+  parameters get it: the query and the straight-through path to the row are cut, so the
+  term cannot move the flat ranking at all.
 
   Args:
     query_emb: (B, d) queries (training queries and label-free pseudo-queries).
@@ -118,13 +123,22 @@ def distillation_loss(query_emb: jax.Array, rows: jax.Array, targets: jax.Array,
     targets: (P, d) the rows as the index serves them (``pool_targets``).
     active: (B, P) rows in each query's softmax (valid and not hidden from it).
     temperature: both score sets are divided by it.
+    reaches: "all" or "index" (see above).
 
   Returns:
     (scalar mean over queries with an active row, metrics).
   """
+  if reaches not in DISTILL_REACHES:
+    raise ValueError(f"reaches must be one of {DISTILL_REACHES}, got {reaches!r}.")
   q = query_emb.astype(_at_least_f32(query_emb))
-  teacher = jax.lax.stop_gradient(q) @ jax.lax.stop_gradient(rows.astype(q.dtype)).T
-  student = q @ targets.astype(q.dtype).T
+  frozen_rows = jax.lax.stop_gradient(rows.astype(q.dtype))
+  teacher = jax.lax.stop_gradient(q) @ frozen_rows.T
+  targets = targets.astype(q.dtype)
+  if reaches == "index":
+    # targets = rows - sg(rows) + reconstruction: dropping the first two terms keeps the
+    # value and the reconstruction's gradient to the shared parameters, and nothing else.
+    q, targets = jax.lax.stop_gradient(q), targets - rows.astype(q.dtype) + frozen_rows
+  student = q @ targets.T
   per_query = kl_divergence(teacher / temperature, student / temperature, active)
   has_row = active.any(axis=1)
   loss = jnp.where(has_row, per_query, 0.0).sum() / jnp.maximum(has_row.sum(), 1)
@@ -230,6 +244,7 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
   function of the pool, or None when both weights are 0 (the paper's loss)."""
   distill_weight = float(loss_config.distill_weight)
   distill_temperature = float(loss_config.distill_temperature)
+  distill_reaches = str(loss_config.distill_reaches)
   balance_weight = float(loss_config.balance_weight)
   balance_temperature = float(loss_config.balance_temperature)
   balance_rows = int(loss_config.balance_rows)
@@ -240,7 +255,8 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
     total, metrics = jnp.zeros((), jnp.float32), {}
     if distill_weight:
       value, part = distillation_loss(query_emb, rows, targets, active,
-                                      temperature=distill_temperature)
+                                      temperature=distill_temperature,
+                                      reaches=distill_reaches)
       total, metrics = total + distill_weight * value, {**metrics, **part}
     if balance_weight:
       value, part = balance_penalty(quantizer, rows, valid, temperature=balance_temperature,
