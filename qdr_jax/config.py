@@ -213,12 +213,65 @@ def parse_arg(arg: str | None, **defaults):
   return values
 
 
-def split_mode_spec(spec: str) -> tuple[str, tuple[str, ...]]:
-  """``"dback+codebooks+centroids"`` -> ("dback", ("codebooks", "centroids")): a mode name
-  and the index parameters it learns (``config.quant.learn``), as configs and
-  `compare_modes` accept them."""
-  name, *learn = spec.split("+")
-  return name, tuple(learn)
+def split_mode_spec(spec: str) -> tuple[str, tuple[str, ...], dict[str, str]]:
+  """A mode spec as configs and `compare_modes` accept it: the mode name, the index
+  parameters it learns (``config.quant.learn``) and config overrides (unparsed values).
+
+  ``"dback+codebooks+centroids@loss.distill_weight=0.5@negatives.pseudo_queries=32"`` ->
+  ("dback", ("codebooks", "centroids"), {"loss.distill_weight": "0.5",
+  "negatives.pseudo_queries": "32"}). Overrides let one comparison hold variants of a mode.
+  """
+  head, *assignments = spec.split("@")
+  name, *learn = head.split("+")
+  overrides = {}
+  for assignment in assignments:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+      raise ValueError(f"mode spec {spec!r}: {assignment!r} is not KEY=VALUE")
+    overrides[key.strip()] = value.strip()
+  return name, tuple(learn), overrides
+
+
+def apply_mode_spec(c: ml_collections.ConfigDict, spec: str) -> ml_collections.ConfigDict:
+  """Sets ``train.mode``, ``quant.learn`` (added to what ``c`` learns) and the overrides
+  of ``spec`` (see `split_mode_spec`) on ``c``, in place.
+
+  Each value is parsed as the type of the field it replaces (bool: true/false, int,
+  float, str; a tuple as values separated by ``|``, each parsed like the tuple's first
+  value); an unknown key, or a value of the
+  wrong type, fails naming both.
+  """
+  name, learn, overrides = split_mode_spec(spec)
+  with c.unlocked():
+    c.train.mode = name
+    c.quant.learn = tuple(dict.fromkeys((*c.quant.learn, *learn)))
+  for key, text in overrides.items():
+    *path, leaf = key.split(".")
+    node = c
+    for part in path:
+      node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+      raise ValueError(f"mode spec {spec!r}: no config key {key!r}")
+    try:
+      node[leaf] = _parse_like(node[leaf], text)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"mode spec {spec!r}: {key}={text!r}: expected a value like "
+                       f"{node[leaf]!r} ({e})") from None
+  return c
+
+
+def _parse_like(current, text: str):
+  """``text`` as a value of ``current``'s type."""
+  if isinstance(current, bool):
+    if text.lower() not in ("true", "false"):
+      raise ValueError("true or false")
+    return text.lower() == "true"
+  if isinstance(current, (tuple, list)):
+    parts = [part for part in text.split("|") if part]
+    return tuple(_parse_like(current[0], part) for part in parts) if current else tuple(parts)
+  if isinstance(current, (int, float, str)):
+    return type(current)(text)
+  raise TypeError(f"a {type(current).__name__} field cannot be set from a mode spec")
 
 
 def apply_paper_setup(c: ml_collections.ConfigDict, *, encoder_lr: float, temperature: float,
@@ -264,7 +317,7 @@ def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
   c.optim.encoder_lr = 2e-5
   c.optim.row_lr = 1e-4
   c.optim.warmup_steps = 20
-  c.train.mode, c.quant.learn = split_mode_spec(mode)
+  apply_mode_spec(c, mode)
   c.train.batch_size = 32
   c.train.steps = steps
   c.index.rebuild_every = 50

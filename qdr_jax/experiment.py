@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging
 
 from qdr_jax import distributed
-from qdr_jax.config import split_mode_spec
+from qdr_jax.config import apply_mode_spec
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
                                   with_pq_subquantizers)
@@ -404,19 +404,19 @@ def _run_config(config: ml_collections.ConfigDict, level: int, mode: str, cache_
                 seed: int) -> ml_collections.ConfigDict:
   """``config`` for one (PQ level, mode, training seed) run of `compare_modes`.
 
-  ``mode`` is a mode name, optionally followed by index parameters it learns on top of
-  ``config.quant.learn``: ``dback+codebooks+centroids`` compares against plain ``dback``
-  in one summary.
+  ``mode`` is a mode spec (`qdr_jax.config.split_mode_spec`): a mode name, optionally
+  followed by index parameters it learns on top of ``config.quant.learn`` and config
+  overrides, so that ``dback+codebooks+centroids`` or
+  ``dback+codebooks+centroids@loss.distill_weight=0.5`` compare against plain ``dback`` in
+  one summary.
   """
   run_cfg = config.copy_and_resolve_references()
-  name, learn = split_mode_spec(mode)
   try:
     factory = with_pq_subquantizers(config.index.factory, level)
+    apply_mode_spec(run_cfg, mode)
   except ValueError as e:
     raise ConfigError([str(e)]) from None
   with run_cfg.unlocked():
-    run_cfg.train.mode = name
-    run_cfg.quant.learn = tuple(dict.fromkeys((*run_cfg.quant.learn, *learn)))
     run_cfg.index.factory = factory
     run_cfg.table.cache_dir = cache_dir
     run_cfg.seed = seed
