@@ -18,7 +18,7 @@ from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 
 WORKER = pathlib.Path(__file__).with_name("embed_worker.py")
-TIMEOUT_S = 240
+TIMEOUT_S = 360  # two xdist workers share the 2 cores with these jobs
 CHUNK_ROWS = 128  # 600 passages: chunks of 128, 128, 128, 128, 88
 
 
