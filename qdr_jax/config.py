@@ -317,11 +317,10 @@ def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
   c.optim.encoder_lr = 2e-5
   c.optim.row_lr = 1e-4
   c.optim.warmup_steps = 20
-  apply_mode_spec(c, mode)
   c.train.batch_size = 32
   c.train.steps = steps
   c.index.rebuild_every = 50
-  return c
+  return apply_mode_spec(c, mode)  # last: the spec's overrides win
 
 
 def dpr_qa_config(name: str, *, train_file: str, test_file: str, model_suffix: str,

@@ -44,3 +44,9 @@ def test_demo_mode_argument_names_the_learned_index_parameters():
   assert set(mode_from_config(learned).learn) == {"codebooks", "centroids"}
   plain = module.get_config("mode=query_only")
   assert plain.train.mode == "query_only" and tuple(plain.quant.learn) == ()
+  # Overrides in the spec apply after the config's own settings, so they win.
+  variant = module.get_config("mode=dback+centroids@train.steps=7@loss.distill_weight=0.5,steps=50")
+  assert variant.train.steps == 7 and variant.loss.distill_weight == 0.5
+  assert tuple(variant.quant.learn) == ("centroids",)
+  with pytest.raises(ValueError, match="no config key 'loss.nope'"):
+    module.get_config("mode=dback@loss.nope=1")
