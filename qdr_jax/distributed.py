@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -220,6 +220,36 @@ def barrier(name: str, timeout_s: float = 3600.0) -> None:
     multihost_utils.sync_global_devices(name)
     return
   client.wait_at_barrier(name, int(timeout_s * 1000))
+
+
+class CompileThenMeet:
+  """A jitted function that, in a multi-process job, is compiled for each new input
+  signature on every process before any of them runs it, with a barrier in between.
+
+  The CPU collectives (Gloo) give up on a peer that is more than 30 s late, and a process
+  still compiling a large program (the training step, on a loaded host) can be that late
+  for the first collective inside it; the compiled program is then reused by the call. On
+  one process it only calls ``fn``.
+  """
+
+  def __init__(self, fn: Callable, name: str):
+    self.fn, self.name = fn, name
+    self._compiled: set = set()
+
+  def __call__(self, *args, **kwargs):
+    if jax.process_count() > 1:
+      leaves, structure = jax.tree.flatten((args, kwargs))
+      signature = (structure, tuple(
+          (x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else type(x)
+          for x in leaves))
+      if signature not in self._compiled:
+        self.fn.lower(*args, **kwargs).compile()
+        barrier(f"{self.name} compiled")
+        self._compiled.add(signature)
+    return self.fn(*args, **kwargs)
+
+  def lower(self, *args, **kwargs):
+    return self.fn.lower(*args, **kwargs)
 
 
 def is_lead_process() -> bool:

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qdr_jax.quant import (Quantizer, assign_coarse, coarse_scores, decode, orthogonalize,
                            quantize, with_index_params)
+from qdr_jax import distributed
 from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import contrastive_loss, quantization_terms, routing_loss
 from qdr_jax.train.modes import Mode
@@ -158,8 +159,9 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     metrics["updates_finite"] = _written_finite(new, row_ids)
     return state.replace(step=state.step + 1, **new), metrics
 
-  return StepFunctions(encode=jax.jit(encode),
-                       update=jax.jit(update, donate_argnums=(0,)))
+  return StepFunctions(
+      encode=distributed.CompileThenMeet(jax.jit(encode), "query forward"),
+      update=distributed.CompileThenMeet(jax.jit(update, donate_argnums=(0,)), "update"))
 
 
 def _update_index_params(state: TrainState, grads: dict[str, jax.Array],
