@@ -248,9 +248,6 @@ class CompileThenMeet:
         self._compiled.add(signature)
     return self.fn(*args, **kwargs)
 
-  def lower(self, *args, **kwargs):
-    return self.fn.lower(*args, **kwargs)
-
 
 def is_lead_process() -> bool:
   """Whether this process owns the host-side work: FAISS, files, logs and evaluation."""

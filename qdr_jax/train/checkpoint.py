@@ -451,12 +451,11 @@ class Checkpointer:
         policies.append(cp.BestN(get_metric_fn=self._metric, reverse=best_mode == "min",
                                  n=int(keep_best), keep_checkpoints_without_metrics=False))
       policy = cp.AnyPreservationPolicy(policies)
-    # Orbax's barriers default to device collectives, and an async save runs some of them
-    # in its background thread while the main thread runs the training step's
-    # collectives: two threads issuing collectives may order them differently in two
-    # processes, which deadlocks. Naming the processes makes every Orbax barrier wait on
-    # the coordination service instead, which is safe from any thread; Orbax then leaves
-    # the root directory to us.
+    # Orbax's main-thread barriers default to device collectives: on CPU those are Gloo's,
+    # which give up on a process more than 30 s late (one still writing or compiling on
+    # a loaded host). Naming the processes makes every Orbax barrier wait on the
+    # coordination service instead, with Orbax's own timeout, as its background-thread
+    # barriers already do; Orbax then leaves the root directory to us.
     multiprocess = jax.process_count() > 1
     processes = ocp.options.MultiprocessingOptions(
         active_processes=set(range(jax.process_count())) if multiprocess else None)
