@@ -208,8 +208,11 @@ def parse_arg(arg: str | None, **defaults):
     name, raw = item.split("=", 1)
     if name not in defaults:
       raise ValueError(f"unknown config argument {name!r}; expected one of {sorted(defaults)}")
-    kind = type(defaults[name])
-    values[name] = (raw.lower() in ("1", "true", "yes")) if kind is bool else kind(raw)
+    try:
+      values[name] = _parse_like(defaults[name], raw)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"config argument {item!r}: expected a value like "
+                       f"{defaults[name]!r} ({e})") from None
   return values
 
 
@@ -238,8 +241,7 @@ def apply_mode_spec(c: ml_collections.ConfigDict, spec: str) -> ml_collections.C
 
   Each value is parsed as the type of the field it replaces (bool: true/false, int,
   float, str; a tuple as values separated by ``|``, each parsed like the tuple's first
-  value); an unknown key, or a value of the
-  wrong type, fails naming both.
+  value); an unknown key, or a value of the wrong type, fails naming both.
   """
   name, learn, overrides = split_mode_spec(spec)
   with c.unlocked():
@@ -261,11 +263,11 @@ def apply_mode_spec(c: ml_collections.ConfigDict, spec: str) -> ml_collections.C
 
 
 def _parse_like(current, text: str):
-  """``text`` as a value of ``current``'s type."""
+  """``text`` as a value of ``current``'s type (config arguments and mode specs)."""
   if isinstance(current, bool):
-    if text.lower() not in ("true", "false"):
-      raise ValueError("true or false")
-    return text.lower() == "true"
+    if text.lower() not in ("true", "false", "1", "0"):
+      raise ValueError("true/false or 1/0")
+    return text.lower() in ("true", "1")
   if isinstance(current, (tuple, list)):
     parts = [part for part in text.split("|") if part]
     return tuple(_parse_like(current[0], part) for part in parts) if current else tuple(parts)

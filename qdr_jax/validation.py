@@ -25,6 +25,7 @@ from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=protected-access
 from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
                                        factory_layout)
+from qdr_jax.train.loss import DISTILL_REACHES
 from qdr_jax.train.modes import MODES, mode_from_config
 
 # The enumerated settings and their allowed values.
@@ -36,7 +37,7 @@ ENUMS: dict[str, tuple] = {
     "table.init": ("encode", "npy", "faiss"),
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
-    "loss.distill_reaches": ("all", "index"),
+    "loss.distill_reaches": DISTILL_REACHES,
     "quant.codes": ("index", "recompute"),
     "negatives.pseudo_query_field": ("title", "first_sentence"),
     "optim.row_optimizer": ("adam", "sgd"),

@@ -50,3 +50,5 @@ def test_demo_mode_argument_names_the_learned_index_parameters():
   assert tuple(variant.quant.learn) == ("centroids",)
   with pytest.raises(ValueError, match="no config key 'loss.nope'"):
     module.get_config("mode=dback@loss.nope=1")
+  with pytest.raises(ValueError, match="config argument 'steps=ten'"):
+    module.get_config("steps=ten")
