@@ -116,6 +116,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.balance_weight = 0.0
   c.loss.balance_temperature = 0.25
   c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
+  # Squared quantization error of the valid pool rows, pulling only the learned index
+  # parameters (quant.learn) back towards what k-means optimises, so that passages no
+  # label names keep faithful codes; quantizing modes. 0 = off.
+  c.loss.distortion_weight = 0.0
 
   c.quant = ml_collections.ConfigDict()
   # Index parameters trained jointly with the encoder (and rows), written into FAISS and

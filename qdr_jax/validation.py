@@ -76,6 +76,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.balance_weight", 0, False, None),
     ("loss.balance_temperature", 0, True, None),
     ("loss.balance_rows", 0, False, None),
+    ("loss.distortion_weight", 0, False, None),
     ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
@@ -107,7 +108,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
            "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
-           "loss.balance_weight", "loss.balance_temperature", "optim.encoder_lr", "optim.row_lr",
+           "loss.balance_weight", "loss.balance_temperature", "loss.distortion_weight",
+           "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.centroid_lr", "optim.rotation_lr",
            "optim.end_lr_fraction", "optim.weight_decay",
            "optim.grad_clip", "optim.b1", "optim.b2", "optim.eps"}
@@ -206,24 +208,28 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
 
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
-  """Distillation, balance and pseudo-queries set where they do nothing (warnings)."""
+  """Distillation, balance, distortion and pseudo-queries set where they do nothing
+  (warnings)."""
   loss, mode = config.loss, MODES.get(config.train.mode)
   if mode is None or not mode.trains:
     return
   if not mode.quantize:
-    for key in ("distill_weight", "balance_weight"):
+    for key in ("distill_weight", "balance_weight", "distortion_weight"):
       if loss[key]:
         warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
                         f"mode {config.train.mode!r}")
-  if mode.quantize and loss.distill_weight and loss.distill_reaches == "index":
+  index_only = {
+      "config.loss.distill_reaches='index'": loss.distill_weight
+                                             and loss.distill_reaches == "index",
+      f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight}
+  if mode.quantize and any(index_only.values()):
     try:
       learns = mode_from_config(config).learns_index
     except ValueError:  # reported as a problem by _check_settings
       learns = True
-    if not learns:
-      warnings.append("config.loss.distill_reaches='index' in a mode that learns no index "
-                      "parameter (config.quant.learn is empty): the distillation term moves "
-                      "nothing")
+    for setting in [name for name, on in index_only.items() if on and not learns]:
+      warnings.append(f"{setting} in a mode that learns no index parameter "
+                      "(config.quant.learn is empty): the term moves nothing")
   if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
     warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
                     "without the distillation term (config.loss.distill_weight > 0 in a "

@@ -12,9 +12,11 @@ from jax.test_util import check_grads
 from qdr_jax.data.pseudo import first_sentence, pseudo_query_texts
 from qdr_jax.data.types import Corpus
 from qdr_jax.negatives.pool import build_pool
-from qdr_jax.quant import Quantizer, encode_with_lists
-from qdr_jax.train.loss import balance_penalty, distillation_loss, kl_divergence
+from qdr_jax.quant import Quantizer, decode, encode_with_lists
+from qdr_jax.train.loss import (balance_penalty, distillation_loss, distortion_penalty,
+                                kl_divergence)
 from qdr_jax.train.negatives import pseudo_query_rows
+from qdr_jax.train.step import pool_targets
 from test_train_families import inputs  # noqa: F401  (the tiny run's data, table, encoder)
 
 
@@ -180,6 +182,50 @@ def test_balance_penalty_on_strided_rows():
   assert float(capped) == float(strided) and float(full) != float(capped)
 
 
+def _distortion_case(seed=3):
+  """Rows of dim 4 (two sub-vectors of 2), codes over 3 codewords per sub-codebook,
+  an invalid last row."""
+  rng = np.random.default_rng(seed)
+  rows = rng.normal(size=(7, 4))
+  codes = np.array([[0, 1], [0, 2], [1, 1], [2, 0], [1, 2], [0, 0], [2, 2]], np.int32)
+  valid = np.array([1, 1, 1, 1, 1, 1, 0], bool)
+  return rows, codes, valid
+
+
+def _distortion(rows, codebooks, codes, valid):
+  quantizer = Quantizer(codebooks=codebooks)
+  targets = pool_targets(rows, quantizer, None, codes, None)
+  return distortion_penalty(rows, targets, valid)[0]
+
+
+def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
+  rows, codes, valid = _distortion_case()
+  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
+  with jax.enable_x64(True):
+    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
+    value = _distortion(r, c, codes, valid)
+    recon = np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
+    expected = np.mean(np.sum((recon - rows) ** 2, axis=1)[valid])
+    assert float(value) == pytest.approx(expected, rel=1e-12)
+    g_rows = jax.grad(_distortion)(r, c, codes, valid)
+    assert np.abs(np.asarray(g_rows)).max() == 0  # the rows are not pulled to their codes
+    check_grads(lambda cb: _distortion(r, cb, codes, valid), (c,), order=1, modes=("rev",),
+                eps=1e-6, atol=1e-8, rtol=1e-8)
+    # Zero exactly where k-means' update puts the codewords: each at the mean of the
+    # valid sub-vectors it encodes (the invalid row does not count).
+    means = codebooks.copy()
+    for m in range(2):
+      sub = rows[:, 2 * m:2 * m + 2]
+      for k in range(3):
+        members = valid & (codes[:, m] == k)
+        means[m, k] = sub[members].mean(axis=0)
+    at_means = jax.grad(_distortion, argnums=1)(r, jnp.asarray(means), codes, valid)
+    assert np.abs(np.asarray(at_means)).max() < 1e-12
+    assert float(_distortion(r, jnp.asarray(means), codes, valid)) < expected
+    np.testing.assert_allclose(np.asarray(decode(Quantizer(codebooks=c), jnp.asarray(codes))),
+                               recon, rtol=1e-12)
+
+
 def test_pseudo_query_rows_reproducible_from_seed_and_step():
   a = pseudo_query_rows(7, 1000, 16, seed=3)
   np.testing.assert_array_equal(a, pseudo_query_rows(7, 1000, 16, seed=3))
@@ -218,7 +264,6 @@ def test_pool_with_unlabelled_queries():
 
 def test_recomputed_codes_follow_the_rows():
   """'recompute' decodes the rows' current codes: a moved row's reconstruction moves."""
-  from qdr_jax.train.step import pool_targets
   rng = np.random.default_rng(4)
   quantizer = _quantizer(rng)
   rows = jnp.asarray(rng.normal(size=(5, 4)), jnp.float32)
@@ -231,9 +276,9 @@ def test_recomputed_codes_follow_the_rows():
   assert not np.array_equal(np.asarray(live[0]), np.asarray(stale[0]))
 
 
-def test_tiny_run_with_distillation_pseudo_queries_and_balance(inputs, tmp_path):
+def test_tiny_run_with_distillation_pseudo_queries_balance_and_distortion(inputs, tmp_path):
   from qdr_jax.train.loop import train
-  from qdr_jax.train.modes import get_mode
+  from qdr_jax.train.modes import mode_from_config
   base, dataset, encoders, table0 = inputs
   config = base.copy_and_resolve_references()
   config.train.steps = 6
@@ -241,15 +286,18 @@ def test_tiny_run_with_distillation_pseudo_queries_and_balance(inputs, tmp_path)
   config.negatives.pseudo_queries = 8
   config.loss.distill_weight = 1.0
   config.loss.balance_weight = 0.1
+  config.loss.distortion_weight = 2.0
+  config.quant.learn = ("codebooks",)
   config.lock()
   assert config.quant.codes == "recompute"  # the live forward is the default
-  result = train(config, get_mode("dback"), dataset, encoders, table0, tmp_path)
+  result = train(config, mode_from_config(config), dataset, encoders, table0, tmp_path)
   assert result.step == 6
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(records) == 6
   for r in records:
-    assert r["distill_loss"] > 0 and r["balance_loss"] > 0
-    expected = r["contrastive_loss"] + r["distill_loss"] + 0.1 * r["balance_loss"]
+    assert r["distill_loss"] > 0 and r["balance_loss"] > 0 and r["distortion"] > 0
+    expected = (r["contrastive_loss"] + r["distill_loss"] + 0.1 * r["balance_loss"]
+                + 2.0 * r["distortion"])
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
   table = result.lifecycle.table_to_lead(result.state.table)
   assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50
@@ -271,6 +319,16 @@ def test_validation_of_the_new_settings():
   config.train.mode = "query_only"
   config.loss.distill_weight = 1.0
   config.negatives.pseudo_queries = 4
+  config.loss.distortion_weight = 0.5
   warnings = validate_config(config)
   assert any("distill_weight=1.0: ignored" in w for w in warnings)
+  assert any("distortion_weight=0.5: ignored" in w for w in warnings)
   assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
+  config.train.mode = "dback"  # quantizing, but nothing learned for the term to move
+  assert any("distortion_weight=0.5 in a mode that learns no index" in w
+             for w in validate_config(config))
+  config.quant.learn = ("centroids",)
+  assert not any("distortion" in w for w in validate_config(config))
+  config.loss.distortion_weight = -1.0
+  with pytest.raises(ConfigError, match="loss.distortion_weight=-1.0"):
+    validate_config(config)

@@ -222,6 +222,37 @@ def balance_penalty(quantizer: Quantizer, rows: jax.Array, valid: jax.Array, *,
   return total, metrics
 
 
+def distortion_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean squared quantization error ``||reconstruction - row||^2`` of the valid pool
+  rows, as a pull on the learned index parameters only (the k-means objective the
+  index was built with).
+
+  The ranking losses move the shared codewords and centroids for the passages that
+  labels and pools name: at 32x the learned index served passages that were training
+  positives better than the flat index did, and passages that never were 0.04-0.06
+  nDCG@10 worse than with k-means codebooks, while the flat ranking of both stayed the
+  same (BENCHMARKS.md, issue 13). This term anchors every codeword to the rows it
+  encodes. ``targets - rows`` has the reconstruction minus the row as its value and,
+  since the straight-through part cancels, a gradient that reaches only the
+  reconstruction's learned parameters: the rows themselves are not pulled towards their
+  codes.
+
+  Args:
+    rows: (P, d) full-precision pool rows.
+    targets: (P, d) the rows as the index serves them (``pool_targets``).
+    valid: (P,) rows that take part (the pool's random filler rows included).
+
+  Returns:
+    (scalar weighted mean over valid rows, {"distortion": the same}).
+  """
+  dtype = _at_least_f32(rows)
+  error = targets.astype(dtype) - rows.astype(dtype)
+  weight = valid.astype(dtype) / jnp.maximum(valid.sum(), 1)
+  value = weight @ jnp.sum(error * error, axis=-1)
+  return value, {"distortion": value}
+
+
 def _soft_usage(scores: jax.Array, weight: jax.Array, temperature: float) -> jax.Array:
   """(K,) weighted mean over rows of softmax(scores / (spread * temperature))."""
   spread = scores.std(axis=-1, keepdims=True).clip(1e-12)
@@ -240,15 +271,16 @@ QuantizationTerms = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTerms | None:
-  """The weighted distillation and balance terms ``loss_config`` turns on, as one pure
-  function of the pool, or None when both weights are 0 (the paper's loss)."""
+  """The weighted distillation, balance and distortion terms ``loss_config`` turns on, as
+  one pure function of the pool, or None when every weight is 0 (the paper's loss)."""
   distill_weight = float(loss_config.distill_weight)
   distill_temperature = float(loss_config.distill_temperature)
   distill_reaches = str(loss_config.distill_reaches)
   balance_weight = float(loss_config.balance_weight)
   balance_temperature = float(loss_config.balance_temperature)
   balance_rows = int(loss_config.balance_rows)
-  if distill_weight == 0 and balance_weight == 0:
+  distortion_weight = float(loss_config.distortion_weight)
+  if distill_weight == 0 and balance_weight == 0 and distortion_weight == 0:
     return None
 
   def terms(query_emb, rows, targets, active, valid, quantizer):
@@ -262,6 +294,9 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
       value, part = balance_penalty(quantizer, rows, valid, temperature=balance_temperature,
                                     max_rows=balance_rows)
       total, metrics = total + balance_weight * value, {**metrics, **part}
+    if distortion_weight:
+      value, part = distortion_penalty(rows, targets, valid)
+      total, metrics = total + distortion_weight * value, {**metrics, **part}
     return total, metrics
 
   return terms
