@@ -128,6 +128,12 @@ def base_config() -> ml_collections.ConfigDict:
   # with query_only the loss then scores quantized rows (the rows stay fixed).
   c.quant.learn = ()
   c.quant.learn_codebooks = False  # alias of "codebooks" in quant.learn (jpq implies it)
+  # Whose reconstructions move the learned index parameters in the contrastive loss:
+  # 'pool' = every pooled row's (positives pulled towards their queries, negatives pushed
+  # away); 'positives' = the batch's positives' only, so that the hard negatives sharing a
+  # codeword or list do not push it away from the queries (passages that are negatives in
+  # training can be positives of unseen queries). The label-free terms reach every row.
+  c.quant.learn_from = "pool"
   # Codes the straight-through forward decodes: 'recompute' = encode the pool's current
   # rows every step on the device (a live forward: a row's reconstruction follows the row
   # between refreshes); 'index' = as the FAISS index stores them (refreshed at each

@@ -39,6 +39,7 @@ ENUMS: dict[str, tuple] = {
     "loss.multi_positive": ("mean", "marginal"),
     "loss.distill_reaches": DISTILL_REACHES,
     "quant.codes": ("index", "recompute"),
+    "quant.learn_from": ("pool", "positives"),
     "negatives.pseudo_query_field": ("title", "first_sentence"),
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -208,8 +209,8 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
 
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
-  """Distillation, balance, distortion and pseudo-queries set where they do nothing
-  (warnings)."""
+  """Distillation, balance, distortion, quant.learn_from and pseudo-queries set where
+  they do nothing (warnings)."""
   loss, mode = config.loss, MODES.get(config.train.mode)
   if mode is None or not mode.trains:
     return
@@ -221,7 +222,8 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
   index_only = {
       "config.loss.distill_reaches='index'": loss.distill_weight
                                              and loss.distill_reaches == "index",
-      f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight}
+      f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight,
+      "config.quant.learn_from='positives'": config.quant.learn_from == "positives"}
   if mode.quantize and any(index_only.values()):
     try:
       learns = mode_from_config(config).learns_index
@@ -229,7 +231,7 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
       learns = True
     for setting in [name for name, on in index_only.items() if on and not learns]:
       warnings.append(f"{setting} in a mode that learns no index parameter "
-                      "(config.quant.learn is empty): the term moves nothing")
+                      "(config.quant.learn is empty): it changes nothing")
   if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
     warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
                     "without the distillation term (config.loss.distill_weight > 0 in a "

@@ -16,7 +16,7 @@ from qdr_jax.quant import Quantizer, decode, encode_with_lists
 from qdr_jax.train.loss import (balance_penalty, distillation_loss, distortion_penalty,
                                 kl_divergence)
 from qdr_jax.train.negatives import pseudo_query_rows
-from qdr_jax.train.step import pool_targets
+from qdr_jax.train.step import index_taught_only_by, pool_targets
 from test_train_families import inputs  # noqa: F401  (the tiny run's data, table, encoder)
 
 
@@ -226,6 +226,31 @@ def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
                                recon, rtol=1e-12)
 
 
+def test_index_taught_only_by_the_marked_rows():
+  """quant.learn_from='positives': the same values and row gradients, and a codebook
+  gradient equal to that of the marked rows' scores alone."""
+  rows, codes, _ = _distortion_case()
+  teaches = np.array([1, 0, 0, 1, 0, 1, 0], bool)
+  weights = np.random.default_rng(5).normal(size=rows.shape)
+  with jax.enable_x64(True):
+    r, c = jnp.asarray(rows), jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 2)))
+
+    def score(r, cb, mark, keep):
+      targets = pool_targets(r, Quantizer(codebooks=cb), None, codes, None)
+      if mark is not None:
+        targets = index_taught_only_by(targets, r, mark)
+      return jnp.sum(jnp.where(keep[:, None], weights * targets, 0.0))
+
+    every = np.ones(len(rows), bool)
+    (v_all, (gr_all, gc_all)) = jax.value_and_grad(score, argnums=(0, 1))(r, c, None, every)
+    (v_pos, (gr_pos, gc_pos)) = jax.value_and_grad(score, argnums=(0, 1))(r, c, teaches, every)
+    gc_marked = jax.grad(score, argnums=1)(r, c, None, teaches)
+  assert float(v_pos) == float(v_all)
+  np.testing.assert_array_equal(np.asarray(gr_pos), np.asarray(gr_all))
+  np.testing.assert_allclose(np.asarray(gc_pos), np.asarray(gc_marked), rtol=1e-12, atol=1e-15)
+  assert np.abs(np.asarray(gc_pos) - np.asarray(gc_all)).max() > 1e-3
+
+
 def test_pseudo_query_rows_reproducible_from_seed_and_step():
   a = pseudo_query_rows(7, 1000, 16, seed=3)
   np.testing.assert_array_equal(a, pseudo_query_rows(7, 1000, 16, seed=3))
@@ -288,6 +313,7 @@ def test_tiny_run_with_distillation_pseudo_queries_balance_and_distortion(inputs
   config.loss.balance_weight = 0.1
   config.loss.distortion_weight = 2.0
   config.quant.learn = ("codebooks",)
+  config.quant.learn_from = "positives"
   config.lock()
   assert config.quant.codes == "recompute"  # the live forward is the default
   result = train(config, mode_from_config(config), dataset, encoders, table0, tmp_path)
@@ -325,8 +351,10 @@ def test_validation_of_the_new_settings():
   assert any("distortion_weight=0.5: ignored" in w for w in warnings)
   assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
   config.train.mode = "dback"  # quantizing, but nothing learned for the term to move
-  assert any("distortion_weight=0.5 in a mode that learns no index" in w
-             for w in validate_config(config))
+  config.quant.learn_from = "positives"
+  warnings = validate_config(config)
+  assert any("distortion_weight=0.5 in a mode that learns no index" in w for w in warnings)
+  assert any("learn_from='positives' in a mode that learns no index" in w for w in warnings)
   config.quant.learn = ("centroids",)
   assert not any("distortion" in w for w in validate_config(config))
   config.loss.distortion_weight = -1.0

@@ -59,6 +59,17 @@ def pool_targets(rows: jax.Array, quantizer: Quantizer | None,
   return rows - frozen + decode(quantizer, codes.astype(jnp.int32), lists)
 
 
+def index_taught_only_by(targets: jax.Array, rows: jax.Array, teaches: jax.Array
+                         ) -> jax.Array:
+  """``targets`` (`pool_targets`) whose path to the learned index parameters is kept for
+  the rows ``teaches`` (P,) marks and cut for the others; values and the straight-through
+  path to the rows are unchanged."""
+  frozen = jax.lax.stop_gradient(rows)
+  # targets - rows + frozen: the reconstruction, differentiable in the index parameters only.
+  constant = rows - frozen + jax.lax.stop_gradient(targets - rows + frozen)
+  return jnp.where(teaches[:, None], targets, constant)
+
+
 def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
                         config: ml_collections.ConfigDict,
                         encoder_tx: optax.GradientTransformation,
@@ -90,6 +101,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   # Distillation and balance: they compare with or act on the quantizer, so they apply
   # to quantizing modes only.
   extra_terms = quantization_terms(config.loss) if mode.quantize else None
+  learn_from_positives = mode.learns_index and config.quant.learn_from == "positives"
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -117,7 +129,10 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       current = None if quantizer is None else with_index_params(quantizer, learned)
       targets = pool_targets(rows, quantizer if mode.quantize else None, learned, codes,
                              lists)
-      loss, metrics = contrastive_loss(q, targets, pool["positive_mask"], pool["hidden_mask"],
+      ranked = targets
+      if learn_from_positives:
+        ranked = index_taught_only_by(targets, rows, pool["positive_mask"].any(axis=0))
+      loss, metrics = contrastive_loss(q, ranked, pool["positive_mask"], pool["hidden_mask"],
                                        valid, temperature=temperature,
                                        multi_positive=multi_positive)
       if route:
