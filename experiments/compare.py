@@ -10,8 +10,10 @@ step budget; ``{workdir}/compare.json`` gathers the quantized test metrics (mean
 config's index seeds), the seen / unseen query subsets and paired tests against ``dback``
 and ``query_only``, and ``{workdir}/compare.png`` plots the primary metric against bytes
 per vector, with the flat index before training as the reference line. ``--seeds=3``
-trains every mode with 3 training seeds (config.seed, +1, +2), each evaluated on the
-config's index seeds: means, error bars and tests are then over training seeds.
+trains every mode with 3 training seeds (config.seed, +1, +2), each with its own k-means
+draw for the index it trains with and serves (config.index.seed, +1, +2) and each
+evaluated on the config's index seeds: means, error bars and tests are then over
+training seeds.
 A mode may name index parameters it learns on top of ``config.quant.learn``:
 ``--modes=query_only,jpq,dback,dback+codebooks+centroids``.
 """

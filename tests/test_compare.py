@@ -252,6 +252,16 @@ def test_compare_mode_spec_adds_learned_index_parameters(tiny_config):
   assert plain.train.mode == "query_only" and tuple(plain.quant.learn) == ("codebooks",)
 
 
+def test_compare_draws_one_kmeans_seed_per_training_seed(tiny_config):
+  from qdr_jax.experiment import _run_config
+  tiny_config.seed, tiny_config.index.seed = 5, 10
+  seeds = [_run_config(tiny_config, 4, "dback", "/tmp/cache", s).index.seed for s in (5, 6, 7)]
+  assert seeds == [10, 11, 12]
+  assert tiny_config.index.seed == 10  # the shared config is untouched
+  pinned = _run_config(tiny_config, 4, "dback@index.seed=3", "/tmp/cache", 7)
+  assert pinned.index.seed == 3 and pinned.seed == 7
+
+
 def test_compare_mode_spec_overrides_config_values_by_their_type(tiny_config):
   from qdr_jax.experiment import _run_config
   from qdr_jax.validation import ConfigError
