@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -121,6 +122,30 @@ def test_build_or_load_table_streams_and_maps(setup, tmp_path):
 
   again = build_or_load_table(config, corpus, tmp_path, Refuses())
   np.testing.assert_array_equal(again, table)
+
+
+def test_processes_of_a_job_decide_together_that_the_table_is_cached(setup, tmp_path,
+                                                                    monkeypatch):
+  """Another job can finish the shared cache between two processes' looks at it: in a job
+  of several processes the cached table goes through embed_corpus, whose barrier all of
+  them reach, never through a per-process shortcut (the hang behind a CI failure)."""
+  config, corpus, encoders = setup
+  table = build_or_load_table(config, corpus, tmp_path, embed_passages(encoders, config))
+  calls = []
+
+  class Collective:
+    def embed_corpus(self, corpus, path):
+      calls.append(path)
+      return {"rows": len(corpus), "dim": table.shape[1], "cached": True}
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  again = build_or_load_table(config, corpus, tmp_path, Collective())
+  assert calls == list(tmp_path.glob("table-*.npy"))
+  np.testing.assert_array_equal(again, table)
+  # The real embed_corpus, on one process, takes the same path for a finished table.
+  monkeypatch.undo()
+  stats = embed_passages(encoders, config).embed_corpus(corpus, calls[0])
+  assert stats["cached"] and stats["computed"] == 0
 
 
 def _free_port() -> int:

@@ -103,11 +103,17 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
     raise ValueError(f"config.table.init must be encode, npy or faiss; got {init!r}")
   key = table_cache_key(config.model, corpus)
   path = pathlib.Path(cache_dir) / f"table-{key}.npy"
-  if path.exists():
+  streamed = hasattr(encode_passages, "embed_corpus")
+  # In a job of several processes the processes must agree whether the table is cached:
+  # another job sharing the cache can complete it between one process's look and
+  # another's, and the one that saw no table would then wait in embed_corpus's barrier for
+  # peers that never come (a CI hang). embed_corpus decides it for all of them at once,
+  # under its lock, and returns at once for a finished table.
+  if path.exists() and (jax.process_count() == 1 or not streamed):
     logging.info("Loading cached table %s", path)
     return load_npy_table(path, len(corpus))
   start = time.perf_counter()
-  if hasattr(encode_passages, "embed_corpus"):
+  if streamed:
     stats = encode_passages.embed_corpus(corpus, path)
   else:
     n = len(corpus)
