@@ -118,7 +118,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
   # Squared quantization error of the valid pool rows, pulling only the learned index
   # parameters (quant.learn) back towards what k-means optimises, so that passages no
-  # label names keep faithful codes; quantizing modes. 0 = off.
+  # label names keep faithful codes; quantizing modes. 0 = off (on SciFact it did not
+  # win back the unseen queries: BENCHMARKS.md, issue 13).
   c.loss.distortion_weight = 0.0
 
   c.quant = ml_collections.ConfigDict()
@@ -132,7 +133,8 @@ def base_config() -> ml_collections.ConfigDict:
   # 'pool' = every pooled row's (positives pulled towards their queries, negatives pushed
   # away); 'positives' = the batch's positives' only, so that the hard negatives sharing a
   # codeword or list do not push it away from the queries (passages that are negatives in
-  # training can be positives of unseen queries). The label-free terms reach every row.
+  # training can be positives of unseen queries; on SciFact it lost more on them:
+  # BENCHMARKS.md, issue 13). The label-free terms reach every row.
   c.quant.learn_from = "pool"
   # Codes the straight-through forward decodes: 'recompute' = encode the pool's current
   # rows every step on the device (a live forward: a row's reconstruction follows the row

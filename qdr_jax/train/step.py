@@ -24,7 +24,8 @@ from qdr_jax.quant import (Quantizer, assign_coarse, coarse_scores, decode, orth
                            quantize, with_index_params)
 from qdr_jax import distributed
 from qdr_jax.sharding import DATA_AXIS
-from qdr_jax.train.loss import contrastive_loss, quantization_terms, routing_loss
+from qdr_jax.train.loss import (contrastive_loss, index_reconstruction, quantization_terms,
+                                routing_loss)
 from qdr_jax.train.modes import Mode
 from qdr_jax.train import optim
 from qdr_jax.train.optim import Schedule
@@ -64,9 +65,8 @@ def index_taught_only_by(targets: jax.Array, rows: jax.Array, teaches: jax.Array
   """``targets`` (`pool_targets`) whose path to the learned index parameters is kept for
   the rows ``teaches`` (P,) marks and cut for the others; values and the straight-through
   path to the rows are unchanged."""
-  frozen = jax.lax.stop_gradient(rows)
-  # targets - rows + frozen: the reconstruction, differentiable in the index parameters only.
-  constant = rows - frozen + jax.lax.stop_gradient(targets - rows + frozen)
+  reconstruction = jax.lax.stop_gradient(index_reconstruction(targets, rows))
+  constant = rows - jax.lax.stop_gradient(rows) + reconstruction
   return jnp.where(teaches[:, None], targets, constant)
 
 
@@ -98,8 +98,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   routing_temperature = float(config.loss.routing_temperature)
   nprobe = int(config.index.nprobe)
   rounding = optim.bf16_update(config.table)
-  # Distillation and balance: they compare with or act on the quantizer, so they apply
-  # to quantizing modes only.
+  # Distillation, balance and distortion: they compare with or act on the quantizer, so
+  # they apply to quantizing modes only.
   extra_terms = quantization_terms(config.loss) if mode.quantize else None
   learn_from_positives = mode.learns_index and config.quant.learn_from == "positives"
 
