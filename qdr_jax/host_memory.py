@@ -1,0 +1,57 @@
+"""Keep freed host memory mapped between XLA:CPU calls (glibc's malloc settings).
+
+XLA:CPU allocates an executable's temporary buffers afresh on every call (about 490 MB
+for the encoder's 32 x 64 forward+backward) and glibc hands blocks that large to the
+kernel with `mmap` and back with `munmap`, so every call touches ~125,000 new pages. On
+the 2-core machine of issue 12 those page faults cost 0.15-0.6 s of a 1.3-1.9 s
+training pass, varying from run to run. Serving such blocks from the heap and keeping
+the freed heap instead (no mmap threshold below 1 GiB, no trimming below 2 GiB, one
+arena so that XLA's worker threads use the main heap too; a thread arena cannot grow
+past 64 MB and falls back to `mmap`) removes the faults: BENCHMARKS.md, "Freed memory
+kept mapped".
+
+The cost is a process that keeps up to the settings' sizes of freed memory it could
+have returned; it applies only to CPU-only installs (no accelerator plugin found),
+where host memory is what the computation runs in. ``QDR_JAX_RETAIN_HEAP=0`` turns it
+off, ``=1`` forces it on. Process-wide, so it is applied once, by
+``qdr_jax/__init__.py``, before JAX starts its threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.util
+import os
+
+ENV = "QDR_JAX_RETAIN_HEAP"
+# glibc's mallopt parameter numbers (malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+SETTINGS = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: (1 << 31) - 1, _M_ARENA_MAX: 1}
+_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
+                        "jax_rocm60_plugin", "libtpu")
+
+
+def wanted(environ: dict[str, str] | None = None) -> bool:
+  """Whether to retain freed memory: the env setting, else on for CPU-only installs."""
+  environ = os.environ if environ is None else environ
+  setting = environ.get(ENV, "").strip().lower()
+  if setting in ("0", "false", "no", "off"):
+    return False
+  if setting in ("1", "true", "yes", "on"):
+    return True
+  if setting:
+    raise ValueError(f"{ENV}={environ[ENV]!r}: expected 0 or 1 (or unset: on for CPU-only "
+                     "installs).")
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
+def retain_freed_memory() -> bool:
+  """Applies `SETTINGS` through glibc's `mallopt`; False where there is no glibc."""
+  name = ctypes.util.find_library("c")
+  try:
+    libc = ctypes.CDLL(name)
+    mallopt = libc.mallopt
+  except (OSError, AttributeError, TypeError):  # musl, macOS, Windows: nothing to set
+    return False
+  return all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
