@@ -44,6 +44,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from qdr_jax import host_memory
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import load_encoder, resolve_model_path
 
@@ -274,6 +275,7 @@ def main(argv):
         entry[f"ratio_{name}"] = (jax_entry[name]["median_s"]
                                   / result["torch"][name]["median_s"])
   result["load_average"] = os.getloadavg()
+  result["host_heap_kept"] = host_memory.applied  # both frameworks share the process
   text = json.dumps(result, indent=2)
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)

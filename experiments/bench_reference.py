@@ -44,6 +44,7 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags
 from ml_collections import config_flags
 
+from qdr_jax import host_memory
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.index.faiss_index import build_quantized
@@ -135,6 +136,7 @@ def main(argv):
                      "the recipe's step with its list write-back re-timed")
             + " (see the docstring)", "write_back": _WRITE_BACK.value,
             "torch": torch.__version__, "threads": _THREADS.value, "k": k,
+            "host_heap_kept": host_memory.applied,
             "batch_size": batch_size, "pool_rows": batch_size * (k + 1),
             "index": config.index.factory, "nprobe": config.index.nprobe,
             "steps": _STEPS.value, "seconds_per_step": median,

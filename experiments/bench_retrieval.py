@@ -23,6 +23,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from qdr_jax import host_memory
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
@@ -122,6 +123,7 @@ def main(argv):
 
   result = {
       "platform": jax.devices()[0].platform, "matmul_gflops": rate,
+      "host_heap_kept": host_memory.applied,
       "matmul_gflops_before_after": [rate_before, rate_after],
       "embed": {"passages": n, "seconds": seconds, "passages_per_second": n / seconds,
                 "padded_tokens_per_second": tokens / seconds,

@@ -33,6 +33,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
+from qdr_jax import host_memory
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import Corpus, RetrievalDataset
@@ -153,6 +154,7 @@ def main(argv):
             "index": config.index.factory, "nprobe": config.index.nprobe,
             "emulated_device_core": _EMULATE_DEVICE.value,
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+            "host_heap_kept": host_memory.applied,
             "seconds_per_step": phases, "whole_step_seconds": whole,
             "encoder_forward_backward_seconds": floor, "ratio": whole / floor}
   pathlib.Path(_OUT.value or workdir / "bench_step.json").write_text(

@@ -28,6 +28,8 @@ ENV = "QDR_JAX_RETAIN_HEAP"
 # glibc's mallopt parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 SETTINGS = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: (1 << 31) - 1, _M_ARENA_MAX: 1}
+# Whether `retain_freed_memory` took effect in this process (benchmarks record it).
+applied = False
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
                         "jax_rocm60_plugin", "libtpu")
 
@@ -54,4 +56,7 @@ def retain_freed_memory() -> bool:
     mallopt = libc.mallopt
   except (OSError, AttributeError, TypeError):  # musl, macOS, Windows: nothing to set
     return False
-  return all(mallopt(param, value) == 1 for param, value in SETTINGS.items())
+  global applied
+  results = [mallopt(param, value) for param, value in SETTINGS.items()]  # all, no short cut
+  applied = all(result == 1 for result in results)
+  return applied

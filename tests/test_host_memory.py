@@ -31,15 +31,18 @@ _PROBE = textwrap.dedent("""
     worker = threading.Thread(target=call)
     worker.start()
     worker.join()
-    print(faults[0])
+    print(qdr_jax.host_memory.applied, faults[0])
 """)
 
 
 def _second_touch_faults(setting: str) -> int:
+  """Page faults of the second touch; also checks `host_memory.applied` says the same."""
   env = {"QDR_JAX_RETAIN_HEAP": setting, "PATH": "/usr/bin:/bin"}
   done = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True,
                         text=True, timeout=120, check=True)
-  return int(done.stdout.split()[-1])
+  applied, faults = done.stdout.split()[-2:]
+  assert applied == str(setting == "1")
+  return int(faults)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
