@@ -169,6 +169,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.every = 0                # 0 = only before and after training
   c.eval.depth = 1000
   c.eval.index_seeds = (0, 1, 2)  # quantized metrics are averaged over these builds
+  # Seed indexes built at once, splitting the FAISS threads (FAISS's k-means leaves cores
+  # idle: 3 at once on 2 cores is 1.5x faster); each holds its own copy of the codes.
+  c.eval.concurrent_builds = 3
   c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100", "R@1000")
   c.eval.answer_ks = (1, 5, 20, 100)
   c.eval.batch_size = 64

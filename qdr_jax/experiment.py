@@ -28,6 +28,7 @@ from qdr_jax.eval.report import compare_table, format_table, subset_table
 from qdr_jax.eval.table_eval import evaluate_table, mean_and_spread
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
+from qdr_jax.index.faiss_index import build_quantized_seeds
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import workdir_lock, write_json_atomic
@@ -83,15 +84,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           measures=tuple(config.eval.measures))
 
   start = time.perf_counter()
-  before = None
+  before, seed_indexes = None, []
+
+  def evaluate_before() -> dict:
+    table = np.asarray(table0, np.float32)
+    seed_indexes.extend(build_quantized_seeds(table, config.index, config.eval.index_seeds,
+                                              config.eval.concurrent_builds))
+    return evaluate_table(table, embed_eval_queries(encoders.query_params, "eval before"),
+                          eval_split, corpus, config.index, config.eval, subsets,
+                          quantized_indexes=seed_indexes)
+
   if lead:
-    before = _before_metrics(config, workdir, lambda: evaluate_table(
-        np.asarray(table0, np.float32), embed_eval_queries(encoders.query_params,
-                                                           "eval before"),
-        eval_split, corpus, config.index, config.eval, subsets))
+    before = _before_metrics(config, workdir, evaluate_before)
     logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
-  trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop)
+  trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop,
+                   initial_index=_training_start_index(config, seed_indexes))
              if mode.trains else None)
+  del seed_indexes[:]
   if trained is not None and trained.preempted:
     # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
     return {"preempted": True, "step": trained.step}
@@ -122,6 +131,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   results["total_seconds"] = time.perf_counter() - start
   write_json_atomic(workdir / "results.json", results)
   return results
+
+
+def _training_start_index(config: ml_collections.ConfigDict, seed_indexes: list):
+  """The "before" evaluation's index of seed ``config.index.seed``, which is the index
+  training would build first (same table, sample, seed and options), or None.
+
+  Only a single-process run takes it: there every process must build alike.
+  """
+  seeds = [int(s) for s in config.eval.index_seeds]
+  if (not seed_indexes or distributed.jax.process_count() > 1
+      or int(config.index.seed) not in seeds):
+    return None
+  return seed_indexes[seeds.index(int(config.index.seed))]
 
 
 def _validated_inputs(config: ml_collections.ConfigDict, *, training: bool = True

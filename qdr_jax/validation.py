@@ -63,6 +63,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("index.train_size", 0, False, None),
     ("index.opq_niter", 1, False, None),
     ("index.threads", 0, False, None),
+    ("eval.concurrent_builds", 1, False, None),
     ("index.rebuild_every", 0, False, None),
     ("index.full_rebuild_every", 0, False, None),
     ("index.stream_rows", 1, False, None),

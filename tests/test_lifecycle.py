@@ -1,13 +1,15 @@
-"""The index lifecycle: streamed builds equal one-shot builds, incremental refreshes touch
+"""The index lifecycle: streamed builds equal one-shot builds, concurrent seed builds equal
+sequential ones and the first index can be adopted from them, incremental refreshes touch
 only the moved rows (in FAISS and on the devices), unchanged tables are not rebuilt."""
 
+import faiss
 import jax
 import numpy as np
 import pytest
 
 from qdr_jax import sharding
 from qdr_jax.config import base_config
-from qdr_jax.index.faiss_index import build_quantized, search
+from qdr_jax.index.faiss_index import build_quantized, build_quantized_seeds, search
 from qdr_jax.index.lifecycle import IndexLifecycle, encoded_like_index, pq_codebook_shape
 from qdr_jax.quant import stored_codes
 
@@ -58,6 +60,41 @@ def test_streamed_build_equals_one_shot_build(factory):
   device = _device_codes(lifecycle)
   np.testing.assert_array_equal(device["codes"], codes)
   np.testing.assert_array_equal(device["lists"], lists)
+
+
+def _bytes(index) -> np.ndarray:
+  return faiss.serialize_index(index)
+
+
+# OPQ's rotation depends on the thread count: its seeds are built one after another.
+@pytest.mark.parametrize("factory", ["IVF16,PQ8x8", "OPQ8,IVF16,PQ8x8", "PQ8x8"])
+def test_concurrent_seed_builds_equal_sequential_builds(factory):
+  table = _table()
+  cfg = _index_cfg(factory, train_size=2000)
+  seeds = [0, 1, 2]
+  threads = faiss.omp_get_max_threads()
+  concurrent = build_quantized_seeds(table, cfg, seeds, concurrent=3)
+  assert faiss.omp_get_max_threads() == threads  # the workers set only their own
+  for seed, index in zip(seeds, concurrent):
+    np.testing.assert_array_equal(_bytes(index), _bytes(build_quantized(table, cfg, seed)))
+  # Different seeds, different indexes: the comparison above can fail.
+  assert not np.array_equal(_bytes(concurrent[0]), _bytes(concurrent[1]))
+
+
+def test_adopting_the_evaluation_build_equals_building_the_first_index():
+  table = _table()
+  cfg = _index_cfg("IVF16,PQ8x8", train_size=2000, seed=1)
+  built, _ = _lifecycle(cfg)
+  built.build(table)
+  adopted, _ = _lifecycle(cfg)
+  evaluation_builds = build_quantized_seeds(table, cfg, [0, 1, 2], concurrent=3)
+  adopted.adopt(evaluation_builds[1], moved_since=False)
+  np.testing.assert_array_equal(_bytes(adopted.index), _bytes(built.index))
+  for name, codes in _device_codes(built).items():
+    np.testing.assert_array_equal(_device_codes(adopted)[name], codes)
+  assert not len(adopted.changed)  # nothing to re-encode at the first refresh
+  with pytest.raises(ValueError, match="holds 2999 rows, the table 3000"):
+    _lifecycle(cfg)[0].adopt(build_quantized(table[:-1], cfg, 1), moved_since=False)
 
 
 def test_incremental_refresh_touches_only_moved_rows():

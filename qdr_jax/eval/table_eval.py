@@ -16,7 +16,7 @@ import numpy as np
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.eval.evaluator import IndexScores, score_index
 from qdr_jax.eval.metrics import subset_means
-from qdr_jax.index.faiss_index import build_index, build_quantized, describe_index
+from qdr_jax.index.faiss_index import build_index, build_quantized_seeds, describe_index
 
 
 def _eval_kwargs(eval_cfg: ml_collections.ConfigDict) -> dict:
@@ -49,7 +49,7 @@ def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
                    subsets: Mapping[str, Sequence[str]] | None = None,
-                   served_index=None) -> dict:
+                   served_index=None, quantized_indexes: Sequence | None = None) -> dict:
   """Flat and quantized (one build per index seed) metrics of one table.
 
   Each index is searched once; subset figures and per-query values come from that search.
@@ -59,6 +59,9 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
       `metrics.split_seen`) to report metrics on, besides 'all'.
     served_index: optional FAISS index a run serves instead of a fresh build (its
       training quantizer, learned parameters written in), evaluated the same way.
+    quantized_indexes: optional indexes already built over `table`, one per seed of
+      ``eval_cfg.index_seeds`` (`build_quantized_seeds`); built here otherwise, up to
+      ``eval_cfg.concurrent_builds`` at a time.
 
   Returns:
     {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
@@ -71,12 +74,16 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
     so anything that reads an evaluation reads it too.
   """
   flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg)
-  quantized, index = [], None
-  for seed in eval_cfg.index_seeds:
-    index = build_quantized(table, index_cfg, seed)
-    quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+  if quantized_indexes is None:
+    quantized_indexes = build_quantized_seeds(table, index_cfg, eval_cfg.index_seeds,
+                                              eval_cfg.concurrent_builds)
+  if len(quantized_indexes) != len(eval_cfg.index_seeds):
+    raise ValueError(f"{len(quantized_indexes)} quantized indexes for the "
+                     f"{len(eval_cfg.index_seeds)} seeds of config.eval.index_seeds.")
+  quantized = [_score(index, query_emb, split, corpus, eval_cfg)
+               for index in quantized_indexes]
   out = {**_against_flat(flat, quantized, eval_cfg.primary_metric, subsets),
-         "index": describe_index(index)}
+         "index": describe_index(quantized_indexes[-1])}
   if served_index is not None:
     served = _score(served_index, query_emb, split, corpus, eval_cfg)
     out["served"] = {**_against_flat(flat, [served], eval_cfg.primary_metric, subsets),

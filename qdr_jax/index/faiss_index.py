@@ -39,6 +39,7 @@ import contextlib
 import os
 import re
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import faiss
 import numpy as np
@@ -697,8 +698,40 @@ def index_options(index_cfg) -> dict:
               opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None)
 
 
-def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None = None
-                    ) -> faiss.Index:
-  """The config's quantized index over `table` with k-means seed `seed`."""
+def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None = None,
+                    *, threads: int | None = None) -> faiss.Index:
+  """The config's quantized index over `table` with k-means seed `seed` (`threads`
+  overrides `index.threads`)."""
+  options = index_options(index_cfg)
+  if threads is not None:
+    options["threads"] = threads
   return build_index(table, factory or index_cfg.factory, train_size=index_cfg.train_size,
-                     seed=seed, **index_options(index_cfg))
+                     seed=seed, **options)
+
+
+def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
+                          concurrent: int = 1) -> list[faiss.Index]:
+  """`build_quantized` once per k-means seed, up to `concurrent` builds at a time.
+
+  A FAISS k-means leaves cores idle between its many small calls: on 2 cores three
+  single-threaded builds of the demo's IVF64,PQ48x8 at once took 17.6 s, three 2-thread
+  builds in a row 26.0 s. Concurrent builds run in threads (FAISS releases the GIL) that
+  split the FAISS thread budget (`index.threads`, or every core) between them. IVF and PQ
+  k-means do not depend on the thread count, so each index is the one `build_quantized`
+  builds, bit for bit (tested). OPQ training and HNSW graphs do depend on it, so layouts
+  with either are built one after another.
+  """
+  seeds = [int(s) for s in seeds]
+  workers = max(1, min(int(concurrent), len(seeds)))
+  if workers > 1:
+    probe = _make_index(np.shape(table)[1], index_cfg.factory, faiss.METRIC_INNER_PRODUCT)
+    if _has_opq(probe) or _hnsw_objects(probe):
+      workers = 1
+  if workers == 1:
+    return [build_quantized(table, index_cfg, seed) for seed in seeds]
+  budget = index_cfg.threads or faiss.omp_get_max_threads()
+  threads = max(1, budget // workers)
+  # OpenMP thread counts are per calling thread: each worker sets its own in build_index.
+  with ThreadPoolExecutor(workers, thread_name_prefix="faiss-build") as pool:
+    return list(pool.map(lambda seed: build_quantized(table, index_cfg, seed,
+                                                      threads=threads), seeds))

@@ -121,7 +121,8 @@ class IndexLifecycle:
     self._record(step, "full", self.num_rows, start)
 
   def adopt(self, index: faiss.Index | None, *, moved_since: bool) -> None:
-    """Takes over an index restored from a checkpoint (process 0; others pass None).
+    """Takes over an index built elsewhere: restored from a checkpoint, or the first one
+    handed to ``train`` (process 0; others pass None).
 
     ``moved_since``: rows may have moved after the index was last refreshed (a resumed
     run does not know which), so the next incremental refresh re-encodes them all.
@@ -129,6 +130,9 @@ class IndexLifecycle:
     if self.lead:
       if index is None:
         raise ValueError("IndexLifecycle.adopt needs the restored index on process 0.")
+      if index.ntotal != self.num_rows:
+        raise ValueError(f"IndexLifecycle.adopt: the index holds {index.ntotal} rows, the "
+                         f"table {self.num_rows}.")
       set_search_params(index, nprobe=self.cfg.nprobe, ef_search=self.cfg.ef_search or None,
                         strict=False)
     self.index = index

@@ -96,7 +96,8 @@ class MetricsWriter:
 
 def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
           encoders: Encoders, table0, workdir: pathlib.Path,
-          evaluate_fn: InLoopEval | None = None) -> TrainResult:
+          evaluate_fn: InLoopEval | None = None, *,
+          initial_index: faiss.Index | None = None) -> TrainResult:
   """Runs ``config.train.steps`` steps from the (N, d) table ``table0`` (any array-like
   with row slicing, e.g. a memory-mapped ``.npy``; each device reads only its rows).
 
@@ -112,18 +113,22 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
   Multi-process: every process loads its block of each batch and holds its rows of the
   table; process 0 owns FAISS and broadcasts the pool and the quantizer, and alone writes
   logs. Checkpoints of a multi-process run leave the FAISS index out: a resume rebuilds it.
+
+  ``initial_index``: an index over ``table0`` exactly as ``config.index`` builds it (e.g.
+  the "before" evaluation's build with seed ``index.seed``), taken instead of building
+  the first one; ignored when the run resumes. Single-process runs only.
   """
   with StopSignal(enabled=bool(config.checkpoint.every)) as stop:
     return _train(config, mode, dataset, encoders, table0, pathlib.Path(workdir),
-                  evaluate_fn, stop)
+                  evaluate_fn, stop, initial_index)
 
 
 def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, table0,
-           workdir: pathlib.Path, evaluate_fn: InLoopEval | None, stop: StopSignal
-           ) -> TrainResult:
+           workdir: pathlib.Path, evaluate_fn: InLoopEval | None, stop: StopSignal,
+           initial_index: faiss.Index | None = None) -> TrainResult:
   steps, num_rows = config.train.steps, len(dataset.corpus)
   multi, lead = jax.process_count() > 1, distributed.is_lead_process()
-  run = _start_run(config, mode, dataset, encoders, table0, workdir)
+  run = _start_run(config, mode, dataset, encoders, table0, workdir, initial_index)
   state, start_step, lifecycle, source, fns = (run.state, run.start_step, run.lifecycle,
                                                run.source, run.fns)
   ckpt, writer, timers = run.ckpt, run.writer, run.timers
@@ -224,7 +229,7 @@ class _Run:
 
 
 def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, table0,
-               workdir: pathlib.Path) -> _Run:
+               workdir: pathlib.Path, initial_index: faiss.Index | None = None) -> _Run:
   """Optimizers, the index, the state (fresh, or resumed from the workdir's latest
   checkpoint), the step functions and the negative source of a run."""
   corpus, steps, num_rows = dataset.corpus, config.train.steps, len(dataset.corpus)
@@ -253,7 +258,14 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
           if config.checkpoint.every or has_checkpoint(workdir) else None)
   resuming = ckpt is not None and ckpt.latest_step() is not None
   with timers.time("rebuild"):
-    if not resuming:  # a resumed run takes the checkpoint's index instead
+    # A resumed run takes the checkpoint's index instead.
+    if not resuming and initial_index is not None:
+      if jax.process_count() > 1:
+        raise ValueError("train(initial_index=...) is for single-process runs: every "
+                         "process must build the first index alike.")
+      lifecycle.adopt(initial_index, moved_since=False)
+      logging.info("first index: the one given (%d rows), not rebuilt", initial_index.ntotal)
+    elif not resuming:
       lifecycle.build(table0)
   quantizer = None
   if mode.learns_index:  # the index's, or placeholders of its shapes for the restore
