@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import ml_collections
 import numpy as np
@@ -84,23 +84,26 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           measures=tuple(config.eval.measures))
 
   start = time.perf_counter()
-  before, seed_indexes = None, []
+  before, start_index = None, []
 
   def evaluate_before() -> dict:
     table = np.asarray(table0, np.float32)
-    seed_indexes.extend(build_quantized_seeds(table, config.index, config.eval.index_seeds,
-                                              config.eval.concurrent_builds))
+    seeds = [int(s) for s in config.eval.index_seeds]
+    builds = build_quantized_seeds(table, config.index, seeds, config.eval.concurrent_builds)
+    if mode.trains and distributed.jax.process_count() == 1:
+      # Seed index.seed's build is the index training would build first (same table,
+      # sample, seed and options): training takes it over instead of building it again.
+      builds = _keeping(builds, seeds, int(config.index.seed), start_index)
     return evaluate_table(table, embed_eval_queries(encoders.query_params, "eval before"),
                           eval_split, corpus, config.index, config.eval, subsets,
-                          quantized_indexes=seed_indexes)
+                          quantized_indexes=builds)
 
   if lead:
     before = _before_metrics(config, workdir, evaluate_before)
     logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
   trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop,
-                   initial_index=_training_start_index(config, seed_indexes))
+                   initial_index=start_index.pop() if start_index else None)
              if mode.trains else None)
-  del seed_indexes[:]
   if trained is not None and trained.preempted:
     # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
     return {"preempted": True, "step": trained.step}
@@ -133,17 +136,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   return results
 
 
-def _training_start_index(config: ml_collections.ConfigDict, seed_indexes: list):
-  """The "before" evaluation's index of seed ``config.index.seed``, which is the index
-  training would build first (same table, sample, seed and options), or None.
-
-  Only a single-process run takes it: there every process must build alike.
-  """
-  seeds = [int(s) for s in config.eval.index_seeds]
-  if (not seed_indexes or distributed.jax.process_count() > 1
-      or int(config.index.seed) not in seeds):
-    return None
-  return seed_indexes[seeds.index(int(config.index.seed))]
+def _keeping(indexes: Iterator, seeds: list[int], seed: int, kept: list) -> Iterator:
+  """Passes ``indexes`` (one per seed of ``seeds``) through, appending seed ``seed``'s
+  to ``kept``."""
+  for index_seed, index in zip(seeds, indexes):
+    if index_seed == seed:
+      kept.append(index)
+    yield index
+    del index  # not held while the next one builds
 
 
 def _validated_inputs(config: ml_collections.ConfigDict, *, training: bool = True

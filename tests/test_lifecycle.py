@@ -73,7 +73,7 @@ def test_concurrent_seed_builds_equal_sequential_builds(factory):
   cfg = _index_cfg(factory, train_size=2000)
   seeds = [0, 1, 2]
   threads = faiss.omp_get_max_threads()
-  concurrent = build_quantized_seeds(table, cfg, seeds, concurrent=3)
+  concurrent = list(build_quantized_seeds(table, cfg, seeds, concurrent=3))
   assert faiss.omp_get_max_threads() == threads  # the workers set only their own
   for seed, index in zip(seeds, concurrent):
     np.testing.assert_array_equal(_bytes(index), _bytes(build_quantized(table, cfg, seed)))
@@ -87,7 +87,7 @@ def test_adopting_the_evaluation_build_equals_building_the_first_index():
   built, _ = _lifecycle(cfg)
   built.build(table)
   adopted, _ = _lifecycle(cfg)
-  evaluation_builds = build_quantized_seeds(table, cfg, [0, 1, 2], concurrent=3)
+  evaluation_builds = list(build_quantized_seeds(table, cfg, [0, 1, 2], concurrent=3))
   adopted.adopt(evaluation_builds[1], moved_since=False)
   np.testing.assert_array_equal(_bytes(adopted.index), _bytes(built.index))
   for name, codes in _device_codes(built).items():

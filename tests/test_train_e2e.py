@@ -69,3 +69,27 @@ def test_compare_modes_trains_each_mode_at_each_level(tiny_config, tmp_path):
   assert json.loads((tmp_path / "compare.json").read_text()) == summary
   plot_comparison(summary, "nDCG@10", tmp_path / "compare.png")
   assert (tmp_path / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_training_takes_over_the_before_evaluations_index(tiny_config, tmp_path,
+                                                          monkeypatch):
+  """With index.seed among eval.index_seeds the run trains from the "before" build of that
+  seed instead of building it again, and trains exactly as if it had built it."""
+  from qdr_jax.index import lifecycle as lifecycle_module
+  builds = []
+  real_build = lifecycle_module.IndexLifecycle.build
+
+  def counting_build(self, table, step=0):
+    builds.append(step)
+    return real_build(self, table, step)
+
+  monkeypatch.setattr(lifecycle_module.IndexLifecycle, "build", counting_build)
+  tiny_config.train.steps = 20
+  adopted = train_and_evaluate(tiny_config, tmp_path / "adopted")
+  assert 0 not in builds and builds  # the refreshes still build
+  builds.clear()
+  tiny_config.eval.index_seeds = (1,)  # index.seed=0 is not evaluated: nothing to take over
+  built = train_and_evaluate(tiny_config, tmp_path / "built")
+  assert builds[0] == 0
+  assert adopted["after"]["flat"] == built["after"]["flat"]
+  assert adopted["after"]["served"]["quantized"] == built["after"]["served"]["quantized"]

@@ -8,7 +8,7 @@ per-seed values.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -49,7 +49,7 @@ def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
                    subsets: Mapping[str, Sequence[str]] | None = None,
-                   served_index=None, quantized_indexes: Sequence | None = None) -> dict:
+                   served_index=None, quantized_indexes: Iterable | None = None) -> dict:
   """Flat and quantized (one build per index seed) metrics of one table.
 
   Each index is searched once; subset figures and per-query values come from that search.
@@ -59,9 +59,9 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
       `metrics.split_seen`) to report metrics on, besides 'all'.
     served_index: optional FAISS index a run serves instead of a fresh build (its
       training quantizer, learned parameters written in), evaluated the same way.
-    quantized_indexes: optional indexes already built over `table`, one per seed of
-      ``eval_cfg.index_seeds`` (`build_quantized_seeds`); built here otherwise, up to
-      ``eval_cfg.concurrent_builds`` at a time.
+    quantized_indexes: optional indexes over `table`, one per seed of
+      ``eval_cfg.index_seeds`` in order (`build_quantized_seeds`, which the default
+      calls with ``eval_cfg.concurrent_builds``); each is scored and dropped in turn.
 
   Returns:
     {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
@@ -77,13 +77,16 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
   if quantized_indexes is None:
     quantized_indexes = build_quantized_seeds(table, index_cfg, eval_cfg.index_seeds,
                                               eval_cfg.concurrent_builds)
-  if len(quantized_indexes) != len(eval_cfg.index_seeds):
-    raise ValueError(f"{len(quantized_indexes)} quantized indexes for the "
+  quantized, description = [], None
+  for index in quantized_indexes:
+    quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+    description = describe_index(index)
+    del index  # not held while the next one builds
+  if len(quantized) != len(eval_cfg.index_seeds):
+    raise ValueError(f"{len(quantized)} quantized indexes for the "
                      f"{len(eval_cfg.index_seeds)} seeds of config.eval.index_seeds.")
-  quantized = [_score(index, query_emb, split, corpus, eval_cfg)
-               for index in quantized_indexes]
   out = {**_against_flat(flat, quantized, eval_cfg.primary_metric, subsets),
-         "index": describe_index(quantized_indexes[-1])}
+         "index": description}
   if served_index is not None:
     served = _score(served_index, query_emb, split, corpus, eval_cfg)
     out["served"] = {**_against_flat(flat, [served], eval_cfg.primary_metric, subsets),

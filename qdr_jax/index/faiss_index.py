@@ -710,8 +710,11 @@ def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None
 
 
 def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
-                          concurrent: int = 1) -> list[faiss.Index]:
-  """`build_quantized` once per k-means seed, up to `concurrent` builds at a time.
+                          concurrent: int = 1) -> Iterator[faiss.Index]:
+  """`build_quantized` once per k-means seed, in seed order, up to `concurrent` at a time.
+
+  One at a time, each index is built when the iterator reaches it, so a caller that
+  drops each after use holds one index at a time; concurrent builds are held together.
 
   A FAISS k-means leaves cores idle between its many small calls: on 2 cores three
   single-threaded builds of the demo's IVF64,PQ48x8 at once took 17.6 s, three 2-thread
@@ -728,10 +731,10 @@ def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
     if _has_opq(probe) or _hnsw_objects(probe):
       workers = 1
   if workers == 1:
-    return [build_quantized(table, index_cfg, seed) for seed in seeds]
+    return (build_quantized(table, index_cfg, seed) for seed in seeds)
   budget = index_cfg.threads or faiss.omp_get_max_threads()
   threads = max(1, budget // workers)
   # OpenMP thread counts are per calling thread: each worker sets its own in build_index.
   with ThreadPoolExecutor(workers, thread_name_prefix="faiss-build") as pool:
-    return list(pool.map(lambda seed: build_quantized(table, index_cfg, seed,
-                                                      threads=threads), seeds))
+    return iter(list(pool.map(lambda seed: build_quantized(table, index_cfg, seed,
+                                                           threads=threads), seeds)))
