@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import pathlib
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import ml_collections
 import numpy as np
