@@ -170,7 +170,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.depth = 1000
   c.eval.index_seeds = (0, 1, 2)  # quantized metrics are averaged over these builds
   # Seed indexes built at once, splitting the FAISS threads (FAISS's k-means leaves cores
-  # idle: 3 at once on 2 cores is 1.5x faster); each holds its own copy of the codes.
+  # idle: 3 at once on 2 cores is 1.5x faster); they are held together. 1 = one at a
+  # time, each dropped after scoring: one index in memory, for tables near host memory.
   c.eval.concurrent_builds = 3
   c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100", "R@1000")
   c.eval.answer_ks = (1, 5, 20, 100)
