@@ -1,9 +1,9 @@
 r"""Runs every training mode at two compression levels on one data set, same budget.
 
-  python experiments/compare.py --config=configs/demo.py --workdir=runs/compare-scifact
+  python experiments/compare.py --config=configs/demo.py:mode=dback --workdir=runs/compare-scifact
   python experiments/compare.py --config=configs/squad.py --workdir=runs/compare-squad \
       --levels=48,16 --modes=posthoc,query_only,jpq,dback_no_ste,dback
-  python experiments/compare.py --config=configs/demo.py --workdir=runs/compare-3x3 --seeds=3
+  python experiments/compare.py --config=configs/demo.py:mode=dback --workdir=runs/compare-3x3 --seeds=3
 
 Each (level, mode) trains in its own sub-directory from the same cached table, seeds and
 step budget; ``{workdir}/compare.json`` gathers the quantized test metrics (mean over the
@@ -15,7 +15,9 @@ draw for the index it trains with and serves (config.index.seed, +1, +2) and eac
 evaluated on the config's index seeds: means, error bars and tests are then over
 training seeds.
 A mode may name index parameters it learns on top of ``config.quant.learn``:
-``--modes=query_only,jpq,dback,dback+codebooks+centroids``.
+``--modes=query_only,jpq,dback,dback+codebooks+centroids``. So the base config must learn
+none itself, or every mode would (refused): the demo's default mode learns the centroids
+and codebooks, hence ``configs/demo.py:mode=dback`` above.
 """
 
 import json

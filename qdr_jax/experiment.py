@@ -307,6 +307,15 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """
   if seeds < 1:
     raise ConfigError([f"compare_modes needs seeds >= 1, got {seeds}."])
+  if tuple(config.quant.learn) or config.quant.learn_codebooks:
+    # A mode spec adds its index parameters to the config's, so every compared mode,
+    # plain dback and query_only included, would silently learn these too.
+    learned = tuple(config.quant.learn) or ("codebooks",)
+    raise ConfigError([(
+        f"compare_modes: the base config learns index parameters (config.quant.learn="
+        f"{learned}), which every compared mode would inherit; start from a plain mode "
+        f"(e.g. --config=configs/demo.py:mode=dback) and name what a mode learns in its "
+        f"spec (--modes=dback,dback+codebooks+centroids).")])
   cache_dir = config.table.cache_dir or str(workdir / "cache")
   train_seeds = [config.seed + i for i in range(seeds)]
   runs = {(level, mode, seed): _run_config(config, level, mode, cache_dir, seed)

@@ -280,3 +280,15 @@ def test_compare_mode_spec_overrides_config_values_by_their_type(tiny_config):
                      ("dback@loss.temperature", "KEY=VALUE")):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
       _run_config(tiny_config, 4, bad, "/tmp/cache", 0)
+
+
+def test_compare_refuses_a_base_config_that_learns_index_parameters(tiny_config, tmp_path):
+  # Mode specs add what they learn to the base config's quant.learn: from such a base,
+  # "dback" and "query_only" would quietly learn centroids too.
+  from qdr_jax.experiment import compare_modes
+  from qdr_jax.validation import ConfigError
+  base = tiny_config.copy_and_resolve_references()
+  base.quant.learn = ("centroids",)
+  with pytest.raises(ConfigError, match=r"base config learns index parameters .*'centroids'"):
+    compare_modes(base, tmp_path, [4], ["query_only", "dback"])
+  assert not any(tmp_path.iterdir())  # refused before any run or file

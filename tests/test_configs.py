@@ -52,3 +52,32 @@ def test_demo_mode_argument_names_the_learned_index_parameters():
     module.get_config("mode=dback@loss.nope=1")
   with pytest.raises(ValueError, match="config argument 'steps=ten'"):
     module.get_config("steps=ten")
+
+
+def test_demo_runs_the_best_mode_by_default_and_plain_dback_one_argument_away():
+  from qdr_jax.config import split_mode_spec
+  path = next(p for p in CONFIGS if p.stem == "demo")
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  best, plain = module.get_config(), module.get_config("mode=dback")
+  name, learn, overrides = split_mode_spec(module.BEST_MODE)
+  assert best.train.mode == plain.train.mode == name == "dback"
+  assert tuple(best.quant.learn) == learn == ("codebooks", "centroids")
+  assert tuple(plain.quant.learn) == ()
+  # The default differs from plain dback in exactly the spec's overrides.
+  flat_best, flat_plain = _flatten(best.to_dict()), _flatten(plain.to_dict())
+  differing = {k for k in flat_best if flat_best[k] != flat_plain[k]}
+  assert differing == {"quant.learn", *overrides}
+  assert (best.loss.balance_weight, best.optim.codebook_lr, best.optim.centroid_lr) == (
+      1.0, 3e-4, 3e-4)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
