@@ -1,7 +1,7 @@
 r"""A lower bound on the paper's PyTorch recipe's step time, measured on this machine.
 
   PYTHONPATH=$PWD:<torch site> python experiments/bench_reference.py \
-      --config=configs/demo.py --workdir=runs/demo --k=100 --out=runs/reference_k100.json
+      --config=configs/demo.py:mode=dback --workdir=runs/demo --k=100 --out=runs/reference_k100.json
 
 Issue 12 compares qdr_jax's whole training step with the paper's public PyTorch recipe
 (``shared/STACK.md``: 0.74 s at k=100 and 1.38 s at k=500), but those figures were taken

@@ -1,15 +1,17 @@
 r"""Seconds per train step, split by phase, against the encoder's forward+backward floor.
 
-  python experiments/bench_step.py --config=configs/demo.py --workdir=runs/demo --steps=30
+  python experiments/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo --steps=30
 
-Runs ``--steps`` real DBACK steps on the config's data (the table cache of the workdir is
-reused) and times, on the same batch shape, one jitted forward+backward of the query
+Runs ``--steps`` real training steps of the config's mode on its data, reusing the table
+cache of the workdir (``mode=dback``: the paper's step, which BENCHMARKS.md compares with
+the reference recipe; the demo's default also learns the index, about 0.13 s more a step)
+and times, on the same batch shape, one jitted forward+backward of the query
 encoder alone: a train step cannot cost less than that. Prints and writes
 ``{workdir}/bench_step.json`` (or ``--out``) with the per-phase seconds and the ratio.
 
 Overlapped search at scale, on a CPU-only host:
 
-  python experiments/bench_step.py --config=configs/demo.py --workdir=runs/demo \
+  python experiments/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo \
       --synthetic_rows=1000000 --emulate_device_core --config.negatives.k=500 \
       --config.index.factory=IVF1024_HNSW32,PQ48x8 --config.index.nprobe=128 \
       --config.negatives.overlap=True
