@@ -1,7 +1,7 @@
 r"""Demo: all-MiniLM-L6-v2 on the bundled SciFact (BEIR), IVF64,PQ48x8 (32x compression).
 
-Finishes in under 10 minutes on 2 CPU cores, the first run's corpus embedding (5,183
-abstracts, about 5 minutes) included. Arguments (``--config=configs/demo.py:steps=50,mode=jpq``):
+Takes about 10 minutes on 2 CPU cores (10 min 37 s on a fresh clone in session 11), half
+of it the first run's corpus embedding (5,183 abstracts), cached for later runs. Arguments (``--config=configs/demo.py:steps=50,mode=jpq``):
   steps: training steps; mode: a mode spec (`qdr_jax.config.split_mode_spec`): dback |
     dback_no_ste | jpq | query_only | posthoc, with the index parameters it learns as well
     appended (``dback+codebooks+centroids``) and config overrides after ``@``. The default,

@@ -34,7 +34,7 @@ from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
-from qdr_jax.train.modes import mode_from_config
+from qdr_jax.train.modes import configured_learn, mode_from_config
 from qdr_jax.train.restore import restore_trained
 from qdr_jax.validation import ConfigError, validate_config, validate_runs
 
@@ -307,10 +307,10 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   """
   if seeds < 1:
     raise ConfigError([f"compare_modes needs seeds >= 1, got {seeds}."])
-  if tuple(config.quant.learn) or config.quant.learn_codebooks:
+  learned = configured_learn(config)
+  if learned:
     # A mode spec adds its index parameters to the config's, so every compared mode,
     # plain dback and query_only included, would silently learn these too.
-    learned = tuple(config.quant.learn) or ("codebooks",)
     raise ConfigError([(
         f"compare_modes: the base config learns index parameters (config.quant.learn="
         f"{learned}), which every compared mode would inherit; start from a plain mode "

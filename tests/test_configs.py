@@ -8,11 +8,16 @@ import pytest
 CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 
 
-def _load(path):
+def _module(stem: str):
+  path = next(p for p in CONFIGS if p.stem == stem)
   spec = importlib.util.spec_from_file_location(path.stem, path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config()
+  return module
+
+
+def _load(path):
+  return _module(path.stem).get_config()
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -35,10 +40,7 @@ def test_dpr_configs_differ_only_where_the_paper_does():
 
 def test_demo_mode_argument_names_the_learned_index_parameters():
   from qdr_jax.train.modes import mode_from_config
-  path = next(p for p in CONFIGS if p.stem == "demo")
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _module("demo")
   learned = module.get_config("mode=dback+codebooks+centroids")
   assert learned.train.mode == "dback" and tuple(learned.quant.learn) == ("codebooks", "centroids")
   assert set(mode_from_config(learned).learn) == {"codebooks", "centroids"}
@@ -56,10 +58,7 @@ def test_demo_mode_argument_names_the_learned_index_parameters():
 
 def test_demo_runs_the_best_mode_by_default_and_plain_dback_one_argument_away():
   from qdr_jax.config import split_mode_spec
-  path = next(p for p in CONFIGS if p.stem == "demo")
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = _module("demo")
   best, plain = module.get_config(), module.get_config("mode=dback")
   name, learn, overrides = split_mode_spec(module.BEST_MODE)
   assert best.train.mode == plain.train.mode == name == "dback"

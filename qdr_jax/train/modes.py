@@ -74,7 +74,12 @@ def get_mode(name: str, learn: bool | Sequence[str] = ()) -> Mode:
   return dataclasses.replace(mode, quantize=True, learn=learned)
 
 
+def configured_learn(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The index parameters ``config.quant.learn`` names, its ``learn_codebooks`` alias
+  included (not those a mode implies, as jpq its codebooks)."""
+  return tuple(config.quant.learn) + (("codebooks",) if config.quant.learn_codebooks else ())
+
+
 def mode_from_config(config: ml_collections.ConfigDict) -> Mode:
   """``config.train.mode`` with ``config.quant.learn`` (and its ``learn_codebooks`` alias)."""
-  learn = tuple(config.quant.learn) + (("codebooks",) if config.quant.learn_codebooks else ())
-  return get_mode(config.train.mode, learn)
+  return get_mode(config.train.mode, configured_learn(config))
