@@ -10,7 +10,7 @@ from qdr_jax.data.types import Corpus, Queries, Split
 from qdr_jax.eval.compare import (paired_comparison, paired_test, sign_flip_p_value,
                                   summarize_seeds)
 from qdr_jax.eval.evaluator import evaluate_index, score_index
-from qdr_jax.eval.metrics import ranking_metrics, split_seen, subset_means
+from qdr_jax.eval.metrics import ranking_metrics, share_in_top, split_seen, subset_means
 from qdr_jax.eval.report import before_after_table, compare_table, subset_table
 from qdr_jax.index import build_index
 
@@ -22,6 +22,15 @@ TEST_QRELS = {
     "d": {"d3": 1},            # seen
     "e": {"d7": 1},            # unseen
 }
+
+
+def test_share_in_top_by_hand():
+  member = np.array([True, False, False, True, False])
+  # 3 of the 5 returned rows are members; the -1 (no result) is not counted.
+  assert share_in_top(np.array([[0, 1, 3], [3, 2, -1]]), member) == pytest.approx(3 / 5)
+  assert share_in_top(np.full((2, 3), -1), member) == 0.0
+  with pytest.raises(ValueError, match="row 5 is outside the 5 rows"):
+    share_in_top(np.array([[5]]), member)
 
 
 def test_split_seen_by_hand():

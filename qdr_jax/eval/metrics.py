@@ -116,6 +116,29 @@ def split_seen(test_qrels: Mapping[str, Mapping[str, int]],
   return seen, unseen
 
 
+def share_in_top(ranked_rows: np.ndarray, member: np.ndarray) -> float:
+  """Fraction of the returned rows of a (Q, k) result that belong to a set of rows.
+
+  For example the share of training positives in the top 10 that unseen test queries get,
+  flat against quantized (`experiments/trained_share.py`): a learned index that serves
+  trained passages to every query shows as a larger share than its flat index gives.
+
+  Args:
+    ranked_rows: (Q, k) table rows per query; -1 (FAISS found fewer than k) is skipped.
+    member: (N,) bool over the table's rows.
+
+  Returns:
+    members among the returned rows / returned rows (0.0 when nothing was returned).
+  """
+  ranked_rows = np.asarray(ranked_rows)
+  member = np.asarray(member, bool)
+  if ranked_rows.size and ranked_rows.max() >= member.size:
+    raise ValueError(f"share_in_top: row {ranked_rows.max()} is outside the {member.size} "
+                     "rows of the membership mask.")
+  returned = ranked_rows[ranked_rows >= 0]
+  return float(member[returned].mean()) if returned.size else 0.0
+
+
 def subset_means(query_ids: Sequence[str], per_query: Mapping[str, np.ndarray],
                  subsets: Mapping[str, Collection[str]]) -> dict[str, dict]:
   """Each subset's count and per-measure means, from per-query values (no new search).

@@ -1,0 +1,77 @@
+r"""Does a trained index serve training positives to queries that never named them?
+
+  python experiments/train.py --config=configs/demo.py --workdir=runs/best \
+      --config.checkpoint.every=200
+  python experiments/export.py --workdir=runs/best --out=runs/best/bundle
+  python experiments/trained_share.py --workdir=runs/best --bundle=runs/best/bundle
+
+For the run's test queries, split into seen and unseen (`split_seen`), prints and writes
+(``{workdir}/trained_share.json``) the share of training positives in each query's top
+``--k``: on the flat index over the trained table and on the bundle's quantized index (the
+served one: learned centroids and codebooks when the run learned them). A served share above
+the flat one means the quantizer favours the passages training named. Also the mean norm
+of the rows and of their quantized reconstructions, for training positives and the rest
+(IVF layouts).
+"""
+
+import json
+import pathlib
+
+import faiss
+import numpy as np
+from absl import flags
+
+from qdr_jax.cli import run_main
+from qdr_jax.eval.metrics import share_in_top, split_seen
+from qdr_jax.index.faiss_index import search
+from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.serving import load_bundle
+from qdr_jax.train.restore import restore_trained
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
+_BUNDLE = flags.DEFINE_string("bundle", None, "Its bundle (experiments/export.py).")
+_K = flags.DEFINE_integer("k", 10, "Top-k whose share is measured.")
+flags.mark_flags_as_required(["workdir", "bundle"])
+
+
+def main(argv):
+  del argv
+  run = restore_trained(_WORKDIR.value)
+  bundle = load_bundle(_BUNDLE.value)
+  config, dataset = run["config"], run["dataset"]
+  table = np.asarray(run["table"], np.float32)
+  if list(bundle.ids) != list(dataset.corpus.ids):
+    raise SystemExit(f"--bundle={_BUNDLE.value}: its passage ids are not the run's corpus.")
+  train = dataset.splits[config.data.train_split]
+  test = dataset.splits[config.data.eval_split]
+  row_of = {pid: row for row, pid in enumerate(bundle.ids)}
+  trained = np.zeros(len(table), bool)
+  trained[[row_of[str(d)] for docs in train.qrels.values() for d, rel in docs.items()
+           if rel > 0 and str(d) in row_of]] = True
+  queries = list(test.queries.ids)
+  vectors = bundle.embed(list(test.queries.texts))
+  _, served = search(bundle.index, vectors, _K.value)
+  flat = np.argsort(-(vectors @ table.T), axis=1, kind="stable")[:, :_K.value]
+  result = {"workdir": _WORKDIR.value, "k": _K.value, "rows": len(table),
+            "trained_rows": int(trained.sum())}
+  position = {q: i for i, q in enumerate(queries)}
+  for name, ids in zip(("seen", "unseen"), split_seen(test.qrels, train.qrels, queries)):
+    rows = [position[q] for q in ids]
+    result[name] = {"queries": len(rows), "flat": share_in_top(flat[rows], trained),
+                    "served": share_in_top(served[rows], trained)}
+  ivf = faiss.try_extract_index_ivf(bundle.index)
+  if ivf is not None:  # an OPQ pre-transform is a rotation: norms are the same before it
+    ivf.make_direct_map()
+    recon = np.linalg.norm(ivf.reconstruct_n(0, ivf.ntotal), axis=1)
+    norms = np.linalg.norm(table, axis=1)
+    result["norms"] = {
+        "row_trained": float(norms[trained].mean()), "row_other": float(norms[~trained].mean()),
+        "reconstruction_trained": float(recon[trained].mean()),
+        "reconstruction_other": float(recon[~trained].mean())}
+  text = json.dumps(result, indent=1)
+  write_text_atomic(pathlib.Path(_WORKDIR.value) / "trained_share.json", text)
+  print(text)
+
+
+if __name__ == "__main__":
+  run_main(main)
