@@ -121,6 +121,11 @@ def base_config() -> ml_collections.ConfigDict:
   # label names keep faithful codes; quantizing modes. 0 = off (on SciFact it did not
   # win back the unseen queries: BENCHMARKS.md, issue 13).
   c.loss.distortion_weight = 0.0
+  # Variance over the valid pool rows of |reconstruction| / |row|, pulling only the learned
+  # index parameters: every passage's code keeps the same share of its length, trained or
+  # not (learned codebooks lengthened the training positives': BENCHMARKS.md, issue 13).
+  # Quantizing modes that learn index parameters; 0 = off.
+  c.loss.norm_ratio_weight = 0.0
 
   c.quant = ml_collections.ConfigDict()
   # Index parameters trained jointly with the encoder (and rows), written into FAISS and

@@ -79,6 +79,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.balance_temperature", 0, True, None),
     ("loss.balance_rows", 0, False, None),
     ("loss.distortion_weight", 0, False, None),
+    ("loss.norm_ratio_weight", 0, False, None),
     ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
@@ -111,6 +112,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
            "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
            "loss.balance_weight", "loss.balance_temperature", "loss.distortion_weight",
+           "loss.norm_ratio_weight",
            "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.centroid_lr", "optim.rotation_lr",
            "optim.end_lr_fraction", "optim.weight_decay",
@@ -216,7 +218,7 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
   if mode is None or not mode.trains:
     return
   if not mode.quantize:
-    for key in ("distill_weight", "balance_weight", "distortion_weight"):
+    for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
       if loss[key]:
         warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
                         f"mode {config.train.mode!r}")
@@ -224,6 +226,7 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
       "config.loss.distill_reaches='index'": loss.distill_weight
                                              and loss.distill_reaches == "index",
       f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight,
+      f"config.loss.norm_ratio_weight={loss.norm_ratio_weight!r}": loss.norm_ratio_weight,
       "config.quant.learn_from='positives'": config.quant.learn_from == "positives"}
   if mode.quantize and any(index_only.values()):
     try:

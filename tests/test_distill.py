@@ -14,6 +14,7 @@ from qdr_jax.data.types import Corpus
 from qdr_jax.negatives.pool import build_pool
 from qdr_jax.quant import Quantizer, decode, encode_with_lists
 from qdr_jax.train.loss import (balance_penalty, distillation_loss, distortion_penalty,
+                                norm_ratio_penalty,
                                 kl_divergence)
 from qdr_jax.train.negatives import pseudo_query_rows
 from qdr_jax.train.step import index_taught_only_by, pool_targets
@@ -226,6 +227,32 @@ def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
                                recon, rtol=1e-12)
 
 
+def _norm_ratio(rows, codebooks, codes, valid):
+  quantizer = Quantizer(codebooks=codebooks)
+  targets = pool_targets(rows, quantizer, None, codes, None)
+  return norm_ratio_penalty(rows, targets, valid)[0]
+
+
+def test_norm_ratio_is_the_variance_of_length_kept_and_pulls_only_the_codewords():
+  rows, codes, valid = _distortion_case()
+  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
+  with jax.enable_x64(True):
+    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
+    value = _norm_ratio(r, c, codes, valid)
+    recon = np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
+    ratio = (np.linalg.norm(recon, axis=1) / np.linalg.norm(rows, axis=1))[valid]
+    assert float(value) == pytest.approx(np.var(ratio), rel=1e-9)
+    g_rows = jax.grad(_norm_ratio)(r, c, codes, valid)
+    assert np.abs(np.asarray(g_rows)).max() == 0  # rows are not pulled
+    check_grads(lambda cb: _norm_ratio(r, cb, codes, valid), (c,), order=1, modes=("rev",),
+                eps=1e-6, atol=1e-8, rtol=1e-7)
+    # Rows twice their reconstructions all keep half their length: nothing to pull.
+    scaled = jnp.asarray(2.0 * recon)
+    assert float(_norm_ratio(scaled, c, codes, valid)) == pytest.approx(0.0, abs=1e-20)
+    assert np.abs(np.asarray(jax.grad(_norm_ratio, argnums=1)(scaled, c, codes, valid))
+                  ).max() < 1e-12
+
+
 def test_index_taught_only_by_the_marked_rows():
   """quant.learn_from='positives': the same values and row gradients, and a codebook
   gradient equal to that of the marked rows' scores alone."""
@@ -301,7 +328,8 @@ def test_recomputed_codes_follow_the_rows():
   assert not np.array_equal(np.asarray(live[0]), np.asarray(stale[0]))
 
 
-def test_tiny_run_with_distillation_pseudo_queries_balance_and_distortion(inputs, tmp_path):
+def test_tiny_run_with_distillation_pseudo_queries_balance_distortion_norm_ratio(inputs,
+                                                                                 tmp_path):
   from qdr_jax.train.loop import train
   from qdr_jax.train.modes import mode_from_config
   base, dataset, encoders, table0 = inputs
@@ -312,6 +340,7 @@ def test_tiny_run_with_distillation_pseudo_queries_balance_and_distortion(inputs
   config.loss.distill_weight = 1.0
   config.loss.balance_weight = 0.1
   config.loss.distortion_weight = 2.0
+  config.loss.norm_ratio_weight = 30.0
   config.quant.learn = ("codebooks",)
   config.quant.learn_from = "positives"
   config.lock()
@@ -322,8 +351,9 @@ def test_tiny_run_with_distillation_pseudo_queries_balance_and_distortion(inputs
   assert len(records) == 6
   for r in records:
     assert r["distill_loss"] > 0 and r["balance_loss"] > 0 and r["distortion"] > 0
+    assert r["norm_ratio_var"] > 0 and 0.5 < r["norm_ratio_mean"] < 1.5
     expected = (r["contrastive_loss"] + r["distill_loss"] + 0.1 * r["balance_loss"]
-                + 2.0 * r["distortion"])
+                + 2.0 * r["distortion"] + 30.0 * r["norm_ratio_var"])
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
   table = result.lifecycle.table_to_lead(result.state.table)
   assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50
@@ -346,17 +376,24 @@ def test_validation_of_the_new_settings():
   config.loss.distill_weight = 1.0
   config.negatives.pseudo_queries = 4
   config.loss.distortion_weight = 0.5
+  config.loss.norm_ratio_weight = 3.0
   warnings = validate_config(config)
   assert any("distill_weight=1.0: ignored" in w for w in warnings)
   assert any("distortion_weight=0.5: ignored" in w for w in warnings)
+  assert any("norm_ratio_weight=3.0: ignored" in w for w in warnings)
   assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
   config.train.mode = "dback"  # quantizing, but nothing learned for the term to move
   config.quant.learn_from = "positives"
   warnings = validate_config(config)
   assert any("distortion_weight=0.5 in a mode that learns no index" in w for w in warnings)
+  assert any("norm_ratio_weight=3.0 in a mode that learns no index" in w for w in warnings)
   assert any("learn_from='positives' in a mode that learns no index" in w for w in warnings)
   config.quant.learn = ("centroids",)
-  assert not any("distortion" in w for w in validate_config(config))
+  assert not any("distortion" in w or "norm_ratio" in w for w in validate_config(config))
+  config.loss.norm_ratio_weight = -2.0
+  with pytest.raises(ConfigError, match="loss.norm_ratio_weight=-2.0"):
+    validate_config(config)
+  config.loss.norm_ratio_weight = 0.0
   config.loss.distortion_weight = -1.0
   with pytest.raises(ConfigError, match="loss.distortion_weight=-1.0"):
     validate_config(config)

@@ -256,6 +256,40 @@ def distortion_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array
   return value, {"distortion": value}
 
 
+def norm_ratio_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Weighted variance over the valid pool rows of ``|reconstruction| / |row|``, as a pull
+  on the learned index parameters only.
+
+  Under inner-product search a passage whose reconstruction keeps more of its row's length
+  scores higher for every query. k-means reconstructions shrink every row alike; codebooks
+  learned from the ranking loss keep the training positives' reconstructions at full
+  length while the others shrink, and the served index then puts training positives into
+  the top 10 of queries that never named them (`experiments/trained_share.py`,
+  BENCHMARKS.md, issue 13). This term asks every pool row's reconstruction, the pool's
+  unlabelled filler rows included, to keep the same fraction of its length.
+
+  Args:
+    rows: (P, d) full-precision pool rows.
+    targets: (P, d) the rows as the index serves them (``pool_targets``).
+    valid: (P,) rows that take part.
+
+  Returns:
+    (scalar variance, {"norm_ratio_var": the same, "norm_ratio_mean": the weighted mean}).
+  """
+  dtype = _at_least_f32(rows)
+  rows = rows.astype(dtype)
+  recon = index_reconstruction(targets.astype(dtype), rows)
+  row_norm = jax.lax.stop_gradient(jnp.linalg.norm(rows, axis=-1))
+  # sqrt(|r|^2 + tiny): finite gradient at a zero reconstruction (padding rows are masked).
+  recon_norm = jnp.sqrt(jnp.sum(recon * recon, axis=-1) + jnp.finfo(dtype).tiny)
+  ratio = recon_norm / jnp.maximum(row_norm, jnp.finfo(dtype).tiny)
+  weight = valid.astype(dtype) / jnp.maximum(valid.sum(), 1)
+  mean = weight @ ratio
+  value = weight @ jnp.square(ratio - mean)
+  return value, {"norm_ratio_var": value, "norm_ratio_mean": mean}
+
+
 def _soft_usage(scores: jax.Array, weight: jax.Array, temperature: float) -> jax.Array:
   """(K,) weighted mean over rows of softmax(scores / (spread * temperature))."""
   spread = scores.std(axis=-1, keepdims=True).clip(1e-12)
@@ -274,7 +308,7 @@ QuantizationTerms = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 
 
 def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTerms | None:
-  """The weighted distillation, balance and distortion terms ``loss_config`` turns on, as
+  """The weighted distillation, balance, distortion and norm-ratio terms ``loss_config`` turns on, as
   one pure function of the pool, or None when every weight is 0 (the paper's loss)."""
   distill_weight = float(loss_config.distill_weight)
   distill_temperature = float(loss_config.distill_temperature)
@@ -283,7 +317,8 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
   balance_temperature = float(loss_config.balance_temperature)
   balance_rows = int(loss_config.balance_rows)
   distortion_weight = float(loss_config.distortion_weight)
-  if distill_weight == 0 and balance_weight == 0 and distortion_weight == 0:
+  norm_ratio_weight = float(loss_config.norm_ratio_weight)
+  if not (distill_weight or balance_weight or distortion_weight or norm_ratio_weight):
     return None
 
   def terms(query_emb, rows, targets, active, valid, quantizer):
@@ -300,6 +335,9 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
     if distortion_weight:
       value, part = distortion_penalty(rows, targets, valid)
       total, metrics = total + distortion_weight * value, {**metrics, **part}
+    if norm_ratio_weight:
+      value, part = norm_ratio_penalty(rows, targets, valid)
+      total, metrics = total + norm_ratio_weight * value, {**metrics, **part}
     return total, metrics
 
   return terms
