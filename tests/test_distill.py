@@ -193,10 +193,20 @@ def _distortion_case(seed=3):
   return rows, codes, valid
 
 
-def _distortion(rows, codebooks, codes, valid):
-  quantizer = Quantizer(codebooks=codebooks)
-  targets = pool_targets(rows, quantizer, None, codes, None)
-  return distortion_penalty(rows, targets, valid)[0]
+def _pool_penalty(penalty):
+  """``(rows, codebooks, codes, valid) -> scalar``: a pool term on a PQ-only quantizer."""
+  def value(rows, codebooks, codes, valid):
+    targets = pool_targets(rows, Quantizer(codebooks=codebooks), None, codes, None)
+    return penalty(rows, targets, valid)[0]
+  return value
+
+
+def _decoded(codebooks, codes):
+  return np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
+
+
+_distortion = _pool_penalty(distortion_penalty)
+_norm_ratio = _pool_penalty(norm_ratio_penalty)
 
 
 def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
@@ -205,7 +215,7 @@ def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
   with jax.enable_x64(True):
     r, c = jnp.asarray(rows), jnp.asarray(codebooks)
     value = _distortion(r, c, codes, valid)
-    recon = np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
+    recon = _decoded(codebooks, codes)
     expected = np.mean(np.sum((recon - rows) ** 2, axis=1)[valid])
     assert float(value) == pytest.approx(expected, rel=1e-12)
     g_rows = jax.grad(_distortion)(r, c, codes, valid)
@@ -227,19 +237,13 @@ def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
                                recon, rtol=1e-12)
 
 
-def _norm_ratio(rows, codebooks, codes, valid):
-  quantizer = Quantizer(codebooks=codebooks)
-  targets = pool_targets(rows, quantizer, None, codes, None)
-  return norm_ratio_penalty(rows, targets, valid)[0]
-
-
 def test_norm_ratio_is_the_variance_of_length_kept_and_pulls_only_the_codewords():
   rows, codes, valid = _distortion_case()
   codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
   with jax.enable_x64(True):
     r, c = jnp.asarray(rows), jnp.asarray(codebooks)
     value = _norm_ratio(r, c, codes, valid)
-    recon = np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
+    recon = _decoded(codebooks, codes)
     ratio = (np.linalg.norm(recon, axis=1) / np.linalg.norm(rows, axis=1))[valid]
     assert float(value) == pytest.approx(np.var(ratio), rel=1e-9)
     g_rows = jax.grad(_norm_ratio)(r, c, codes, valid)
