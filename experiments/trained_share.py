@@ -23,7 +23,7 @@ from absl import flags
 
 from qdr_jax.cli import run_main
 from qdr_jax.eval.metrics import share_in_top, split_seen
-from qdr_jax.index.faiss_index import search
+from qdr_jax.index.faiss_index import build_index, search
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.serving import load_bundle
 from qdr_jax.train.restore import restore_trained
@@ -51,7 +51,7 @@ def main(argv):
   queries = list(test.queries.ids)
   vectors = bundle.embed(list(test.queries.texts))
   _, served = search(bundle.index, vectors, _K.value)
-  flat = np.argsort(-(vectors @ table.T), axis=1, kind="stable")[:, :_K.value]
+  _, flat = search(build_index(table, "Flat"), vectors, _K.value)
   result = {"workdir": _WORKDIR.value, "k": _K.value, "rows": len(table),
             "trained_rows": int(trained.sum())}
   position = {q: i for i, q in enumerate(queries)}

@@ -209,19 +209,41 @@ _distortion = _pool_penalty(distortion_penalty)
 _norm_ratio = _pool_penalty(norm_ratio_penalty)
 
 
-def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
+def _expected_distortion(rows, recon, valid):
+  return np.mean(np.sum((recon - rows) ** 2, axis=1)[valid])
+
+
+def _expected_norm_ratio(rows, recon, valid):
+  return np.var((np.linalg.norm(recon, axis=1) / np.linalg.norm(rows, axis=1))[valid])
+
+
+@pytest.mark.parametrize("term, expected, rtol, grad_rtol",
+                         [(_distortion, _expected_distortion, 1e-12, 1e-8),
+                          (_norm_ratio, _expected_norm_ratio, 1e-9, 1e-7)],
+                         ids=["distortion", "norm_ratio"])
+def test_pool_term_value_and_pull_on_the_codewords_only(term, expected, rtol, grad_rtol):
+  """The index-only pool terms: the value by hand, no pull on the rows, and the codebook
+  gradient against finite differences."""
   rows, codes, valid = _distortion_case()
   codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
   with jax.enable_x64(True):
     r, c = jnp.asarray(rows), jnp.asarray(codebooks)
-    value = _distortion(r, c, codes, valid)
-    recon = _decoded(codebooks, codes)
-    expected = np.mean(np.sum((recon - rows) ** 2, axis=1)[valid])
-    assert float(value) == pytest.approx(expected, rel=1e-12)
-    g_rows = jax.grad(_distortion)(r, c, codes, valid)
+    value = term(r, c, codes, valid)
+    assert float(value) == pytest.approx(expected(rows, _decoded(codebooks, codes), valid),
+                                         rel=rtol)
+    g_rows = jax.grad(term)(r, c, codes, valid)
     assert np.abs(np.asarray(g_rows)).max() == 0  # the rows are not pulled to their codes
-    check_grads(lambda cb: _distortion(r, cb, codes, valid), (c,), order=1, modes=("rev",),
-                eps=1e-6, atol=1e-8, rtol=1e-8)
+    check_grads(lambda cb: term(r, cb, codes, valid), (c,), order=1, modes=("rev",),
+                eps=1e-6, atol=1e-8, rtol=grad_rtol)
+
+
+def test_distortion_is_zero_gradient_at_the_kmeans_codewords():
+  rows, codes, valid = _distortion_case()
+  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
+  with jax.enable_x64(True):
+    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
+    recon = _decoded(codebooks, codes)
+    expected = _expected_distortion(rows, recon, valid)
     # Zero exactly where k-means' update puts the codewords: each at the mean of the
     # valid sub-vectors it encodes (the invalid row does not count).
     means = codebooks.copy()
@@ -237,21 +259,13 @@ def test_distortion_is_the_squared_error_and_pulls_only_the_codewords():
                                recon, rtol=1e-12)
 
 
-def test_norm_ratio_is_the_variance_of_length_kept_and_pulls_only_the_codewords():
+def test_norm_ratio_is_zero_when_every_row_keeps_the_same_share():
   rows, codes, valid = _distortion_case()
   codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
   with jax.enable_x64(True):
-    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
-    value = _norm_ratio(r, c, codes, valid)
-    recon = _decoded(codebooks, codes)
-    ratio = (np.linalg.norm(recon, axis=1) / np.linalg.norm(rows, axis=1))[valid]
-    assert float(value) == pytest.approx(np.var(ratio), rel=1e-9)
-    g_rows = jax.grad(_norm_ratio)(r, c, codes, valid)
-    assert np.abs(np.asarray(g_rows)).max() == 0  # rows are not pulled
-    check_grads(lambda cb: _norm_ratio(r, cb, codes, valid), (c,), order=1, modes=("rev",),
-                eps=1e-6, atol=1e-8, rtol=1e-7)
+    c = jnp.asarray(codebooks)
     # Rows twice their reconstructions all keep half their length: nothing to pull.
-    scaled = jnp.asarray(2.0 * recon)
+    scaled = jnp.asarray(2.0 * _decoded(codebooks, codes))
     assert float(_norm_ratio(scaled, c, codes, valid)) == pytest.approx(0.0, abs=1e-20)
     assert np.abs(np.asarray(jax.grad(_norm_ratio, argnums=1)(scaled, c, codes, valid))
                   ).max() < 1e-12
