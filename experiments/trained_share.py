@@ -22,8 +22,9 @@ import numpy as np
 from absl import flags
 
 from qdr_jax.cli import run_main
-from qdr_jax.eval.metrics import share_in_top, split_seen
-from qdr_jax.index.faiss_index import build_index, search
+from qdr_jax.eval.evaluator import score_index
+from qdr_jax.eval.metrics import share_in_top, split_seen, subset_means
+from qdr_jax.index.faiss_index import build_index, search, set_search_params
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.serving import load_bundle
 from qdr_jax.train.restore import restore_trained
@@ -31,7 +32,16 @@ from qdr_jax.train.restore import restore_trained
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
 _BUNDLE = flags.DEFINE_string("bundle", None, "Its bundle (experiments/export.py).")
 _K = flags.DEFINE_integer("k", 10, "Top-k whose share is measured.")
+
 flags.mark_flags_as_required(["workdir", "bundle"])
+
+
+def ndcg_by_subset(index, vectors: np.ndarray, split, corpus,
+                   subsets: dict[str, list[str]]) -> dict[str, float | None]:
+  """nDCG@10 of ``index`` (as its search settings stand) on each subset of the queries."""
+  scored = score_index(index, vectors, split, corpus, measures=("nDCG@10",))
+  return {name: entry["nDCG@10"]
+          for name, entry in subset_means(scored.query_ids, scored.per_query, subsets).items()}
 
 
 def main(argv):
@@ -50,17 +60,28 @@ def main(argv):
            if rel > 0 and str(d) in row_of]] = True
   queries = list(test.queries.ids)
   vectors = bundle.embed(list(test.queries.texts))
+  flat_index = build_index(table, "Flat")
   _, served = search(bundle.index, vectors, _K.value)
-  _, flat = search(build_index(table, "Flat"), vectors, _K.value)
+  _, flat = search(flat_index, vectors, _K.value)
   result = {"workdir": _WORKDIR.value, "k": _K.value, "rows": len(table),
             "trained_rows": int(trained.sum())}
+  subsets = dict(zip(("seen", "unseen"), split_seen(test.qrels, train.qrels, queries)))
   position = {q: i for i, q in enumerate(queries)}
-  for name, ids in zip(("seen", "unseen"), split_seen(test.qrels, train.qrels, queries)):
+  for name, ids in subsets.items():
     rows = [position[q] for q in ids]
     result[name] = {"queries": len(rows), "flat": share_in_top(flat[rows], trained),
                     "served": share_in_top(served[rows], trained)}
+  subsets["all"] = queries
+  ndcg = lambda index: ndcg_by_subset(index, vectors, test, dataset.corpus, subsets)
+  result["nDCG@10"] = {"flat": ndcg(flat_index), "served": ndcg(bundle.index)}
   ivf = faiss.try_extract_index_ivf(bundle.index)
-  if ivf is not None:  # an OPQ pre-transform is a rotation: norms are the same before it
+  if ivf is not None:
+    served_nprobe = ivf.nprobe
+    set_search_params(bundle.index, nprobe=ivf.nlist)
+    result["nDCG@10"]["served_every_list"] = ndcg(bundle.index)
+    set_search_params(bundle.index, nprobe=served_nprobe)
+    result["nDCG@10"]["nprobe"] = served_nprobe
+    # An OPQ pre-transform is a rotation: norms are the same before it.
     ivf.make_direct_map()
     recon = np.linalg.norm(ivf.reconstruct_n(0, ivf.ntotal), axis=1)
     norms = np.linalg.norm(table, axis=1)
