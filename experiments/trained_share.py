@@ -32,7 +32,6 @@ from qdr_jax.train.restore import restore_trained
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir with checkpoints.")
 _BUNDLE = flags.DEFINE_string("bundle", None, "Its bundle (experiments/export.py).")
 _K = flags.DEFINE_integer("k", 10, "Top-k whose share is measured.")
-
 flags.mark_flags_as_required(["workdir", "bundle"])
 
 
