@@ -146,19 +146,6 @@ def test_tiny_fused_attention_path_parity(name, monkeypatch):
   np.testing.assert_allclose(fused_path, cpu_path, atol=1e-5, rtol=0)
 
 
-def test_row_max_equals_max_on_masked_scores():
-  # The attention's softmax shift: the where-reducer must give jnp.max's values on
-  # ordinary and mask-biased rows (a fully masked padding row included), with a
-  # keepdims axis, so the softmax is unchanged bit for bit.
-  from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  scores = rng.standard_normal((2, 3, 5, 7)).astype(np.float32) * 10
-  scores[0, :, :, 4:] += np.finfo(np.float32).min
-  scores[1, 0, 2, :] += np.finfo(np.float32).min
-  got = np.asarray(jax.jit(bert._row_max)(jnp.asarray(scores)))  # pylint: disable=protected-access
-  np.testing.assert_array_equal(got, scores.max(axis=-1, keepdims=True))
-
-
 def test_init_params_keep_dense_layout():
   # Attention declares its q/k/v params itself (one fused GEMM); they must keep
   # nn.Dense's names, shapes and lecun-normal/zeros init.

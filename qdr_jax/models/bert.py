@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qdr_jax.reductions import row_max
+
 Architecture = Literal['bert', 'roberta']
 Pooling = Literal['cls', 'mean', 'ance']
 
@@ -272,18 +274,6 @@ class Embeddings(nn.Module):
     return self.layer_norm(x)
 
 
-def _row_max(x: jax.Array) -> jax.Array:
-  """Max over the last axis, kept as a size-1 axis, without NaN propagation.
-
-  XLA:CPU lowers `jnp.max` with NaN-propagating semantics that its vectoriser handles
-  poorly: 12 ms against 5 ms for this `where` reducer on the (32, 12, 256, 256) scores
-  of a corpus batch, 7% of the whole encoder forward (BENCHMARKS.md, issue 12). The
-  softmax shift needs no NaN semantics: a NaN score makes its exp NaN either way.
-  """
-  return jax.lax.reduce(x, -jnp.inf, lambda a, b: jnp.where(a > b, a, b),
-                        (x.ndim - 1,))[..., None]
-
-
 def _use_fused_attention() -> bool:
   # GPU/TPU: jax.nn.dot_product_attention picks cuDNN / the TPU fused kernel where
   # the dtype and shapes allow. On CPU it lowers to the same einsum-softmax-einsum
@@ -332,7 +322,7 @@ class SelfAttention(nn.Module):
                           preferred_element_type=jnp.float32) + mask_bias
       # Softmax with its normalisation deferred to the (B, H, L, D) context: one
       # pass less over the (B, H, L, L) scores than dividing the probabilities.
-      unnormalized = jnp.exp(scores - _row_max(jax.lax.stop_gradient(scores)))
+      unnormalized = jnp.exp(scores - row_max(jax.lax.stop_gradient(scores)))
       denom = unnormalized.sum(axis=-1, keepdims=True)
       ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
       ctx = (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3)

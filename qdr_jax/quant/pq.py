@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from qdr_jax.reductions import row_argmax, row_argmin
+
 Array = jax.Array
 
 _METRICS = ("ip", "l2")
@@ -195,7 +197,7 @@ def coarse_scores(q: Quantizer, x: Array) -> Array:
 def _assign_rotated(q: Quantizer, y: Array) -> Array:
   if q.coarse_centroids is None:
     return jnp.zeros(y.shape[:1], jnp.int32)
-  return jnp.argmax(_coarse_scores_rotated(q, y), axis=-1).astype(jnp.int32)
+  return row_argmax(_coarse_scores_rotated(q, y))
 
 
 def assign_coarse(q: Quantizer, x: Array) -> Array:
@@ -226,7 +228,7 @@ def _nearest_codewords(q: Quantizer, r: Array) -> Array:
     # rounding is closer to FAISS's, which matters only for near-ties.
     dots = jnp.einsum('...nd,...kd->...nk', sub, codebooks)
     dist = jnp.sum(sub * sub, axis=-1, keepdims=True) - 2.0 * dots + c_sq[..., None, :]
-    return jnp.argmin(dist, axis=-1).astype(jnp.int32)
+    return row_argmin(dist)
 
   if jax.default_backend() == 'cpu':
     # One sub-quantizer at a time: the (N, K) distances of one stay in cache for the
