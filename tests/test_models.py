@@ -18,6 +18,7 @@ from qdr_jax.models import (BertEncoder, EncoderConfig, MINILM_ALIASES,
                             default_model_path, init_params, load_encoder,
                             load_tokenizer, passage_inputs, resolve_model_path,
                             save_encoder_hf, tokenize)
+from qdr_jax.models.staged import make_staged_apply
 
 GOLDENS = os.path.join(os.path.dirname(__file__), 'goldens')
 TOL = 1e-4
@@ -144,6 +145,36 @@ def test_tiny_fused_attention_path_parity(name, monkeypatch):
   pooling = module.config.pooling
   np.testing.assert_allclose(fused_path, ref[pooling], atol=TOL, rtol=0)
   np.testing.assert_allclose(fused_path, cpu_path, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize('name,pooling', [(n, p) for n, p, _ in TINY_CASES])
+def test_tiny_staged_forward_parity(name, pooling):
+  # The corpus forward on CPU runs stage by stage (qdr_jax.models.staged), its
+  # attention core compiled with other XLA options: the goldens still hold, and the
+  # outputs equal one jitted forward's up to float rounding.
+  ref = _tiny_ref(name)
+  module, params = load_encoder(os.path.join(GOLDENS, name), pooling=pooling)
+  inputs = (params, ref['input_ids'], ref['attention_mask'], ref['token_type_ids'])
+  staged_fn = make_staged_apply(module)
+  staged = np.asarray(staged_fn(*inputs))
+  np.testing.assert_allclose(staged, ref[pooling], atol=TOL, rtol=0)
+  np.testing.assert_allclose(staged, _apply(module, params, ref), atol=1e-6, rtol=1e-5)
+  # Under an outer transformation it traces the one-graph forward instead.
+  assert jax.eval_shape(staged_fn, *inputs).shape == staged.shape
+  np.testing.assert_allclose(np.asarray(jax.jit(staged_fn)(*inputs)),
+                             _apply(module, params, ref), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_minilm_staged_forward_parity(minilm, minilm_golden):
+  # MiniLM's six layers through the staged forward, padded as a corpus batch is.
+  module, params, fn = minilm
+  g = minilm_golden
+  padded = [np.pad(g[k], ((0, 0), (0, 64 - g[k].shape[1])))
+            for k in ('input_ids', 'attention_mask', 'token_type_ids')]
+  staged = np.asarray(make_staged_apply(module)(params, *padded))
+  np.testing.assert_allclose(staged, g['embeddings'], atol=TOL, rtol=0)
+  np.testing.assert_allclose(staged, np.asarray(fn(params, *padded)), atol=1e-6, rtol=0)
 
 
 def test_init_params_keep_dense_layout():

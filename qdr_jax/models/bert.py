@@ -281,6 +281,35 @@ def _use_fused_attention() -> bool:
   return jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu')
 
 
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
+                   mask_bias: jax.Array) -> jax.Array:
+  """Multi-head attention of projected, pre-scaled (B, L, H, D) q, k, v: (B, L, H*D).
+
+  `mask_bias` (float32, 0 or a large negative) broadcasts against the (B, H, L, L)
+  scores: (B, 1, 1, L) for a key mask, (B, 1, L, L) for packed rows. A function of its
+  own, apart from the projections around it, so that a staged CPU forward
+  (`qdr_jax.models.staged`) can compile it with its own XLA options.
+  """
+  b, l, h, d = q.shape
+  if _use_fused_attention():
+    ctx = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(q.dtype), scale=1.0)
+    return ctx.reshape(b, l, h * d)
+  # Heads-first operands, transposed explicitly: with the einsums on (B, L, H, D)
+  # XLA:CPU computed probs @ v as (v^T probs^T), a dot at ~13 GFLOP/s taking 39% of
+  # the 32x256 forward; this form made attention's forward 20-30% cheaper.
+  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+  # Scores and softmax in float32 even under bf16: masking with a large negative and
+  # the exp are where low precision hurts.
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
+                      preferred_element_type=jnp.float32) + mask_bias
+  # Softmax with its normalisation deferred to the (B, H, L, D) context: one pass less
+  # over the (B, H, L, L) scores than dividing the probabilities.
+  unnormalized = jnp.exp(scores - row_max(jax.lax.stop_gradient(scores)))
+  denom = unnormalized.sum(axis=-1, keepdims=True)
+  ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
+  return (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3).reshape(b, l, h * d)
+
+
 class SelfAttention(nn.Module):
   """Post-LN multi-head self-attention block with its residual."""
   config: EncoderConfig
@@ -293,7 +322,8 @@ class SelfAttention(nn.Module):
     self.output = _dense(c, c.hidden_size, 'output')
     self.layer_norm = _layer_norm(c, 'layer_norm')
 
-  def __call__(self, x, mask_bias):
+  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, L, hidden) -> q, k, v, each (B, L, heads, head_dim); q pre-scaled."""
     c = self.config
     b, l, _ = x.shape
     head_dim = c.hidden_size // c.num_heads
@@ -307,26 +337,14 @@ class SelfAttention(nn.Module):
     qkv = x.reshape(b * l, -1) @ jnp.concatenate([wq * scale, wk, wv], axis=1)
     qkv = _add_bias(qkv, jnp.concatenate([bq * scale, bk, bv]))
     q, k, v = jnp.split(qkv.reshape(b, l, 3, c.num_heads, head_dim), 3, axis=2)
-    q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]
-    if _use_fused_attention():
-      ctx = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(q.dtype),
-                                         scale=1.0)
-    else:
-      # Heads-first operands, transposed explicitly: with the einsums on (B, L, H, D)
-      # XLA:CPU computed probs @ v as (v^T probs^T), a dot at ~13 GFLOP/s taking 39%
-      # of the 32x256 forward; this form made attention's forward 20-30% cheaper.
-      q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-      # Scores and softmax in float32 even under bf16: masking with a large
-      # negative and the exp are where low precision hurts.
-      scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
-                          preferred_element_type=jnp.float32) + mask_bias
-      # Softmax with its normalisation deferred to the (B, H, L, D) context: one
-      # pass less over the (B, H, L, L) scores than dividing the probabilities.
-      unnormalized = jnp.exp(scores - row_max(jax.lax.stop_gradient(scores)))
-      denom = unnormalized.sum(axis=-1, keepdims=True)
-      ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
-      ctx = (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3)
-    return self.layer_norm(x + self.output(ctx.reshape(b, l, c.hidden_size)))
+    return q[:, :, 0], k[:, :, 0], v[:, :, 0]
+
+  def finish(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
+    """The attention context (B, L, hidden) through the output projection, residual, LN."""
+    return self.layer_norm(x + self.output(ctx))
+
+  def __call__(self, x, mask_bias):
+    return self.finish(x, attention_core(*self.project(x), mask_bias))
 
 
 class FeedForward(nn.Module):
@@ -345,14 +363,22 @@ class FeedForward(nn.Module):
 
 
 class TransformerLayer(nn.Module):
+  """One encoder layer; `project` and `finish` are its two halves around
+  `attention_core`, so that a staged forward can run them as executables of their own."""
   config: EncoderConfig
 
   def setup(self):
     self.attention = SelfAttention(self.config)
     self.ffn = FeedForward(self.config)
 
+  def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    return self.attention.project(x)
+
+  def finish(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
+    return self.ffn(self.attention.finish(x, ctx))
+
   def __call__(self, x, mask_bias):
-    return self.ffn(self.attention(x, mask_bias))
+    return self.finish(x, attention_core(*self.project(x), mask_bias))
 
 
 class BertEncoder(nn.Module):
@@ -374,10 +400,10 @@ class BertEncoder(nn.Module):
       self.head_dense = _dense(c, c.hidden_size, 'head_dense')
       self.head_norm = _layer_norm(c, 'head_norm', eps=ANCE_HEAD_EPS)
 
-  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
-                    token_type_ids: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """Last hidden states (B, L, hidden) in the compute dtype.
+  def embed_tokens(self, input_ids: jax.Array, attention_mask: jax.Array,
+                   token_type_ids: jax.Array | None = None,
+                   segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """The first layer's input (B, L, hidden) and the attention mask bias.
 
     With `segment_ids` (packed rows: 1 + the sequence's index, 0 on padding) a token
     attends only to the tokens of its own sequence, and positions restart at each.
@@ -391,6 +417,13 @@ class BertEncoder(nn.Module):
       keys = segment_ids[:, None, None, :]
       keep = (segment_ids[:, None, :, None] == keys) & (keys > 0)
     mask_bias = jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+    return x, mask_bias
+
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array,
+                    token_type_ids: jax.Array | None = None,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """Last hidden states (B, L, hidden) in the compute dtype (see `embed_tokens`)."""
+    x, mask_bias = self.embed_tokens(input_ids, attention_mask, token_type_ids, segment_ids)
     for layer in self.layers:
       x = layer(x, mask_bias)
     return x
