@@ -1,8 +1,9 @@
 r"""Demo: all-MiniLM-L6-v2 on the bundled SciFact (BEIR), IVF64,PQ48x8 (32x compression).
 
-Takes 6-11 minutes on 2 CPU cores (a fresh clone: 6 min 37 s in session 13, 7 min 54 s in
-session 12, 10 min 37 s on session 11's slower host), half of it the first run's corpus
-embedding (5,183 abstracts), cached for later runs. Arguments (``--config=configs/demo.py:steps=50,mode=jpq``):
+Takes 6-11 minutes on 2 CPU cores (a fresh clone: 6 min 18 s to 6 min 51 s in session 14,
+6 min 37 s in session 13, 7 min 54 s in session 12, 10 min 37 s on session 11's slower host),
+half of it the first run's corpus embedding (5,183 abstracts), cached for later runs.
+Arguments (``--config=configs/demo.py:steps=50,mode=jpq``):
   steps: training steps; mode: a mode spec (`qdr_jax.config.split_mode_spec`): dback |
     dback_no_ste | jpq | query_only | posthoc, with the index parameters it learns as well
     appended (``dback+codebooks+centroids``) and config overrides after ``@``. The default,
