@@ -21,6 +21,11 @@ after ``--warmup`` calls. Outputs are checked to agree within ``--atol`` first.
 Writes ``{"jax": {...}, "torch": {...}, "ratio_forward": ..., "ratio_train": ..., ...}``
 (ratio = JAX seconds / PyTorch seconds; null without PyTorch).
 
+"forward" is one jitted graph. The corpus embedding runs the passage encoder's own
+forward (``Encoders.passage_apply``: on CPU the staged one of ``qdr_jax.models.staged``,
+its attention core compiled apart); it is timed on the same batch as "jax_corpus_forward",
+with ``ratio_forward_corpus``.
+
 ``--variants=default,ynn_xla_default`` compiles the same JAX functions once per named
 set of XLA:CPU options (``VARIANTS``) and alternates them with each other and PyTorch,
 so that a flag is judged within one process and one load; "jax" and the top-level
@@ -47,6 +52,8 @@ from ml_collections import config_flags
 from qdr_jax import host_memory
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import load_encoder, resolve_model_path
+from qdr_jax.models.staged import make_staged_apply, use_staged_forward
+from qdr_jax.targets.embed import make_apply
 
 _MODEL = flags.DEFINE_string("model", "all-MiniLM-L6-v2", "Encoder name or directory.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per call.")
@@ -227,6 +234,12 @@ def main(argv):
               "variant": _VARIANTS.value[0]},
       "jax_variants": {}, "torch": None, "ratio_forward": None, "ratio_train": None,
   }
+  # The forward the corpus embedding runs (staged on CPU), on the same batch.
+  corpus_forward = (make_staged_apply(module) if use_staged_forward()
+                    else jax.jit(make_apply(module)))
+  fb = batches["forward"]
+  corpus_args = (params, fb["input_ids"], fb["attention_mask"], fb["token_type_ids"])
+  calls["corpus/forward"] = lambda: jax.block_until_ready(corpus_forward(*corpus_args))
   try:
     torch_mod = __import__("torch")
   except ImportError:
@@ -251,6 +264,11 @@ def main(argv):
         raise SystemExit(f"JAX ({variant}) and PyTorch disagree: forward max |diff| "
                          f"{diff_fwd:.2e}, train loss |diff| {diff_loss:.2e} "
                          f"(atol {_ATOL.value}).")
+    diff_corpus = float(np.abs(np.asarray(corpus_forward(*corpus_args)) - ref_fwd).max())
+    result.setdefault("max_abs_diff_forward", {})["corpus"] = diff_corpus
+    if diff_corpus > _ATOL.value:
+      raise SystemExit(f"JAX (corpus forward) and PyTorch disagree: forward max |diff| "
+                       f"{diff_corpus:.2e} (atol {_ATOL.value}).")
     calls["torch/forward"] = lambda: t_forward(torch_batches["forward"])
     for name in trains:
       calls[f"torch/{name}"] = functools.partial(t_train, torch_batches[name], w_t)
@@ -261,6 +279,8 @@ def main(argv):
     who, what = name.split("/")
     if who == "torch":
       result["torch"][what] = summary(seconds)
+    elif who == "corpus":
+      result["jax_corpus_forward"] = summary(seconds)
     else:
       entry = result["jax_variants"].setdefault(who, {"compiler_options": VARIANTS[who]})
       entry[what] = summary(seconds)
@@ -274,6 +294,8 @@ def main(argv):
       for name in ["forward"] + trains:
         entry[f"ratio_{name}"] = (jax_entry[name]["median_s"]
                                   / result["torch"][name]["median_s"])
+    result["ratio_forward_corpus"] = (result["jax_corpus_forward"]["median_s"]
+                                      / result["torch"]["forward"]["median_s"])
   result["load_average"] = os.getloadavg()
   result["host_heap_kept"] = host_memory.applied  # both frameworks share the process
   text = json.dumps(result, indent=2)
