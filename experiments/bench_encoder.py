@@ -52,8 +52,7 @@ from ml_collections import config_flags
 from qdr_jax import host_memory
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import load_encoder, resolve_model_path
-from qdr_jax.models.staged import make_staged_apply, use_staged_forward
-from qdr_jax.targets.embed import make_apply
+from qdr_jax.targets.embed import make_corpus_apply
 
 _MODEL = flags.DEFINE_string("model", "all-MiniLM-L6-v2", "Encoder name or directory.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Sequences per call.")
@@ -235,8 +234,7 @@ def main(argv):
       "jax_variants": {}, "torch": None, "ratio_forward": None, "ratio_train": None,
   }
   # The forward the corpus embedding runs (staged on CPU), on the same batch.
-  corpus_forward = (make_staged_apply(module) if use_staged_forward()
-                    else jax.jit(make_apply(module)))
+  corpus_forward = make_corpus_apply(module)
   fb = batches["forward"]
   corpus_args = (params, fb["input_ids"], fb["attention_mask"], fb["token_type_ids"])
   calls["corpus/forward"] = lambda: jax.block_until_ready(corpus_forward(*corpus_args))

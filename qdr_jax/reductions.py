@@ -14,14 +14,21 @@ import jax
 import jax.numpy as jnp
 
 
+def _extreme(x: jax.Array, smallest: bool) -> jax.Array:
+  """Min (or max) over the last axis as a `where` reducer, without NaN propagation."""
+  pick = (lambda a, b: jnp.where(a < b, a, b)) if smallest else (
+      lambda a, b: jnp.where(a > b, a, b))
+  start = jnp.array(jnp.inf if smallest else -jnp.inf, x.dtype)
+  return jax.lax.reduce(x, start, pick, (x.ndim - 1,))
+
+
 def row_max(x: jax.Array) -> jax.Array:
   """Max over the last axis, kept as a size-1 axis, without NaN propagation.
 
   For a softmax shift, which needs no NaN semantics: a NaN score makes its exp NaN
   either way.
   """
-  return jax.lax.reduce(x, -jnp.inf, lambda a, b: jnp.where(a > b, a, b),
-                        (x.ndim - 1,))[..., None]
+  return _extreme(x, smallest=False)[..., None]
 
 
 def _first_index_of_extreme(x: jax.Array, smallest: bool) -> jax.Array:
@@ -30,10 +37,7 @@ def _first_index_of_extreme(x: jax.Array, smallest: bool) -> jax.Array:
   Two plain reductions: the extreme value, then the smallest index holding it. A row
   with no index equal to its extreme (a NaN row) gets the last index, a valid one.
   """
-  pick = (lambda a, b: jnp.where(a < b, a, b)) if smallest else (
-      lambda a, b: jnp.where(a > b, a, b))
-  start = jnp.array(jnp.inf if smallest else -jnp.inf, x.dtype)
-  extreme = jax.lax.reduce(x, start, pick, (x.ndim - 1,))
+  extreme = _extreme(x, smallest)
   size = x.shape[-1]
   index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   first = jax.lax.reduce(jnp.where(x == extreme[..., None], index, size), jnp.int32(size),

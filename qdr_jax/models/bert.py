@@ -311,7 +311,8 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 class SelfAttention(nn.Module):
-  """Post-LN multi-head self-attention block with its residual."""
+  """Post-LN multi-head self-attention block with its residual, in two halves around
+  `attention_core` (`TransformerLayer` joins them)."""
   config: EncoderConfig
 
   def setup(self):
@@ -342,9 +343,6 @@ class SelfAttention(nn.Module):
   def finish(self, x: jax.Array, ctx: jax.Array) -> jax.Array:
     """The attention context (B, L, hidden) through the output projection, residual, LN."""
     return self.layer_norm(x + self.output(ctx))
-
-  def __call__(self, x, mask_bias):
-    return self.finish(x, attention_core(*self.project(x), mask_bias))
 
 
 class FeedForward(nn.Module):

@@ -4,7 +4,7 @@ XLA's compiler options apply to a whole executable. On CPU the encoder's two kin
 matmul want different ones: the dense projections run fastest on XLA's own dot
 kernels (YNNPACK's library fusions off, as `qdr_jax/__init__.py` sets), the attention
 core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
-32 x 256 batch 45 ms against 63, the whole forward 9% less; issue 12, BENCHMARKS.md).
+32 x 256 batch 45 ms against 63, the whole forward 2-10% less; issue 12, BENCHMARKS.md).
 So the forward runs as: embeddings + layer 0's projection; per layer the attention
 core, then the layer's second half + the next layer's projection; the last layer's
 second half + pooling. Every stage is dispatched asynchronously, so a caller that
@@ -12,7 +12,7 @@ dispatches batch i+1 before fetching batch i keeps the device as busy as with on
 executable.
 
 Same parameters, same math as `BertEncoder.__call__` (the stages are its own methods);
-the outputs differ only by float rounding (~2e-6). Inference only: training keeps one
+the outputs differ only by float rounding (1.4e-7 on MiniLM). Inference only: training keeps one
 jitted step, whose backward needs the whole graph.
 """
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from qdr_jax import distributed
 from qdr_jax.io_utils import write_text_atomic
+from qdr_jax.models.staged import make_staged_apply, use_staged_forward
 from qdr_jax.models.tokenization import passage_inputs
 from qdr_jax.sharding import DATA_AXIS
 
@@ -51,6 +52,15 @@ def make_apply(module) -> ApplyFn:
     return module.apply({"params": params}, input_ids, attention_mask, token_type_ids)
 
   return apply
+
+
+def make_corpus_apply(module) -> ApplyFn:
+  """The jitted forward corpus embedding runs, ``make_apply``'s signature: on CPU the
+  staged one (`qdr_jax.models.staged`, its attention core compiled apart), elsewhere one
+  jitted graph."""
+  if use_staged_forward():
+    return make_staged_apply(module)
+  return jax.jit(make_apply(module))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,8 +11,13 @@ import ml_collections
 import numpy as np
 
 from qdr_jax.models import load_encoder, load_tokenizer
-from qdr_jax.models.staged import make_staged_apply, use_staged_forward
-from qdr_jax.targets.embed import Batching, embed_corpus, embed_texts, make_apply
+from qdr_jax.targets.embed import (
+  Batching,
+  embed_corpus,
+  embed_texts,
+  make_apply,
+  make_corpus_apply,
+)
 
 
 @dataclasses.dataclass
@@ -28,8 +33,7 @@ class Encoders:
     self.query_apply = jax.jit(make_apply(self.query_module))
     # The corpus forward (long passages, inference only) runs staged on CPU, its
     # attention core compiled with its own XLA options (qdr_jax.models.staged).
-    self.passage_apply = (make_staged_apply(self.passage_module) if use_staged_forward()
-                          else jax.jit(make_apply(self.passage_module)))
+    self.passage_apply = make_corpus_apply(self.passage_module)
 
 
 def load_encoders(model_cfg: ml_collections.ConfigDict) -> Encoders:
