@@ -18,6 +18,7 @@ from qdr_jax.models import (BertEncoder, EncoderConfig, MINILM_ALIASES,
                             default_model_path, init_params, load_encoder,
                             load_tokenizer, passage_inputs, resolve_model_path,
                             save_encoder_hf, tokenize)
+from qdr_jax.models.bert import _softmax_context, attention_core
 from qdr_jax.models.staged import make_staged_apply
 
 GOLDENS = os.path.join(os.path.dirname(__file__), 'goldens')
@@ -150,6 +151,69 @@ def test_tiny_fused_attention_path_parity(name, monkeypatch):
   pooling = module.config.pooling
   np.testing.assert_allclose(fused_path, ref[pooling], atol=TOL, rtol=0)
   np.testing.assert_allclose(fused_path, cpu_path, atol=1e-5, rtol=0)
+
+
+def _attention_reference(q, k, v, keep):
+  """float64 softmax attention; keep: (B, L) key mask or (B, L, L) per-query mask."""
+  q, k, v = (np.asarray(t, np.float64).transpose(0, 2, 1, 3) for t in (q, k, v))
+  scores = np.einsum('bhqd,bhkd->bhqk', q, k)
+  keep = keep[:, None, None, :] if keep.ndim == 2 else keep[:, None]
+  scores = np.where(keep, scores, -np.inf)
+  probs = np.exp(scores - scores.max(-1, keepdims=True))
+  probs /= probs.sum(-1, keepdims=True)
+  ctx = np.einsum('bhqk,bhkd->bhqd', probs, v).transpose(0, 2, 1, 3)
+  return ctx.reshape(ctx.shape[0], ctx.shape[1], -1)
+
+
+def _bias(keep):
+  bias = np.where(keep, 0.0, np.finfo(np.float32).min).astype(np.float32)
+  return jnp.asarray(bias[:, None, None, :] if keep.ndim == 2 else bias[:, None])
+
+
+@pytest.mark.parametrize('layout', ['key_mask', 'packed'])
+def test_attention_core_shifts_agree(layout):
+  # The corpus forward's cheaper softmax shift (the larger of a row's scores against
+  # its first key and its own position) gives the row-maximum attention: on padded
+  # rows, and on packed rows whose later segments mask the first key.
+  rng = np.random.default_rng(0)
+  b, l, h, d = 3, 12, 2, 8
+  q, k, v = (rng.standard_normal((b, l, h, d)).astype(np.float32) for _ in range(3))
+  if layout == 'key_mask':
+    keep = np.ones((b, l), bool)
+    keep[1, 7:] = False
+  else:  # rows 0-4 one segment, 5-9 another, 10-11 padding
+    segments = np.array([1] * 5 + [2] * 5 + [0] * 2)
+    keep = np.broadcast_to((segments[:, None] == segments[None, :]) & (segments[None, :] > 0),
+                           (b, l, l)).copy()
+  exact = np.asarray(attention_core(q, k, v, _bias(keep)))
+  cheap = np.asarray(attention_core(q, k, v, _bias(keep), softmax_shift='first_or_self'))
+  reference = _attention_reference(q, k, v, keep)
+  rows = keep.any(-1) if keep.ndim == 3 else np.broadcast_to(keep[1:2].any(-1), (b, l))
+  np.testing.assert_allclose(cheap[rows], reference[rows], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(cheap[rows], exact[rows], atol=1e-6, rtol=0)
+  assert np.isfinite(cheap).all()
+
+
+def test_attention_core_cheap_shift_falls_back_on_overflow():
+  # One key beats a row's first key and its own position by far more than float32's exp
+  # range: the cheap shift overflows that row (NaN), and the core recomputes the whole
+  # attention with the row maximum, jitted or not.
+  rng = np.random.default_rng(1)
+  b, l, h, d = 2, 6, 1, 4
+  q, k, v = (rng.standard_normal((b, l, h, d)).astype(np.float32) for _ in range(3))
+  q[0, 2, 0] = [30.0, 0.0, 0.0, 0.0]
+  k[0, :, 0, 0] = 0.0
+  k[0, 4, 0, 0] = 10.0  # row 2's score 300 against key 4, 0 against keys 0 and 2
+  keep = np.ones((b, l), bool)
+  heads_first = [jnp.asarray(t).transpose(0, 2, 1, 3) for t in (q, k, v)]
+  assert not np.isfinite(np.asarray(
+      _softmax_context(*heads_first, _bias(keep), 'first_or_self'))).all()
+  reference = _attention_reference(q, k, v, keep)
+  for fn in (attention_core, jax.jit(attention_core, static_argnames='softmax_shift')):
+    out = np.asarray(fn(q, k, v, _bias(keep), softmax_shift='first_or_self'))
+    np.testing.assert_allclose(out, reference, atol=1e-6, rtol=0)
+  with pytest.raises(ValueError, match='softmax_shift'):
+    attention_core(q, k, v, _bias(keep), softmax_shift='max')
 
 
 @pytest.mark.parametrize('name,pooling', [(n, p) for n, p, _ in TINY_CASES])

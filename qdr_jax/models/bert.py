@@ -281,15 +281,68 @@ def _use_fused_attention() -> bool:
   return jax.default_backend() in ('gpu', 'cuda', 'rocm', 'tpu')
 
 
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
-                   mask_bias: jax.Array) -> jax.Array:
+SOFTMAX_SHIFTS = ('row_max', 'first_or_self')
+
+
+def _row_lower_bound(q: jax.Array, k: jax.Array, mask_bias: jax.Array) -> jax.Array:
+  """(B, H, L, 1): the larger of each row's biased scores against the first key and
+  against its own position, so at most the row's maximum, from (B, H, L) products."""
+  first = jnp.einsum('bhqd,bhd->bhq', q, k[:, :, 0], preferred_element_type=jnp.float32)
+  own = jnp.einsum('bhqd,bhqd->bhq', q, k, preferred_element_type=jnp.float32)
+  first_bias = mask_bias[..., 0]
+  # mask_bias is (B, 1, 1, L) for a key mask, (B, 1, L, L) for packed rows.
+  own_bias = (mask_bias[..., 0, :] if mask_bias.shape[-2] == 1
+              else jnp.diagonal(mask_bias, axis1=-2, axis2=-1))
+  return jnp.maximum(first + first_bias, own + own_bias)[..., None]
+
+
+def _softmax_context(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Array,
+                     softmax_shift: str) -> jax.Array:
+  """Heads-first (B, H, L, D) q, k, v -> the (B, H, L, D) context of a shifted softmax."""
+  # Scores and softmax in float32 even under bf16: masking with a large negative and
+  # the exp are where low precision hurts.
+  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
+                      preferred_element_type=jnp.float32) + mask_bias
+  if softmax_shift == 'row_max':
+    shift = row_max(scores)
+  else:
+    # From (B, H, L) products instead of a reduction over the (B, H, L, L) scores: with
+    # XLA:CPU's dot fusions the row maximum was a third of the attention core (issue
+    # 12, BENCHMARKS.md). A right-padded row always keeps its first key; a packed row
+    # keeps its own position. Being one of the row's scores, the bound keeps the
+    # row's largest term at least 1 (no row sums to 0, and no term that matters
+    # underflows); it overflows a row of L keys only when the row's best score is
+    # more than 88 - ln(L) nats above it (all-MiniLM-L6-v2 on SciFact passages: at
+    # most 29, in layer 0), and then `attention_core` falls back to the row maximum.
+    shift = _row_lower_bound(q, k, mask_bias)
+  # Softmax with its normalisation deferred to the (B, H, L, D) context: one pass less
+  # over the (B, H, L, L) scores than dividing the probabilities.
+  unnormalized = jnp.exp(scores - jax.lax.stop_gradient(shift))
+  denom = unnormalized.sum(axis=-1, keepdims=True)
+  ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
+  return ctx / denom.astype(ctx.dtype)
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Array,
+                   softmax_shift: str = 'row_max') -> jax.Array:
   """Multi-head attention of projected, pre-scaled (B, L, H, D) q, k, v: (B, L, H*D).
 
   `mask_bias` (float32, 0 or a large negative) broadcasts against the (B, H, L, L)
   scores: (B, 1, 1, L) for a key mask, (B, 1, L, L) for packed rows. A function of its
   own, apart from the projections around it, so that a staged CPU forward
   (`qdr_jax.models.staged`) can compile it with its own XLA options.
+
+  `softmax_shift` is what the softmax subtracts from each row of scores before the
+  exp: 'row_max', the row's maximum, or 'first_or_self', the larger of its scores
+  against the first key and against its own position, which skips a pass over the
+  scores. Softmax does not depend on the shift, so both give the same
+  attention up to float rounding. Where the cheaper shift overflows a row (its best
+  score more than ~83 nats above both, or both masked in a row with unmasked keys)
+  the output has a NaN, and the whole core is recomputed with the row maximum. On
+  accelerators the fused kernel takes its own shift and the argument is ignored.
   """
+  if softmax_shift not in SOFTMAX_SHIFTS:
+    raise ValueError(f'softmax_shift must be one of {SOFTMAX_SHIFTS}, got {softmax_shift!r}.')
   b, l, h, d = q.shape
   if _use_fused_attention():
     ctx = jax.nn.dot_product_attention(q, k, v, bias=mask_bias.astype(q.dtype), scale=1.0)
@@ -297,17 +350,19 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array,
   # Heads-first operands, transposed explicitly: with the einsums on (B, L, H, D)
   # XLA:CPU computed probs @ v as (v^T probs^T), a dot at ~13 GFLOP/s taking 39% of
   # the 32x256 forward; this form made attention's forward 20-30% cheaper.
-  q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-  # Scores and softmax in float32 even under bf16: masking with a large negative and
-  # the exp are where low precision hurts.
-  scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
-                      preferred_element_type=jnp.float32) + mask_bias
-  # Softmax with its normalisation deferred to the (B, H, L, D) context: one pass less
-  # over the (B, H, L, L) scores than dividing the probabilities.
-  unnormalized = jnp.exp(scores - row_max(jax.lax.stop_gradient(scores)))
-  denom = unnormalized.sum(axis=-1, keepdims=True)
-  ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
-  return (ctx / denom.astype(ctx.dtype)).transpose(0, 2, 1, 3).reshape(b, l, h * d)
+  heads_first = tuple(t.transpose(0, 2, 1, 3) for t in (q, k, v))
+
+  def context(shift: str) -> jax.Array:
+    ctx = _softmax_context(*heads_first, mask_bias, shift)
+    return ctx.transpose(0, 2, 1, 3).reshape(b, l, h * d)
+
+  if softmax_shift == 'row_max':
+    return context('row_max')
+  # An overflowed row is NaN in every output column (inf / inf), so one finiteness test
+  # of the output finds it; a NaN input makes the exact path NaN too.
+  fast = context('first_or_self')
+  return jax.lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast,
+                      lambda: context('row_max'))
 
 
 class SelfAttention(nn.Module):

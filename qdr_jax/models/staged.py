@@ -11,13 +11,16 @@ second half + pooling. Every stage is dispatched asynchronously, so a caller tha
 dispatches batch i+1 before fetching batch i keeps the device as busy as with one
 executable.
 
-Same parameters, same math as `BertEncoder.__call__` (the stages are its own methods);
-the outputs differ only by float rounding (1.4e-7 on MiniLM). Inference only: training keeps one
+Same parameters, same math as `BertEncoder.__call__` (the stages are its own methods),
+except that the core shifts each softmax row by a cheap lower bound of its maximum
+instead of the maximum itself (`attention_core`'s 'first_or_self', with an exact
+fallback); the outputs differ only by float rounding (1e-7 on MiniLM). Inference only: training keeps one
 jitted step, whose backward needs the whole graph.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -41,8 +44,8 @@ def use_staged_forward() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def make_staged_apply(module: BertEncoder,
-                      core_options: dict[str, Any] | None = None) -> Callable[..., jax.Array]:
+def make_staged_apply(module: BertEncoder, core_options: dict[str, Any] | None = None,
+                      softmax_shift: str = 'first_or_self') -> Callable[..., jax.Array]:
   """``(params, input_ids, attention_mask, token_type_ids) -> (B, d)``, as `make_apply`'s
   function (and already jitted), run stage by stage.
 
@@ -50,6 +53,8 @@ def make_staged_apply(module: BertEncoder,
     module: the encoder.
     core_options: XLA compiler options of the attention core's executable
       (default `ATTENTION_CORE_CPU_OPTIONS`).
+    softmax_shift: `attention_core`'s; 'first_or_self' skips the row maximum, a
+      third of the core's time with the options above (issue 12, BENCHMARKS.md).
   """
   layer = TransformerLayer(module.config)
   names = [f"layer_{i}" for i in range(module.config.num_layers)]
@@ -67,7 +72,8 @@ def make_staged_apply(module: BertEncoder,
                                 token_type_ids, method=BertEncoder.embed_tokens)
     return x, mask_bias, project(params[names[0]], x)
 
-  core = jax.jit(attention_core, compiler_options=options or None)
+  core = jax.jit(functools.partial(attention_core, softmax_shift=softmax_shift),
+                 compiler_options=options or None)
 
   @jax.jit
   def between(layer_params, next_layer_params, x, ctx):
