@@ -303,8 +303,10 @@ def _softmax_context(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Ar
   # the exp are where low precision hurts.
   scores = jnp.einsum('bhqd,bhkd->bhqk', q, k,
                       preferred_element_type=jnp.float32) + mask_bias
+  # The shift carries no gradient (softmax does not depend on it): taken from
+  # stop-gradient inputs, so a training step differentiates nothing for it.
   if softmax_shift == 'row_max':
-    shift = row_max(scores)
+    shift = row_max(jax.lax.stop_gradient(scores))
   else:
     # From (B, H, L) products instead of a reduction over the (B, H, L, L) scores: with
     # XLA:CPU's dot fusions the row maximum was a third of the attention core (issue
@@ -314,10 +316,10 @@ def _softmax_context(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Ar
     # underflows); it overflows a row of L keys only when the row's best score is
     # more than 88 - ln(L) nats above it (all-MiniLM-L6-v2 on SciFact passages: at
     # most 29, in layer 0), and then `attention_core` falls back to the row maximum.
-    shift = _row_lower_bound(q, k, mask_bias)
+    shift = _row_lower_bound(jax.lax.stop_gradient(q), jax.lax.stop_gradient(k), mask_bias)
   # Softmax with its normalisation deferred to the (B, H, L, D) context: one pass less
   # over the (B, H, L, L) scores than dividing the probabilities.
-  unnormalized = jnp.exp(scores - jax.lax.stop_gradient(shift))
+  unnormalized = jnp.exp(scores - shift)
   denom = unnormalized.sum(axis=-1, keepdims=True)
   ctx = jnp.einsum('bhqk,bhkd->bhqd', unnormalized.astype(v.dtype), v)
   return ctx / denom.astype(ctx.dtype)
