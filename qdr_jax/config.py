@@ -89,10 +89,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
   # Label-free pseudo-queries per step: corpus passages drawn by (seed, step) whose title
   # (or first sentence) the query encoder encodes as a query. Their index candidates join
-  # the pool; only the distillation term (loss.distill_weight) applies to them.
+  # the pool; what they train depends on pseudo_query_source.
   c.negatives.pseudo_queries = 0
   c.negatives.pseudo_query_field = "title"  # title (first sentence if none) | first_sentence
-  c.negatives.pseudo_query_hide_source = True  # hide the passage from its own pseudo-query
+  # The passage a pseudo-query came from: 'hide' - hidden from it (the pseudo-query is
+  # label-free: only the distillation term, loss.distill_weight, applies to it);
+  # 'positive' - its labelled positive, so the contrastive loss trains on (title, passage)
+  # pairs drawn from the whole corpus, reaching passages no training query names;
+  # 'candidate' - an ordinary pool row.
+  c.negatives.pseudo_query_source = "hide"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.temperature = 0.05
@@ -111,6 +116,13 @@ def base_config() -> ml_collections.ConfigDict:
   # index parameters, quant.learn: the ranking is matched by the shared parameters alone,
   # and the flat ranking of the encoder and rows is left to the contrastive loss).
   c.loss.distill_reaches = "all"
+  # Contrastive term of the pseudo-queries labelled with their own passage
+  # (negatives.pseudo_query_source='positive'), added with this weight to the training
+  # queries' loss; what it moves: "all" or "index" (only the learned index parameters,
+  # quant.learn: the encoder and rows keep learning from training queries alone, while
+  # the shared codewords and lists learn from (title, passage) pairs over the whole corpus).
+  c.loss.pseudo_weight = 1.0
+  c.loss.pseudo_reaches = "all"
   # Uniform-usage penalty on PQ codeword and IVF list usage of the pooled rows (soft
   # assignments, softness in units of each row's score spread); quantizing modes. 0 = off.
   c.loss.balance_weight = 0.0

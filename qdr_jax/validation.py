@@ -20,12 +20,13 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from qdr_jax.data.pseudo import PSEUDO_QUERY_SOURCES
 from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 # The evaluator's own parser, so that validation accepts exactly what it will.
 from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=protected-access
 from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
                                        factory_layout)
-from qdr_jax.train.loss import DISTILL_REACHES
+from qdr_jax.train.loss import LOSS_REACHES
 from qdr_jax.train.modes import MODES, mode_from_config
 
 # The enumerated settings and their allowed values.
@@ -37,10 +38,12 @@ ENUMS: dict[str, tuple] = {
     "table.init": ("encode", "npy", "faiss"),
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
-    "loss.distill_reaches": DISTILL_REACHES,
+    "loss.distill_reaches": LOSS_REACHES,
+    "loss.pseudo_reaches": LOSS_REACHES,
     "quant.codes": ("index", "recompute"),
     "quant.learn_from": ("pool", "positives"),
     "negatives.pseudo_query_field": ("title", "first_sentence"),
+    "negatives.pseudo_query_source": PSEUDO_QUERY_SOURCES,
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.mode": tuple(MODES),
@@ -80,6 +83,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("loss.balance_rows", 0, False, None),
     ("loss.distortion_weight", 0, False, None),
     ("loss.norm_ratio_weight", 0, False, None),
+    ("loss.pseudo_weight", 0, False, None),
     ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
@@ -112,7 +116,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
            "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
            "loss.balance_weight", "loss.balance_temperature", "loss.distortion_weight",
-           "loss.norm_ratio_weight",
+           "loss.norm_ratio_weight", "loss.pseudo_weight",
            "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.centroid_lr", "optim.rotation_lr",
            "optim.end_lr_fraction", "optim.weight_decay",
@@ -217,6 +221,14 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
   loss, mode = config.loss, MODES.get(config.train.mode)
   if mode is None or not mode.trains:
     return
+  pseudo_labelled = (config.negatives.pseudo_queries
+                     and config.negatives.pseudo_query_source == "positive")
+  if not pseudo_labelled and (loss.pseudo_reaches != "all" or loss.pseudo_weight != 1.0):
+    warnings.append(f"config.loss.pseudo_weight={loss.pseudo_weight!r} and "
+                    f"config.loss.pseudo_reaches={loss.pseudo_reaches!r} apply only to "
+                    "pseudo-queries labelled with their own passage "
+                    "(config.negatives.pseudo_queries > 0 and "
+                    "config.negatives.pseudo_query_source='positive'): they change nothing")
   if not mode.quantize:
     for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
       if loss[key]:
@@ -227,7 +239,8 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
                                              and loss.distill_reaches == "index",
       f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight,
       f"config.loss.norm_ratio_weight={loss.norm_ratio_weight!r}": loss.norm_ratio_weight,
-      "config.quant.learn_from='positives'": config.quant.learn_from == "positives"}
+      "config.quant.learn_from='positives'": config.quant.learn_from == "positives",
+      "config.loss.pseudo_reaches='index'": loss.pseudo_reaches == "index" and pseudo_labelled}
   if mode.quantize and any(index_only.values()):
     try:
       learns = mode_from_config(config).learns_index
@@ -236,10 +249,12 @@ def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[
     for setting in [name for name, on in index_only.items() if on and not learns]:
       warnings.append(f"{setting} in a mode that learns no index parameter "
                       "(config.quant.learn is empty): it changes nothing")
-  if config.negatives.pseudo_queries and not (mode.quantize and loss.distill_weight):
+  if (config.negatives.pseudo_queries and config.negatives.pseudo_query_source != "positive"
+      and not (mode.quantize and loss.distill_weight)):
     warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
                     "without the distillation term (config.loss.distill_weight > 0 in a "
-                    "quantizing mode): their candidates only add negatives to the pool")
+                    "quantizing mode) or config.negatives.pseudo_query_source='positive': their "
+                    "candidates only add negatives to the pool")
 
 
 def check_table_file(path: str | os.PathLike, *, num_rows: int | None = None,

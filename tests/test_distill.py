@@ -332,6 +332,24 @@ def test_pool_with_unlabelled_queries():
                unlabelled=1)
 
 
+@pytest.mark.parametrize("source", ["positive", "hide", "candidate"])
+def test_pseudo_query_source_labels_hides_or_leaves_the_passage(source):
+  from qdr_jax.train.negatives import pseudo_query_labels
+  candidates = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])  # the last query is a pseudo-query
+  positives, hidden, unlabelled = pseudo_query_labels(
+      [np.array([1]), np.array([4, 5])], np.array([8]), source)
+  pool = build_pool(candidates, positives, pool_size=12, num_rows=20, max_positives=2,
+                    rng=np.random.default_rng(0), hidden=hidden, unlabelled=unlabelled)
+  column = pool.row_ids.tolist().index(8)
+  assert pool.positive_mask[2, column] == (source == "positive")
+  assert pool.positive_mask[2].sum() == (source == "positive")
+  assert pool.hidden_mask[2, column] == (source == "hide")
+  assert pool.positive_mask[:2].sum() == 3 and not pool.hidden_mask[:2].any()
+  assert not pool.positive_mask[:2, column].any()  # the training queries still see a negative
+  with pytest.raises(ValueError, match="pseudo_query_source"):
+    pseudo_query_labels([np.array([1])], np.array([8]), "label")
+
+
 def test_recomputed_codes_follow_the_rows():
   """'recompute' decodes the rows' current codes: a moved row's reconstruction moves."""
   rng = np.random.default_rng(4)
@@ -383,11 +401,16 @@ def test_validation_of_the_new_settings():
   config = base_config()
   config.loss.distill_temperature = 0.0
   config.negatives.pseudo_query_field = "body"
+  config.negatives.pseudo_query_source = "label"
   config.loss.balance_rows = -1
+  config.loss.pseudo_weight = -1.0
+  config.loss.pseudo_reaches = "rows"
   with pytest.raises(ConfigError) as e:
     validate_config(config)
   text = str(e.value)
   assert "loss.distill_temperature=0.0" in text and "pseudo_query_field='body'" in text
+  assert "pseudo_query_source='label'" in text
+  assert "loss.pseudo_weight=-1.0" in text and "pseudo_reaches='rows'" in text
   assert "loss.balance_rows=-1" in text
   config = base_config()
   config.train.mode = "query_only"
@@ -400,6 +423,14 @@ def test_validation_of_the_new_settings():
   assert any("distortion_weight=0.5: ignored" in w for w in warnings)
   assert any("norm_ratio_weight=3.0: ignored" in w for w in warnings)
   assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
+  config.loss.pseudo_reaches = "index"  # set, but no pseudo-query is labelled
+  assert any("pseudo_reaches='index' apply only to pseudo-queries labelled" in w
+             for w in validate_config(config))
+  config.negatives.pseudo_query_source = "positive"  # then they train the contrastive loss
+  warnings = validate_config(config)
+  assert not any("pseudo_queries" in w or "apply only" in w for w in warnings)
+  config.loss.pseudo_reaches = "all"
+  config.negatives.pseudo_query_source = "hide"
   config.train.mode = "dback"  # quantizing, but nothing learned for the term to move
   config.quant.learn_from = "positives"
   warnings = validate_config(config)

@@ -21,9 +21,14 @@ from qdr_jax.train.step import make_step_functions, pool_targets
 DIM, ROWS, BATCH, SEQ = 32, 512, 4, 8
 
 
-def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0):
+def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0, **settings):
+  """The step's pieces on a tiny encoder and table; ``settings`` ("loss.pseudo_weight": 2.0,
+  ...) are further config values."""
   config = base_config()
   config.loss.routing_weight = routing_weight
+  for key, value in settings.items():
+    section, name = key.split(".")
+    config[section][name] = value
   config.train.steps = steps
   config.loss.temperature = 0.1
   config.optim.warmup_steps = 0  # so the first step already moves
@@ -31,7 +36,8 @@ def _setup(mode_name="dback", steps=10, factory="PQ4x8", routing_weight=0.0):
   config.optim.row_lr = 1e-2
   config.optim.codebook_lr = 1e-2
   config.sharding.num_devices = 1
-  mode = get_mode(mode_name)
+  name, _, learned = mode_name.partition("+")  # "dback+codebooks": dback learning codebooks
+  mode = get_mode(name, tuple(learned.split("+")) if learned else ())
   module = BertEncoder(EncoderConfig.tiny(pooling="mean", normalize=True))
   params = init_params(module, jax.random.key(0))
   rng = np.random.default_rng(0)
@@ -194,6 +200,39 @@ def test_routing_term_adds_the_probe_loss_of_the_positives_lists():
   assert float(routed["routing_recall"]) == float(parts["routing_recall"])
   assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params_plain),
                                                       jax.tree.leaves(params_routed)))
+
+
+@pytest.mark.parametrize("reaches", ["all", "index"])
+def test_pseudo_positive_term_adds_its_loss_and_reaches_what_it_says(reaches):
+  """Pseudo-queries labelled with their own passage (the batch's last two) get their own
+  contrastive term, ``loss.pseudo_weight`` times theirs; with ``loss.pseudo_reaches=index``
+  it moves the learned codebooks and nothing else."""
+  runs = {}
+  for weight in (0.0, 2.0):
+    config, _, _, _, table, quantizer, state, fns, tokens, pool, _ = _setup(
+        "dback+codebooks", **{"negatives.pseudo_queries": 2,
+                              "negatives.pseudo_query_source": "positive",
+                              "loss.pseudo_weight": weight, "loss.pseudo_reaches": reaches})
+    q, vjp = fns.encode(state.params, tokens)
+    arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+    new_state, metrics = fns.update(state, vjp, q, arrays, quantizer)
+    runs[weight] = (metrics, jax.device_get(new_state))
+  rows = jnp.asarray(table)[arrays["row_ids"]]
+  targets = pool_targets(rows, quantizer, None)
+  part = lambda queries: contrastive_loss(
+      q[queries], targets, arrays["positive_mask"][queries], arrays["hidden_mask"][queries],
+      arrays["valid"], temperature=config.loss.temperature)[0]
+  (plain, before), (weighted, after) = runs[0.0], runs[2.0]
+  for metrics in (plain, weighted):
+    np.testing.assert_allclose(metrics["contrastive_loss"], part(slice(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(metrics["pseudo_loss"], part(slice(2, 4)), rtol=1e-5)
+  np.testing.assert_allclose(weighted["loss"], part(slice(0, 2)) + 2 * part(slice(2, 4)),
+                             rtol=1e-5)
+  moved = lambda a, b: any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
+                                                                     jax.tree.leaves(b)))
+  assert moved(before.index_params, after.index_params)
+  assert moved(before.params, after.params) == (reaches == "all")
+  assert moved(before.table, after.table) == (reaches == "all")
 
 
 # --- bfloat16 tables --------------------------------------------------------------------

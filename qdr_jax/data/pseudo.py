@@ -14,6 +14,9 @@ import numpy as np
 from qdr_jax.data.types import Corpus
 
 FIELDS = ("title", "first_sentence")
+# What the passage a pseudo-query came from is to it in training (config.negatives.
+# pseudo_query_source): hidden from it, its positive, or an ordinary candidate.
+PSEUDO_QUERY_SOURCES = ("hide", "positive", "candidate")
 # A sentence ends at . ! or ? followed by white space (abbreviations may cut it short,
 # which only shortens the pseudo-query).
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")

@@ -96,7 +96,9 @@ def routing_loss(coarse_logits: jax.Array, row_lists: jax.Array, positive_mask: 
   return loss, {"routing_loss": loss, "routing_recall": recall}
 
 
-DISTILL_REACHES = ("all", "index")
+# What a term's gradient moves: "all" (query encoder, rows through the straight-through
+# estimator, learned index parameters) or "index" (the learned index parameters only).
+LOSS_REACHES = ("all", "index")
 
 
 def index_reconstruction(targets: jax.Array, rows: jax.Array) -> jax.Array:
@@ -135,8 +137,8 @@ def distillation_loss(query_emb: jax.Array, rows: jax.Array, targets: jax.Array,
   Returns:
     (scalar mean over queries with an active row, metrics).
   """
-  if reaches not in DISTILL_REACHES:
-    raise ValueError(f"reaches must be one of {DISTILL_REACHES}, got {reaches!r}.")
+  if reaches not in LOSS_REACHES:
+    raise ValueError(f"reaches must be one of {LOSS_REACHES}, got {reaches!r}.")
   q = query_emb.astype(_at_least_f32(query_emb))
   frozen_rows = jax.lax.stop_gradient(rows.astype(q.dtype))
   teacher = jax.lax.stop_gradient(q) @ frozen_rows.T

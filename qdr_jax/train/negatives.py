@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qdr_jax import distributed
-from qdr_jax.data.pseudo import pseudo_query_texts
+from qdr_jax.data.pseudo import PSEUDO_QUERY_SOURCES, pseudo_query_texts
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.index.faiss_index import search
 from qdr_jax.index.lifecycle import IndexLifecycle
@@ -115,6 +115,32 @@ class PhaseTimers:
 
   def per_step(self, steps: int) -> dict[str, float]:
     return {name: value / max(steps, 1) for name, value in self.seconds.items()}
+
+
+def pseudo_query_labels(positives: list[np.ndarray], pseudo_rows: np.ndarray, source: str
+                        ) -> tuple[list[np.ndarray], list[np.ndarray] | None, int]:
+  """``build_pool``'s positives, hidden rows and unlabelled count for a batch whose last
+  queries are the pseudo-queries of ``pseudo_rows``.
+
+  Args:
+    positives: the training queries' positive rows, in batch order.
+    pseudo_rows: the corpus rows the pseudo-queries came from.
+    source: ``config.negatives.pseudo_query_source``: 'positive' labels each pseudo-query
+      with its own passage, so the contrastive loss trains on (title, passage) pairs drawn
+      from the whole corpus and reaches rows and index parameters no training query names;
+      'hide' hides that passage from it (a passage trivially matches its own title, which
+      would teach the distillation nothing but its own top rank); 'candidate' leaves it an
+      ordinary pool row.
+  """
+  if source not in PSEUDO_QUERY_SOURCES:
+    raise ValueError(f"config.negatives.pseudo_query_source must be one of "
+                     f"{PSEUDO_QUERY_SOURCES}; got {source!r}")
+  sources = [np.asarray([r], np.int64) for r in pseudo_rows]
+  if source == "positive":
+    return list(positives) + sources, None, 0
+  empty = np.zeros(0, np.int64)
+  hidden = [empty] * len(positives) + sources if sources and source == "hide" else None
+  return list(positives) + [empty] * len(sources), hidden, len(sources)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,17 +249,13 @@ class NegativeSource:
     if self.relevance_fn is not None:  # pseudo-queries have no answers: nothing to hide
       relevance = lambda rows: np.concatenate(
           [self.relevance_fn(batch.query_rows, rows), np.zeros((num_pseudo, rows.size), bool)])
-    positives = [self.queries.positives[i] for i in batch.query_rows]
-    empty = np.zeros(0, np.int64)
-    hidden = None
-    if num_pseudo and self.config.negatives.pseudo_query_hide_source:
-      # A passage trivially matches its own title: it would teach the distillation
-      # nothing but its own top rank.
-      hidden = [empty] * len(positives) + [np.asarray([r]) for r in batch.pseudo_rows]
-    built = build_pool(candidates, positives + [empty] * num_pseudo,
+    positives, hidden, unlabelled = pseudo_query_labels(
+        [self.queries.positives[i] for i in batch.query_rows], batch.pseudo_rows,
+        self.config.negatives.pseudo_query_source)
+    built = build_pool(candidates, positives,
                        pool_size=self.pool_size, num_rows=self.num_rows,
                        max_positives=self.config.negatives.max_positives,
                        rng=np.random.default_rng(self.step_seeds[batch.step]),
                        fill_valid=self.config.negatives.fill_valid, hidden=hidden,
-                       relevance_fn=relevance, unlabelled=num_pseudo)
+                       relevance_fn=relevance, unlabelled=unlabelled)
     return {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}

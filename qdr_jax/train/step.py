@@ -102,6 +102,12 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   # they apply to quantizing modes only.
   extra_terms = quantization_terms(config.loss) if mode.quantize else None
   learn_from_positives = mode.learns_index and config.quant.learn_from == "positives"
+  # The last queries of a batch may be pseudo-queries labelled with their own passage:
+  # they get their own contrastive term, so that its weight and reach are the config's.
+  num_pseudo_labelled = (int(config.negatives.pseudo_queries)
+                         if config.negatives.pseudo_query_source == "positive" else 0)
+  pseudo_weight = float(config.loss.pseudo_weight)
+  pseudo_index_only = config.loss.pseudo_reaches == "index"
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -127,29 +133,47 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     def loss_fn(q, rows, learned):
       # The quantizer as trained so far (learned index parameters in place of the index's).
       current = None if quantizer is None else with_index_params(quantizer, learned)
-      targets = pool_targets(rows, quantizer if mode.quantize else None, learned, codes,
-                             lists)
+      # The reconstruction, with its gradient to the learned index parameters only, then
+      # the straight-through targets; a term that may move the index alone uses the
+      # former, so no row gradient cancels inexactly in float.
+      frozen = jax.lax.stop_gradient(rows)
+      reconstruction = pool_targets(frozen, quantizer if mode.quantize else None, learned,
+                                    codes, lists)
+      targets = rows - frozen + reconstruction
       ranked = targets
+      labelled = q.shape[0] - num_pseudo_labelled  # the training queries come first
+      positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
       if learn_from_positives:
-        ranked = index_taught_only_by(targets, rows, pool["positive_mask"].any(axis=0))
-      loss, metrics = contrastive_loss(q, ranked, pool["positive_mask"], pool["hidden_mask"],
-                                       valid, temperature=temperature,
-                                       multi_positive=multi_positive)
+        ranked = index_taught_only_by(targets, rows, positive_mask[:labelled].any(axis=0))
+      loss, metrics = contrastive_loss(q[:labelled], ranked, positive_mask[:labelled],
+                                       hidden_mask[:labelled], valid,
+                                       temperature=temperature, multi_positive=multi_positive)
+      metrics["contrastive_loss"] = loss
+      if num_pseudo_labelled:
+        pseudo_q, pseudo_targets = q[labelled:], targets
+        if pseudo_index_only:
+          pseudo_q = jax.lax.stop_gradient(pseudo_q)
+          pseudo_targets = reconstruction
+        pseudo_loss, pseudo_metrics = contrastive_loss(
+            pseudo_q, pseudo_targets, positive_mask[labelled:], hidden_mask[labelled:], valid,
+            temperature=temperature, multi_positive=multi_positive)
+        metrics.update(pseudo_loss=pseudo_loss,
+                       pseudo_pool_accuracy=pseudo_metrics["pool_accuracy"])
+        loss = loss + pseudo_weight * pseudo_loss
       if route:
         row_lists = lists if lists is not None else assign_coarse(
             current, jax.lax.stop_gradient(rows))
         extra, route_metrics = routing_loss(
-            coarse_scores(current, q) / routing_temperature, row_lists,
-            pool["positive_mask"], valid, nprobe=nprobe)
-        metrics = {**metrics, **route_metrics, "contrastive_loss": loss}
+            coarse_scores(current, q[:labelled]) / routing_temperature, row_lists,
+            positive_mask[:labelled], valid, nprobe=nprobe)
+        metrics.update(route_metrics)
         loss = loss + routing_weight * extra
-        metrics["loss"] = loss
       if extra_terms is not None and current is not None:
-        active = valid[None, :] & ~pool["hidden_mask"]
+        active = valid[None, :] & ~hidden_mask
         extra, extra_metrics = extra_terms(q, rows, targets, active, valid, current)
-        metrics = {"contrastive_loss": loss, **metrics, **extra_metrics}
+        metrics.update(extra_metrics)
         loss = loss + extra
-        metrics["loss"] = loss
+      metrics["loss"] = loss
       return loss, metrics
 
     (_, metrics), (g_query, g_rows, g_learned) = jax.value_and_grad(
