@@ -133,6 +133,9 @@ def base_config() -> ml_collections.ConfigDict:
   # label names keep faithful codes; quantizing modes. 0 = off (on SciFact it did not
   # win back the unseen queries: BENCHMARKS.md, issue 13).
   c.loss.distortion_weight = 0.0
+  # Weight of the error's component along each row in that term (the orthogonal part
+  # weighs 1): > 1 is ScaNN's score-aware (anisotropic) loss; 1 = squared error.
+  c.loss.distortion_parallel_weight = 1.0
   # Variance over the valid pool rows of |reconstruction| / |row|, pulling only the learned
   # index parameters: every passage's code keeps the same share of its length, trained or
   # not (learned codebooks lengthened the training positives': BENCHMARKS.md, issue 13).

@@ -1,6 +1,7 @@
 """Label-free distillation of the flat ranking into the quantized one, the codeword/list
 balance penalty, pseudo-queries from the corpus, and a tiny run with both terms on."""
 
+import functools
 import json
 
 import jax
@@ -206,11 +207,17 @@ def _decoded(codebooks, codes):
 
 
 _distortion = _pool_penalty(distortion_penalty)
+_anisotropic = _pool_penalty(functools.partial(distortion_penalty, parallel_weight=5.0))
 _norm_ratio = _pool_penalty(norm_ratio_penalty)
 
 
-def _expected_distortion(rows, recon, valid):
-  return np.mean(np.sum((recon - rows) ** 2, axis=1)[valid])
+def _expected_distortion(rows, recon, valid, parallel_weight=1.0):
+  error = recon - rows
+  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  parallel = np.sum(error * unit, axis=1, keepdims=True) * unit
+  orthogonal = error - parallel
+  weighted = parallel_weight * np.sum(parallel ** 2, 1) + np.sum(orthogonal ** 2, 1)
+  return np.mean(weighted[valid])
 
 
 def _expected_norm_ratio(rows, recon, valid):
@@ -219,8 +226,10 @@ def _expected_norm_ratio(rows, recon, valid):
 
 @pytest.mark.parametrize("term, expected, rtol, grad_rtol",
                          [(_distortion, _expected_distortion, 1e-12, 1e-8),
+                          (_anisotropic, functools.partial(_expected_distortion,
+                                                           parallel_weight=5.0), 1e-12, 1e-8),
                           (_norm_ratio, _expected_norm_ratio, 1e-9, 1e-7)],
-                         ids=["distortion", "norm_ratio"])
+                         ids=["distortion", "anisotropic_distortion", "norm_ratio"])
 def test_pool_term_value_and_pull_on_the_codewords_only(term, expected, rtol, grad_rtol):
   """The index-only pool terms: the value by hand, no pull on the rows, and the codebook
   gradient against finite differences."""

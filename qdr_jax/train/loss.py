@@ -229,8 +229,8 @@ def balance_penalty(quantizer: Quantizer, rows: jax.Array, valid: jax.Array, *,
   return total, metrics
 
 
-def distortion_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def distortion_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array,
+                       parallel_weight: float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean squared quantization error ``||reconstruction - row||^2`` of the valid pool
   rows, as a pull on the learned index parameters only (the k-means objective the
   index was built with).
@@ -242,19 +242,34 @@ def distortion_penalty(rows: jax.Array, targets: jax.Array, valid: jax.Array
   codeword to the rows it encodes; the rows themselves are not pulled towards their codes
   (`index_reconstruction`). On SciFact it did not win those queries back.
 
+  ``parallel_weight`` > 1 makes it score-aware (ScaNN's anisotropic loss): the error
+  along the row's own direction changes the row's inner product with every query close
+  to it, which is what decides its rank among its neighbours, while the orthogonal error
+  mostly averages out over such queries; weighting the parallel part more spends the code
+  space where search needs it.
+
   Args:
     rows: (P, d) full-precision pool rows.
     targets: (P, d) the rows as the index serves them (``pool_targets``).
     valid: (P,) rows that take part (the pool's random filler rows included).
+    parallel_weight: weight of the error's component along the row (the orthogonal
+      component weighs 1); 1 is the squared error.
 
   Returns:
     (scalar weighted mean over valid rows, {"distortion": the same}).
   """
   dtype = _at_least_f32(rows)
   rows = rows.astype(dtype)
-  error = index_reconstruction(targets.astype(dtype), rows) - jax.lax.stop_gradient(rows)
+  frozen = jax.lax.stop_gradient(rows)
+  error = index_reconstruction(targets.astype(dtype), rows) - frozen
+  squared = jnp.sum(error * error, axis=-1)
+  if parallel_weight != 1.0:
+    # |e.x|^2 / |x|^2 is the parallel part; padding rows of zeros are masked by ``valid``.
+    along = jnp.sum(error * frozen, axis=-1) ** 2 / jnp.maximum(
+        jnp.sum(frozen * frozen, axis=-1), jnp.finfo(dtype).tiny)
+    squared = squared + (parallel_weight - 1.0) * along
   weight = valid.astype(dtype) / jnp.maximum(valid.sum(), 1)
-  value = weight @ jnp.sum(error * error, axis=-1)
+  value = weight @ squared
   return value, {"distortion": value}
 
 
@@ -319,6 +334,7 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
   balance_temperature = float(loss_config.balance_temperature)
   balance_rows = int(loss_config.balance_rows)
   distortion_weight = float(loss_config.distortion_weight)
+  distortion_parallel_weight = float(loss_config.distortion_parallel_weight)
   norm_ratio_weight = float(loss_config.norm_ratio_weight)
   if not (distill_weight or balance_weight or distortion_weight or norm_ratio_weight):
     return None
@@ -335,7 +351,7 @@ def quantization_terms(loss_config: ml_collections.ConfigDict) -> QuantizationTe
                                     max_rows=balance_rows)
       total, metrics = total + balance_weight * value, {**metrics, **part}
     if distortion_weight:
-      value, part = distortion_penalty(rows, targets, valid)
+      value, part = distortion_penalty(rows, targets, valid, distortion_parallel_weight)
       total, metrics = total + distortion_weight * value, {**metrics, **part}
     if norm_ratio_weight:
       value, part = norm_ratio_penalty(rows, targets, valid)
