@@ -143,14 +143,14 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       ranked = targets
       labelled = q.shape[0] - num_pseudo_labelled  # the training queries come first
       positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
-      if learn_from_positives:
-        ranked = index_taught_only_by(targets, rows, positive_mask[:labelled].any(axis=0))
+      if learn_from_positives:  # every positive teaches, labelled pseudo-queries' included
+        ranked = index_taught_only_by(targets, rows, positive_mask.any(axis=0))
       loss, metrics = contrastive_loss(q[:labelled], ranked, positive_mask[:labelled],
                                        hidden_mask[:labelled], valid,
                                        temperature=temperature, multi_positive=multi_positive)
       metrics["contrastive_loss"] = loss
       if num_pseudo_labelled:
-        pseudo_q, pseudo_targets = q[labelled:], targets
+        pseudo_q, pseudo_targets = q[labelled:], ranked
         if pseudo_index_only:
           pseudo_q = jax.lax.stop_gradient(pseudo_q)
           pseudo_targets = reconstruction
