@@ -30,6 +30,11 @@ def get_config(arg: str | None = None):
   c.data.root = "demo:scifact"
   c.data.train_split = "train"
   c.data.eval_split = "test"
+  # Selection (defaults, in-loop evaluation) reads 150 training queries held out with
+  # their positives: no dev positive is a training positive, the regime of passages that
+  # training never names.
+  c.data.dev_split = "dev"
+  c.data.dev_queries = 150
   c.index.factory = f"IVF64,PQ{args.pq}x8"
   c.index.nprobe = 16
   c.eval.primary_metric = "nDCG@10"

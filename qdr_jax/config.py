@@ -24,7 +24,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.eval_split = "test"
   c.data.max_passages = 0         # 0 = whole corpus (positives are always kept)
   c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
-  c.data.split_seed = 0           # format=squad: article split seed
+  c.data.split_seed = 0           # seed of the squad article split and of the dev carve
+  # The selection split: in-loop evaluation, best-checkpoint ranking and the choice of
+  # defaults read it, never eval_split. The data set's own split of that name when it has
+  # one; otherwise dev_queries training queries are carved out of train_split so that no
+  # dev positive is a positive of any remaining training query (qdr_jax.data.splits).
+  # "" = no selection split (then in-loop evaluation and keep_best are refused).
+  c.data.dev_split = ""
+  c.data.dev_queries = 0          # size of the carved dev split; 0 = use an existing split
   c.data.allow_missing_positives = False  # dpr: skip positives absent from the corpus
   c.data.cache_dir = ""           # corpus store root; "" = ~/.cache/qdr_jax/corpora
 

@@ -25,7 +25,8 @@ from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.metrics import split_seen
 from qdr_jax.eval.report import compare_table, format_table, subset_table
-from qdr_jax.eval.table_eval import evaluate_table, mean_and_spread
+from qdr_jax.eval.table_eval import (EvalQueries, evaluate_splits, evaluate_table,
+                                     mean_and_spread)
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.faiss_index import build_quantized_seeds
@@ -71,16 +72,23 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   mode = mode_from_config(config)
   corpus = dataset.corpus
   eval_split = dataset.split(config.data.eval_split)
-  subsets = seen_subsets(config, dataset, eval_split)
+  # The selection split: in-loop evaluation (and so best checkpoints) read it, never the
+  # evaluated split; the final evaluation reports it beside the evaluated one.
+  dev_split = dataset.split(config.data.dev_split) if config.data.dev_split else None
   cache_dir = pathlib.Path(config.table.cache_dir or workdir / "cache")
   table0 = build_or_load_table(config, corpus, cache_dir, embed_passages(encoders, config))
 
-  def embed_eval_queries(params, desc: str) -> np.ndarray:
-    return embed_queries(encoders, params, eval_split.queries.texts, config, desc=desc)
+  def eval_queries(params, desc: str) -> dict[str, EvalQueries]:
+    splits = {"eval": eval_split, **({"dev": dev_split} if dev_split is not None else {})}
+    return {name: EvalQueries(embed_queries(encoders, params, split.queries.texts, config,
+                                            desc=f"{desc} ({name})"),
+                              split, seen_subsets(config, dataset, split))
+            for name, split in splits.items()}
 
   def evaluate_in_loop(params, index) -> dict[str, float]:
-    return evaluate_index(index, embed_eval_queries(params, "eval"), eval_split, corpus,
-                          depth=config.eval.depth, answer_ks=tuple(config.eval.answer_ks),
+    query_emb = embed_queries(encoders, params, dev_split.queries.texts, config, desc="eval")
+    return evaluate_index(index, query_emb, dev_split, corpus, depth=config.eval.depth,
+                          answer_ks=tuple(config.eval.answer_ks),
                           measures=tuple(config.eval.measures))
 
   start = time.perf_counter()
@@ -94,14 +102,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
       # Seed index.seed's build is the index training would build first (same table,
       # sample, seed and options): training takes it over instead of building it again.
       builds = _keeping(builds, seeds, int(config.index.seed), start_index)
-    return evaluate_table(table, embed_eval_queries(encoders.query_params, "eval before"),
-                          eval_split, corpus, config.index, config.eval, subsets,
-                          quantized_indexes=builds)
+    return evaluate_splits(table, eval_queries(encoders.query_params, "eval before"), corpus,
+                           config.index, config.eval, quantized_indexes=builds)
 
   if lead:
     before = _before_metrics(config, workdir, evaluate_before)
-    logging.info("before: flat %s | quantized %s", before["flat"], before["quantized"])
-  trained = (train(config, mode, dataset, encoders, table0, workdir, evaluate_in_loop,
+    logging.info("before: flat %s | quantized %s", before["eval"]["flat"],
+                 before["eval"]["quantized"])
+  trained = (train(config, mode, dataset, encoders, table0, workdir,
+                   evaluate_in_loop if dev_split is not None else None,
                    initial_index=start_index.pop() if start_index else None)
              if mode.trains else None)
   if trained is not None and trained.preempted:
@@ -119,18 +128,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
-             "mode": config.train.mode, "index": before["index"], "before": before,
-             **_provenance(config, inputs)}
+             "mode": config.train.mode, "index": before["eval"]["index"],
+             "selection_split": config.data.dev_split or None,
+             "before": before["eval"], **_provenance(config, inputs)}
+  after = before
   if trained is not None:
-    after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
-                           eval_split, corpus, config.index, config.eval, subsets,
-                           served_index=final_index)
-    results.update(after=after, steps=config.train.steps,
-                   train_seconds=trained.train_seconds,
+    after = evaluate_splits(table, eval_queries(trained.params, "eval after"), corpus,
+                            config.index, config.eval, served_index=final_index)
+    results.update(steps=config.train.steps, train_seconds=trained.train_seconds,
                    seconds_per_step=trained.seconds_per_step)
   else:
-    results.update(after=before, steps=0, train_seconds=0.0,
+    results.update(steps=0, train_seconds=0.0,
                    seconds_per_step={k: 0.0 for k in ("encode", "search", "step", "rebuild")})
+  results["after"] = after["eval"]
+  if dev_split is not None:
+    results["dev"] = {"split": config.data.dev_split, "count": len(dev_split.queries),
+                      "before": before["dev"], "after": after["dev"]}
   results["total_seconds"] = time.perf_counter() - start
   write_json_atomic(workdir / "results.json", results)
   return results
@@ -348,6 +361,7 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   for level in levels:
     entry: dict = {"modes": {}, "modes_std": {}}
     afters: dict[str, list[dict]] = {}
+    devs: dict[str, list[dict]] = {}
     for mode in modes:
       afters[mode] = []
       for seed in train_seeds:
@@ -359,6 +373,8 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         if not lead:
           continue
         afters[mode].append(results["after"])
+        if "dev" in results:
+          devs.setdefault(mode, []).append(results["dev"])
         entry["bytes_per_vector"] = results["index"]["bytes_per_vector"]
         entry["factory"] = run_cfg.index.factory
         summary.setdefault("flat_before", results["before"]["flat"])
@@ -373,6 +389,8 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         if key in stats:
           entry.setdefault(name, {})[mode] = stats[key]
       _add_served(entry.setdefault("served", {}), mode, afters[mode], metric)
+      if devs.get(mode):
+        entry.setdefault("dev", {})[mode] = _dev_summary(devs[mode], metric)
       write_json_atomic(workdir / "compare.json",
                         summary | {"levels": summary["levels"] + [entry]})
     if not lead:
@@ -390,6 +408,21 @@ def _compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
   if lead:
     write_json_atomic(workdir / "compare.json", summary)
   return summary
+
+
+def _dev_summary(devs: list[dict], metric: str) -> dict:
+  """One mode's ``metric`` on the selection split over its training seeds: mean and
+  spread of the flat index before and after training, fresh quantized builds after, and
+  the served index (its training quantizer, where it has one)."""
+  columns = {"flat before": [d["before"]["flat"][metric] for d in devs],
+             "quantized before": [d["before"]["quantized"][metric] for d in devs],
+             "flat after": [d["after"]["flat"][metric] for d in devs],
+             "quantized after": [d["after"]["quantized"][metric] for d in devs],
+             "served": [d["after"].get("served", d["after"])["quantized"][metric]
+                        for d in devs]}
+  return {"split": devs[0]["split"], "count": devs[0]["count"],
+          "mean": {k: float(np.mean(v)) for k, v in columns.items()},
+          "std": {k: float(np.std(v)) for k, v in columns.items()}}
 
 
 def _served(afters: dict[str, list[dict]]) -> dict[str, list[dict]]:

@@ -56,6 +56,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("seed", 0, False, None),
     ("data.max_passages", 0, False, None),
     ("data.test_fraction", 0, True, 1),
+    ("data.dev_queries", 0, False, None),
     ("model.max_query_length", 1, False, None),
     ("model.max_passage_length", 1, False, None),
     ("model.embed_batch_size", 1, False, None),
@@ -210,11 +211,33 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
   if (not isinstance(ks, (tuple, list)) or not ks
       or not all(isinstance(k, int) and k >= 1 for k in ks)):
     problems.append(_problem("eval.answer_ks", ks, "a non-empty tuple of cut-offs >= 1"))
+  _check_selection(config, problems)
   dist = config.distributed
   if (isinstance(dist.process_id, int) and isinstance(dist.num_processes, int)
       and dist.process_id >= dist.num_processes >= 1):
     problems.append(_problem("distributed.process_id", dist.process_id,
                              f"< config.distributed.num_processes={dist.num_processes}"))
+
+
+def _check_selection(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+  """What selects (in-loop evaluation, best checkpoints) reads the dev split, which must
+  be neither the trained nor the evaluated split."""
+  data = config.data
+  dev = data.dev_split
+  if not isinstance(dev, str):
+    problems.append(_problem("data.dev_split", dev, "a split name or \"\""))
+    return
+  if dev and dev in (data.train_split, data.eval_split):
+    problems.append(_problem("data.dev_split", dev, "a split other than data.train_split="
+                             f"{data.train_split!r} and data.eval_split={data.eval_split!r}"))
+  if not dev and isinstance(data.dev_queries, int) and data.dev_queries > 0:
+    problems.append(_problem("data.dev_split", dev,
+                             f"a split name to carve data.dev_queries={data.dev_queries} into"))
+  # Best checkpoints are ranked by the in-loop evaluation, so this check covers them too.
+  if not dev and isinstance(config.eval.every, int) and config.eval.every > 0:
+    problems.append(_problem("eval.every", config.eval.every, "0 without a selection split: "
+                             "in-loop evaluation reads data.dev_split, never the test split "
+                             "(set data.dev_split, and data.dev_queries to carve one)"))
 
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
@@ -348,6 +371,8 @@ def _check_data(config: ml_collections.ConfigDict, dataset: RetrievalDataset,
   wanted = [("data.eval_split", config.data.eval_split)]
   if mode_trains:
     wanted.append(("data.train_split", config.data.train_split))
+  if config.data.dev_split:
+    wanted.append(("data.dev_split", config.data.dev_split))
   for key, name in wanted:
     if name not in dataset.splits:
       problems.append(_problem(key, name, f"a split of {dataset.name!r}: "

@@ -30,6 +30,7 @@ STEPS, STOP_AT = 8, 6  # the stop falls between saves (every 4) and index rebuil
 def _config(tiny_beir, tiny_encoder_dir, cache_dir):
   c = make_tiny_config(tiny_beir, tiny_encoder_dir, cache_dir)
   c.data.eval_split = "train"  # the random tiny encoder only learns what it trains on
+  c.data.dev_split, c.data.dev_queries = "dev", 16  # what in-loop evaluation selects on
   c.train.steps = STEPS
   c.index.rebuild_every = 4
   c.checkpoint.every = 4

@@ -227,6 +227,7 @@ def test_a_second_run_on_a_locked_workdir_is_refused_with_the_holders_pid(tiny_c
 def test_in_loop_eval_uses_the_saved_tables_index_and_the_last_step(tiny_config, tmp_path,
                                                                     monkeypatch):
   tiny_config.data.eval_split = "train"
+  tiny_config.data.dev_split, tiny_config.data.dev_queries = "dev", 16
   tiny_config.train.steps = 4
   tiny_config.eval.every = 3       # evaluated at 3 and, being the last, at 4
   tiny_config.index.rebuild_every = 100  # the run's index stays the one of the start
@@ -261,6 +262,7 @@ def test_in_loop_eval_uses_the_saved_tables_index_and_the_last_step(tiny_config,
 def test_in_loop_eval_of_learned_codebooks_serves_the_saved_codebooks(tiny_config, tmp_path,
                                                                       monkeypatch):
   tiny_config.train.mode = "jpq"
+  tiny_config.data.dev_split, tiny_config.data.dev_queries = "dev", 16
   tiny_config.train.steps = 3
   tiny_config.eval.every = 2
   tiny_config.checkpoint.every = 1

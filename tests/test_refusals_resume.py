@@ -32,6 +32,7 @@ STEPS = 4
 def _config(root, encoder_dir, cache_dir, **changes):
   c = make_tiny_config(root, encoder_dir, cache_dir)
   c.data.eval_split = "train"
+  c.data.dev_split, c.data.dev_queries = "dev", 16
   c.train.steps = STEPS
   c.index.rebuild_every = 4
   c.checkpoint.every = 4

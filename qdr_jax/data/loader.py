@@ -15,6 +15,7 @@ from qdr_jax.data.beir import open_text, read_beir
 from qdr_jax.data.dpr import (dpr_records_to_split, read_dpr_passages, read_dpr_train_json,
                               read_qa_csv, squad_to_dpr)
 from qdr_jax.data.hf import read_hf_corpus, read_hf_split
+from qdr_jax.data.splits import with_dev_split
 from qdr_jax.data.types import Corpus, DataFormatError, RetrievalDataset, Split
 
 DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
@@ -140,7 +141,11 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     format: 'beir', 'dpr' or 'squad'.
     root: (beir) the BEIR directory, e.g. 'demo:scifact'; (squad) the SQuAD v1.1 JSON
       (.gz), e.g. 'demo:squad/dev-v1.1.json.gz'.
-    test_fraction, split_seed: (squad) share of articles in the test split and its seed.
+    test_fraction, split_seed: (squad) share of articles in the test split and its seed
+      (split_seed also orders the dev carve).
+    dev_split, dev_queries: (optional) the selection split; when the data set has no split
+      of that name, ``dev_queries`` queries of ``train_split`` are carved into it with no
+      positive shared with the remaining training queries (`qdr_jax.data.splits`).
     splits: (beir, optional) split names to read, default all; (dpr) a mapping from
       split name to a path: `*.json[.gz]` DPR JSON, `*.csv`/`*.tsv` QA file, a
       `save_to_disk` directory, or `hf:NAME[:SPLIT]` for the hub.
@@ -187,4 +192,12 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
                          cache_dir)
   else:
     raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
+  num_dev = int(_get(cfg, "dev_queries", 0) or 0)
+  try:
+    splits = with_dev_split(dataset.splits, train_split=str(_get(cfg, "train_split", "train")),
+                            dev_split=str(_get(cfg, "dev_split", "") or ""),
+                            num_queries=num_dev, seed=int(_get(cfg, "split_seed", 0)))
+  except ValueError as e:
+    raise ValueError(f"Data config key 'dev_queries' is {num_dev}: {e}.") from None
+  dataset = RetrievalDataset(name=dataset.name, corpus=dataset.corpus, splits=splits)
   return truncate_corpus(dataset, int(_get(cfg, "max_passages", 0) or 0))

@@ -52,19 +52,23 @@ def subset_table(evaluations: Mapping[str, Mapping], metric: str,
   return format_table(rows, spreads, row_header=f"{metric} on")
 
 
+def _before_after_rows(before: Mapping, after: Mapping) -> str:
+  """Flat and quantized rows of one split before and after training (and the served
+  index, when the run has one)."""
+  rows = {"flat before": before["flat"], "quantized before": before["quantized"],
+          "flat after": after["flat"], "quantized after": after["quantized"]}
+  spreads = {"quantized before": before.get("quantized_std", {}),
+             "quantized after": after.get("quantized_std", {})}
+  if after.get("served") is not None:
+    rows["quantized after (served: training's quantizer)"] = after["served"]["quantized"]
+  return format_table(rows, spreads)
+
+
 def before_after_table(results: Mapping) -> str:
   """Flat and quantized rows before and after training, with the share of the
   flat-minus-quantized gap (before training) that training closed."""
-  rows = {"flat before": results["before"]["flat"],
-          "quantized before": results["before"]["quantized"],
-          "flat after": results["after"]["flat"],
-          "quantized after": results["after"]["quantized"]}
-  spreads = {"quantized before": results["before"].get("quantized_std", {}),
-             "quantized after": results["after"].get("quantized_std", {})}
   served = results["after"].get("served")
-  if served is not None:
-    rows["quantized after (served: training's quantizer)"] = served["quantized"]
-  lines = [format_table(rows, spreads)]
+  lines = [_before_after_rows(results["before"], results["after"])]
   if "subsets" in results["before"] and "subsets" in results["after"]:
     metric = results.get("config", {}).get("eval", {}).get("primary_metric")
     if metric not in results["after"]["quantized"]:
@@ -73,6 +77,10 @@ def before_after_table(results: Mapping) -> str:
     if served is not None and "subsets" in served:
       evaluations["served"] = served
     lines += ["", subset_table(evaluations, metric, without_flat=("served",)), ""]
+  dev = results.get("dev")
+  if dev is not None:
+    lines += ["", f"selection split {dev['split']!r} ({dev['count']} queries):",
+              _before_after_rows(dev["before"], dev["after"]), ""]
   flat_b, quant_b = results["before"]["flat"], results["before"]["quantized"]
   quant_a = results["after"]["quantized"]
   for metric in quant_a:
@@ -94,6 +102,13 @@ def compare_table(flat_before: Mapping[str, float], entry: Mapping, metric: str)
   the same for the index each mode serves, with its flat index after training."""
   lines = [format_table({"flat before": flat_before, **entry["modes"]}, entry["modes_std"])]
   lines += _subset_and_test_lines(entry.get("subsets"), entry.get("paired", {}), metric)
+  dev = entry.get("dev")
+  if dev:
+    first = next(iter(dev.values()))
+    lines += ["", f"{metric} on the selection split {first['split']!r} "
+              f"({first['count']} queries):",
+              format_table({mode: d["mean"] for mode, d in dev.items()},
+                           {mode: d["std"] for mode, d in dev.items()}, row_header="mode")]
   served = entry.get("served")
   if served:
     rows = {mode: {f"served {metric}": values[metric],

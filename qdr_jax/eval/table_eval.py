@@ -8,6 +8,7 @@ per-seed values.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
@@ -46,17 +47,39 @@ def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
   return [q for q, k in zip(scores.query_ids, keep) if k], values[keep]
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalQueries:
+  """One split's queries as `evaluate_splits` scores them.
+
+  subsets: optional {name: query ids} (e.g. 'seen' / 'unseen' from
+    `metrics.split_seen`) to report metrics on, besides 'all'.
+  """
+  embeddings: np.ndarray
+  split: Split
+  subsets: Mapping[str, Sequence[str]] | None = None
+
+
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
                    subsets: Mapping[str, Sequence[str]] | None = None,
                    served_index=None, quantized_indexes: Iterable | None = None) -> dict:
-  """Flat and quantized (one build per index seed) metrics of one table.
+  """`evaluate_splits` of one split."""
+  return evaluate_splits(table, {"": EvalQueries(query_emb, split, subsets)}, corpus,
+                         index_cfg, eval_cfg, served_index=served_index,
+                         quantized_indexes=quantized_indexes)[""]
 
-  Each index is searched once; subset figures and per-query values come from that search.
+
+def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpus: Corpus,
+                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
+                    served_index=None, quantized_indexes: Iterable | None = None
+                    ) -> dict[str, dict]:
+  """Flat and quantized (one build per index seed) metrics of one table, for each split
+  of ``queries``.
+
+  Each index is built once and searched once per split; subset figures and per-query
+  values come from that search.
 
   Args:
-    subsets: optional {name: query ids} (e.g. 'seen' / 'unseen' from
-      `metrics.split_seen`) to report metrics on, besides 'all'.
     served_index: optional FAISS index a run serves instead of a fresh build (its
       training quantizer, learned parameters written in), evaluated the same way.
     quantized_indexes: optional indexes over `table`, one per seed of
@@ -64,33 +87,41 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
       calls with ``eval_cfg.concurrent_builds``); each is scored and dropped in turn.
 
   Returns:
-    {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
-    'quantized_per_seed', 'index': description of the quantized index,
-    'per_query': {'metric': eval_cfg.primary_metric, 'query_ids': the queries it judges,
-    'flat': their values, 'quantized': one list of values per index seed} (absent when the
-    primary metric is not measured), and with `subsets`, 'subsets': {'all' and each name:
-    {'count', 'flat', 'quantized', 'quantized_std'}}, a metric None on an empty subset}.
-    With ``served_index``, 'served' holds the same keys for that one index (as one seed),
-    so anything that reads an evaluation reads it too.
+    Per name of ``queries``: {'flat': metrics, 'quantized': mean metrics over the index
+    seeds, 'quantized_std', 'quantized_per_seed', 'index': description of the quantized
+    index, 'per_query': {'metric': eval_cfg.primary_metric, 'query_ids': the queries it
+    judges, 'flat': their values, 'quantized': one list of values per index seed} (absent
+    when the primary metric is not measured), and with subsets, 'subsets': {'all' and each
+    name: {'count', 'flat', 'quantized', 'quantized_std'}}, a metric None on an empty
+    subset}. With ``served_index``, 'served' holds the same keys for that one index (as
+    one seed), so anything that reads an evaluation reads it too.
   """
-  flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg)
+  flat_index = build_index(table, "Flat")
+  flat = {name: _score(flat_index, q.embeddings, q.split, corpus, eval_cfg)
+          for name, q in queries.items()}
+  del flat_index
   if quantized_indexes is None:
     quantized_indexes = build_quantized_seeds(table, index_cfg, eval_cfg.index_seeds,
                                               eval_cfg.concurrent_builds)
-  quantized, description = [], None
+  quantized: dict[str, list[IndexScores]] = {name: [] for name in queries}
+  description = None
   for index in quantized_indexes:
-    quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+    for name, q in queries.items():
+      quantized[name].append(_score(index, q.embeddings, q.split, corpus, eval_cfg))
     description = describe_index(index)
     del index  # not held while the next one builds
-  if len(quantized) != len(eval_cfg.index_seeds):
-    raise ValueError(f"{len(quantized)} quantized indexes for the "
+  if len(next(iter(quantized.values()))) != len(eval_cfg.index_seeds):
+    raise ValueError(f"{len(next(iter(quantized.values())))} quantized indexes for the "
                      f"{len(eval_cfg.index_seeds)} seeds of config.eval.index_seeds.")
-  out = {**_against_flat(flat, quantized, eval_cfg.primary_metric, subsets),
-         "index": description}
-  if served_index is not None:
-    served = _score(served_index, query_emb, split, corpus, eval_cfg)
-    out["served"] = {**_against_flat(flat, [served], eval_cfg.primary_metric, subsets),
-                     "index": describe_index(served_index)}
+  metric = eval_cfg.primary_metric
+  out = {}
+  for name, q in queries.items():
+    out[name] = {**_against_flat(flat[name], quantized[name], metric, q.subsets),
+                 "index": description}
+    if served_index is not None:
+      served = _score(served_index, q.embeddings, q.split, corpus, eval_cfg)
+      out[name]["served"] = {**_against_flat(flat[name], [served], metric, q.subsets),
+                             "index": describe_index(served_index)}
   return out
 
 
