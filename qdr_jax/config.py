@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
   c.data.split_seed = 0           # format=squad: article split seed
   c.data.allow_missing_positives = False  # dpr: skip positives absent from the corpus
+  # Train although some evaluated queries are also training queries (refused otherwise);
+  # results.json then lists them under query_overlap.
+  c.data.allow_query_overlap = False
   c.data.cache_dir = ""           # corpus store root; "" = ~/.cache/qdr_jax/corpora
 
   c.model = ml_collections.ConfigDict()

@@ -36,7 +36,7 @@ from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkp
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import configured_learn, mode_from_config
 from qdr_jax.train.restore import restore_trained
-from qdr_jax.validation import ConfigError, validate_config, validate_runs
+from qdr_jax.validation import ConfigError, overlapping_queries, validate_config, validate_runs
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -121,6 +121,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "mode": config.train.mode, "index": before["index"], "before": before,
              **_provenance(config, inputs)}
+  if overlap := overlapping_queries(config, dataset):  # allowed by data.allow_query_overlap
+    results["query_overlap"] = {"count": len(overlap), "query_ids": overlap}
   if trained is not None:
     after = evaluate_table(table, embed_eval_queries(trained.params, "eval after"),
                            eval_split, corpus, config.index, config.eval, subsets,
