@@ -31,7 +31,7 @@ from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.faiss_index import build_quantized_seeds
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.io_utils import workdir_lock, write_json_atomic
+from qdr_jax.io_utils import check_writable_dir, workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import configured_learn, mode_from_config
@@ -54,6 +54,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   distributed.initialize_distributed(config)  # before anything touches a device
   lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
+  check_writable_dir(workdir)
   dataset, encoders = _validated_inputs(config)
   inputs = input_fingerprints(dataset.corpus, encoders)
   # Refuse a resume with another corpus, encoder or config before the corpus embedding.
@@ -223,6 +224,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
   Returns:
     (results, printable table).
   """
+  check_writable_dir(workdir)
   dataset, encoders = _validated_inputs(config, training=False)
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock(workdir, enabled=distributed.is_lead_process()):
@@ -318,6 +320,7 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         f"{learned}), which every compared mode would inherit; start from a plain mode "
         f"(e.g. --config=configs/demo.py:mode=dback) and name what a mode learns in its "
         f"spec (--modes=dback,dback+codebooks+centroids).")])
+  check_writable_dir(workdir)
   cache_dir = config.table.cache_dir or str(workdir / "cache")
   train_seeds = [config.seed + i for i in range(seeds)]
   runs = {(level, mode, seed): _run_config(config, level, mode, cache_dir, seed)

@@ -240,15 +240,19 @@ def _check_dependencies(config: ml_collections.ConfigDict, problems: list[str]) 
   ev = config.eval
   measures = [str(m) for m in ev.measures] if isinstance(ev.measures, (tuple, list)) else []
   if isinstance(ev.depth, int) and not isinstance(ev.depth, bool):
+    deeper = {}  # measure -> its cut-off, where rankings of ev.depth would cut it short
     for measure in measures:
       try:
         cutoff = parse_measure(measure).params.get("cutoff")
       except ValueError:  # reported by _check_settings
         continue
       if isinstance(cutoff, int) and cutoff > ev.depth:
-        problems.append(_problem("eval.depth", ev.depth, f">= {cutoff}, the cut-off of "
-                                 f"{measure!r} in config.eval.measures (rankings "
-                                 f"{ev.depth} deep would report it wrong)"))
+        deeper[measure] = cutoff
+    if deeper:
+      problems.append(_problem(
+          "eval.depth", ev.depth, f">= {max(deeper.values())}, the cut-offs of "
+          f"config.eval.measures {', '.join(map(repr, deeper))} (rankings {ev.depth} deep "
+          "would report them wrong)"))
   answers = ([f"top{k}" for k in ev.answer_ks] if isinstance(ev.answer_ks, (tuple, list))
              else [])
   if ev.primary_metric not in measures + answers:
@@ -259,11 +263,21 @@ def _check_dependencies(config: ml_collections.ConfigDict, problems: list[str]) 
   if data.format == "beir" and isinstance(data.root, str) and data.root:
     from qdr_jax.data.loader import resolve_path  # pylint: disable=g-import-not-at-top
     root = resolve_path(data.root)
+    if os.path.isfile(root):
+      problems.append(f"config.data.root={data.root!r}: a file; config.data.format='beir' "
+                      "reads a directory with corpus.jsonl, queries.jsonl and qrels/ (a "
+                      "SQuAD JSON file is format 'squad')")
     for name in ("corpus.jsonl", "queries.jsonl"):
       both = [f for f in (name, name + ".gz") if os.path.isfile(os.path.join(root, f))]
       if len(both) == 2:
         problems.append(f"config.data.root={data.root!r}: holds both {name} and {name}.gz; "
                         "remove the one that should not be read")
+  if data.format == "squad" and isinstance(data.root, str) and data.root:
+    from qdr_jax.data.loader import resolve_path  # pylint: disable=g-import-not-at-top
+    if os.path.isdir(resolve_path(data.root)):
+      problems.append(f"config.data.root={data.root!r}: a directory; config.data.format="
+                      "'squad' reads a SQuAD v1.1 JSON file (a BEIR directory is format "
+                      "'beir')")
 
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:

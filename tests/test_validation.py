@@ -88,7 +88,8 @@ CASES = [
     ("query_positions", {"model.max_query_length": 129},
      "config.model.max_query_length=129: expected <= 128, the positions of encoder"),
     ("depth", {"eval.depth": 50},
-     "config.eval.depth=50: expected >= 100, the cut-off of 'R@100' in config.eval.measures"),
+     "config.eval.depth=50: expected >= 100, the cut-offs of config.eval.measures 'R@100' "
+     "(rankings 50 deep would report them wrong)"),
     ("primary_metric", {"eval.primary_metric": "MRR@10"},
      "config.eval.primary_metric='MRR@10': expected one of config.eval.measures"),
 ]
