@@ -21,6 +21,7 @@ from absl import app, flags
 _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the traceback of input and config errors too.")
 USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130  # the shell's status for a process stopped by SIGINT
 
 
 # (module, class) of the errors a user can fix: the config, the data files, the
@@ -105,6 +106,13 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
         traceback.print_exc()
       print("\n".join(error_lines(e)), file=sys.stderr)
       sys.exit(USER_ERROR_STATUS)
+    except KeyboardInterrupt:
+      # Training saves and returns on the first Ctrl-C when it checkpoints; anything else
+      # stops where it is (atomic writes leave no half-written file).
+      if verbose():
+        traceback.print_exc()
+      print("interrupted", file=sys.stderr)
+      sys.exit(INTERRUPTED_STATUS)
 
   return wrapped
 
