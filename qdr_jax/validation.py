@@ -65,6 +65,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("model.max_passage_length", 1, False, None),
     ("model.embed_batch_size", 1, False, None),
     ("model.length_bucket", 1, False, None),
+    ("table.embed_chunk_rows", 0, False, None),
     ("model.pack_query_rows", 0, False, None),
     ("index.nprobe", 1, False, None),
     ("index.ef_search", 0, False, None),

@@ -275,3 +275,33 @@ def test_non_finite_rows_are_never_cached(setup, tmp_path):
                  batching=Batching(32, 16, 32, 8), passage_style="concat",
                  chunk_rows=CHUNK_ROWS, progress=False)
   assert not path.exists() and not list(tmp_path.glob("*.done-p*.json"))
+
+
+def test_chunks_adapt_to_the_corpus_size():
+  from qdr_jax.targets.embed import resumable_chunk_rows
+  # The demo's 5,183 abstracts in batches of 32: 15 chunks of 352, not one of 16,384.
+  assert resumable_chunk_rows(5183, 0, 32) == 352
+  assert resumable_chunk_rows(100_000_000, 0, 32) == 16384
+  assert resumable_chunk_rows(10, 0, 32) == 32
+  assert resumable_chunk_rows(5183, 1000, 32) == 1000  # configured: kept
+
+
+def test_interrupted_small_corpus_keeps_the_finished_half(setup, tmp_path):
+  config, corpus, encoders = setup
+  adapted = config.copy_and_resolve_references()
+  with adapted.unlocked():
+    adapted.table.embed_chunk_rows = 0  # 600 rows, batches of 64: 10 chunks of 64
+  embedder = embed_passages(encoders, adapted)
+  path = tmp_path / "t.npy"
+  seen = []
+
+  def ctrl_c_half_way(chunk):
+    seen.append(chunk)
+    if len(seen) == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    embedder.embed_corpus(corpus, path, progress=False, on_chunk=ctrl_c_half_way)
+  stats = embedder.embed_corpus(corpus, path, progress=False)
+  assert stats["chunks"] == 10 and stats["skipped"] == 5 and stats["computed"] == 5
+  np.testing.assert_allclose(np.load(path), _per_batch_reference(setup), atol=1e-5, rtol=0)

@@ -374,6 +374,21 @@ class _ChunkWriter:
     os.close(self.fd)
 
 
+# An adapted chunk size cuts a corpus into at least this many chunks (resumption keeps
+# all but the one in progress) and holds at most _MAX_CHUNK_ROWS rows (bounded memory).
+_MIN_CHUNKS = 16
+_MAX_CHUNK_ROWS = 16384
+
+
+def resumable_chunk_rows(rows: int, configured: int, batch_size: int) -> int:
+  """Rows per chunk of ``embed_corpus``: ``configured`` when > 0, else adapted to the
+  corpus: at least ``_MIN_CHUNKS`` chunks of whole batches, at most ``_MAX_CHUNK_ROWS``
+  rows (a fixed large chunk would make a corpus smaller than it restart from zero)."""
+  if configured > 0:
+    return configured
+  return max(1, min(_MAX_CHUNK_ROWS, _round_up(-(-rows // _MIN_CHUNKS), batch_size)))
+
+
 def chunk_block(num_chunks: int, process: int, count: int) -> range:
   """The contiguous block of chunks (so of rows) that ``process`` of ``count`` embeds."""
   return range(process * num_chunks // count, (process + 1) * num_chunks // count)
