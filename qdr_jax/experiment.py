@@ -25,7 +25,7 @@ from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
 from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.metrics import split_seen
 from qdr_jax.eval.report import compare_table, format_table, subset_table
-from qdr_jax.eval.table_eval import evaluate_table, mean_and_spread
+from qdr_jax.eval.table_eval import evaluate_table, mean_and_spread, run_files
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.faiss_index import build_quantized_seeds
@@ -239,9 +239,10 @@ def _evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                               embed_passages(encoders, config))
   query_emb = embed_queries(encoders, encoders.query_params, split.queries.texts, config)
   metrics = evaluate_table(table, query_emb, split, dataset.corpus, config.index, config.eval,
-                           seen_subsets(config, dataset, split))
+                           seen_subsets(config, dataset, split), runs_dir=workdir)
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "split": config.data.eval_split,
+             "run_files": [str(p) for p in run_files(workdir, config.eval.index_seeds).values()],
              "index": {"factory": config.index.factory, **metrics["index"]},
              **_evaluation_fields(metrics),
              **_provenance(config, input_fingerprints(dataset.corpus, encoders))}

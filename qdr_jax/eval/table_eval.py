@@ -8,6 +8,9 @@ per-seed values.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
@@ -16,6 +19,7 @@ import numpy as np
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.eval.evaluator import IndexScores, score_index
 from qdr_jax.eval.metrics import subset_means
+from qdr_jax.eval.trec import write_trec_run
 from qdr_jax.index.faiss_index import build_index, build_quantized_seeds, describe_index
 
 
@@ -35,8 +39,16 @@ def mean_and_spread(per_seed: Sequence[dict[str, float | None]]) -> tuple[dict, 
 
 
 def _score(index, query_emb: np.ndarray, split: Split, corpus: Corpus,
-           eval_cfg: ml_collections.ConfigDict) -> IndexScores:
-  return score_index(index, query_emb, split, corpus, **_eval_kwargs(eval_cfg))
+           eval_cfg: ml_collections.ConfigDict, run_path: pathlib.Path | None = None
+           ) -> IndexScores:
+  """The index's scores; with ``run_path``, its ranking is written there as a TREC run
+  (and not kept)."""
+  scores = score_index(index, query_emb, split, corpus, return_run=run_path is not None,
+                       **_eval_kwargs(eval_cfg))
+  if run_path is None:
+    return scores
+  write_trec_run(run_path, scores.run)
+  return dataclasses.replace(scores, run=None)
 
 
 def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
@@ -49,7 +61,8 @@ def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
                    subsets: Mapping[str, Sequence[str]] | None = None,
-                   served_index=None, quantized_indexes: Iterable | None = None) -> dict:
+                   served_index=None, quantized_indexes: Iterable | None = None,
+                   runs_dir: str | os.PathLike | None = None) -> dict:
   """Flat and quantized (one build per index seed) metrics of one table.
 
   Each index is searched once; subset figures and per-query values come from that search.
@@ -62,6 +75,7 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
     quantized_indexes: optional indexes over `table`, one per seed of
       ``eval_cfg.index_seeds`` in order (`build_quantized_seeds`, which the default
       calls with ``eval_cfg.concurrent_builds``); each is scored and dropped in turn.
+    runs_dir: optional directory for TREC run files of each search (`run_files`).
 
   Returns:
     {'flat': metrics, 'quantized': mean metrics over the index seeds, 'quantized_std',
@@ -73,13 +87,18 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
     With ``served_index``, 'served' holds the same keys for that one index (as one seed),
     so anything that reads an evaluation reads it too.
   """
-  flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg)
+  paths = run_files(runs_dir, eval_cfg.index_seeds) if runs_dir is not None else {}
+  flat = _score(build_index(table, "Flat"), query_emb, split, corpus, eval_cfg,
+                paths.get("flat"))
   if quantized_indexes is None:
     quantized_indexes = build_quantized_seeds(table, index_cfg, eval_cfg.index_seeds,
                                               eval_cfg.concurrent_builds)
   quantized, description = [], None
-  for index in quantized_indexes:
-    quantized.append(_score(index, query_emb, split, corpus, eval_cfg))
+  seeds = list(eval_cfg.index_seeds)
+  for i, index in enumerate(quantized_indexes):
+    seed = seeds[i] if i < len(seeds) else None
+    quantized.append(_score(index, query_emb, split, corpus, eval_cfg,
+                            paths.get(f"quantized_seed{seed}")))
     description = describe_index(index)
     del index  # not held while the next one builds
   if len(quantized) != len(eval_cfg.index_seeds):
@@ -92,6 +111,16 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
     out["served"] = {**_against_flat(flat, [served], eval_cfg.primary_metric, subsets),
                      "index": describe_index(served_index)}
   return out
+
+
+def run_files(runs_dir: str | os.PathLike, index_seeds: Sequence[int]
+              ) -> dict[str, pathlib.Path]:
+  """Where `evaluate_table` writes its TREC runs: ``run.flat.trec`` and
+  ``run.quantized.seed{s}.trec`` per index seed."""
+  runs_dir = pathlib.Path(runs_dir)
+  return {"flat": runs_dir / "run.flat.trec",
+          **{f"quantized_seed{s}": runs_dir / f"run.quantized.seed{s}.trec"
+             for s in index_seeds}}
 
 
 def _against_flat(flat: IndexScores, quantized: Sequence[IndexScores], metric: str,
