@@ -498,8 +498,16 @@ def validate_config(config: ml_collections.ConfigDict, *,
     if problem:
       problems.append(problem)
   if dataset is not None:
-    if num_devices is None and isinstance(config.sharding.num_devices, int):
-      num_devices = config.sharding.num_devices or jax.device_count()
+    # Checked once the data is loaded: JAX's backend (and the job's processes) are up.
+    requested = config.sharding.num_devices
+    if (isinstance(requested, int) and requested and jax.process_count() > 1
+        and requested != jax.device_count()):
+      problems.append(_problem(
+          "sharding.num_devices", requested,
+          f"0 (every device) or {jax.device_count()} in a job of {jax.process_count()} "
+          "processes: the mesh must hold devices of every process"))
+    if num_devices is None and isinstance(requested, int):
+      num_devices = requested or jax.device_count()
     _check_data(config, dataset, num_devices, training, problems)
   if problems:
     raise ConfigError(problems)

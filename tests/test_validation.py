@@ -327,3 +327,18 @@ def test_train_script_refuses_non_utf8_corpus(tmp_path, tiny_beir, tiny_encoder_
   (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
   result = _script("train.py", tmp_path, root, tiny_encoder_dir)
   _assert_refused(result, f"error: {root / 'corpus.jsonl'}:2: not UTF-8 text", tmp_path)
+
+
+def test_a_job_of_several_processes_needs_a_mesh_over_all_of_them(tiny_config, tiny_dataset,
+                                                                  monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  with pytest.raises(ConfigError) as e:
+    validate_config(_with(tiny_config, **{"sharding.num_devices": 1}), dataset=tiny_dataset,
+                    dim=DIM)
+  assert e.value.problems == [
+      "config.sharding.num_devices=1: expected 0 (every device) or 4 in a job of 2 processes: "
+      "the mesh must hold devices of every process"]
+  validate_config(_with(tiny_config, **{"sharding.num_devices": 0}), dataset=tiny_dataset,
+                  dim=DIM)
