@@ -135,9 +135,22 @@ def verify_table(path: str | os.PathLike, buffer_bytes: int = 64 << 20) -> str |
   return None
 
 
-def set_aside(path: str | os.PathLike, problem: str) -> pathlib.Path:
-  """Renames a damaged table (and its record) out of the way, with one warning naming
-  it; the caller rebuilds it. Nothing is deleted: the user may want to look at it."""
+def file_digest(path: str | os.PathLike, buffer_bytes: int = 16 << 20) -> str:
+  """xxh3-64 hex digest of a whole file, read in bounded blocks."""
+  hasher = xxhash.xxh3_64()
+  buffer = bytearray(buffer_bytes)
+  view = memoryview(buffer)
+  with open(path, "rb") as f:
+    while n := f.readinto(view):
+      hasher.update(view[:n])
+  return hasher.hexdigest()
+
+
+def set_aside(path: str | os.PathLike, problem: str, what: str = "cached table"
+              ) -> pathlib.Path:
+  """Renames a damaged cache entry (a table and its record, or a directory) out of the
+  way, with one warning naming it; the caller rebuilds it. Nothing is deleted: the user
+  may want to look at it."""
   path = pathlib.Path(path)
   aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}")
   n = 1
@@ -148,6 +161,6 @@ def set_aside(path: str | os.PathLike, problem: str) -> pathlib.Path:
   record = sums_path(path)
   if record.exists():
     os.replace(record, sums_path(aside))
-  logging.warning("cached table %s %s; moved it to %s and rebuilding it", path, problem,
+  logging.warning("%s %s %s; moved it to %s and rebuilding it", what, path, problem,
                   aside.name)
   return aside
