@@ -11,14 +11,13 @@ the articles split into train and test sides. Load the result with a config like
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 
 from absl import flags
 
 from qdr_jax.cli import run_main
-from qdr_jax.data.dpr import squad_to_dpr, write_dpr_json, write_dpr_passages, write_qa_csv
+from qdr_jax.data.dpr import write_dpr_json, write_dpr_passages, write_qa_csv
+from qdr_jax.data.loader import read_squad_file
 
 _INPUT = flags.DEFINE_string("input", "../shared/data/squad/dev-v1.1.json.gz",
                              "SQuAD v1.1 JSON file (may be gzipped).")
@@ -30,10 +29,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the article split.")
 
 def main(argv: list[str]) -> None:
   del argv
-  opener = gzip.open if _INPUT.value.endswith(".gz") else open
-  with opener(_INPUT.value, "rt", encoding="utf-8") as f:
-    squad = json.load(f)
-  out = squad_to_dpr(squad, test_fraction=_TEST_FRACTION.value, seed=_SEED.value)
+  out = read_squad_file(_INPUT.value, test_fraction=_TEST_FRACTION.value, seed=_SEED.value)
   os.makedirs(_OUTPUT_DIR.value, exist_ok=True)
   join = lambda name: os.path.join(_OUTPUT_DIR.value, name)
   write_dpr_passages(join("psgs.tsv"), out.corpus)

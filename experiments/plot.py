@@ -3,18 +3,22 @@ r"""Draws a run's training curves and its before/after metrics as PNG files.
   python experiments/plot.py runs/demo
 
 Reads ``metrics.jsonl`` and ``results.json`` from the run directory and writes
-``curves.png`` and ``before_after.png`` next to them.
+``curves.png`` and ``before_after.png`` next to them (each when its input is there) and
+names what it wrote; a directory with neither is refused (exit status 2).
 """
 
 import json
 import pathlib
-import sys
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from absl import app  # noqa: E402
+
+from qdr_jax.cli import run_main  # noqa: E402
+from qdr_jax.data.types import DataFormatError  # noqa: E402
 from qdr_jax.io_utils import save_figure_atomic  # noqa: E402
 
 
@@ -24,7 +28,7 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError as e:
-      raise SystemExit(f"{path}:{number}: not a JSON line ({e.msg})") from e
+      raise DataFormatError(str(path), f"not a JSON line ({e.msg})", number) from None
   return records
 
 
@@ -69,14 +73,31 @@ def plot_before_after(results: dict, out: pathlib.Path) -> None:
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2:
-    raise SystemExit(f"usage: {argv[0]} RUN_DIR")
+    raise app.UsageError(f"usage: {argv[0]} RUN_DIR")
   run = pathlib.Path(argv[1])
+  if not run.is_dir():
+    raise NotADirectoryError(f"{run}: not a run directory")
+  wrote = []
   if (run / "metrics.jsonl").exists():
-    plot_curves(read_metrics(run / "metrics.jsonl"), run / "curves.png")
+    records = read_metrics(run / "metrics.jsonl")
+    if any("loss" in r for r in records):
+      plot_curves(records, run / "curves.png")
+      wrote.append(run / "curves.png")
   if (run / "results.json").exists():
-    plot_before_after(json.loads((run / "results.json").read_text()), run / "before_after.png")
-  print(f"wrote plots under {run}")
+    try:
+      results = json.loads((run / "results.json").read_text())
+      if "after" not in results or "before" not in results:
+        raise KeyError("before/after")
+    except (ValueError, KeyError) as e:
+      raise DataFormatError(str(run / "results.json"), "not the results of a training run "
+                            f"(experiments/train.py) ({e})") from None
+    plot_before_after(results, run / "before_after.png")
+    wrote.append(run / "before_after.png")
+  if not wrote:
+    raise FileNotFoundError(f"{run}: no training metrics (metrics.jsonl with losses) nor "
+                            "results.json of a training run; nothing to plot")
+  print("wrote " + ", ".join(map(str, wrote)))
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  run_main(main)

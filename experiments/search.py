@@ -18,8 +18,14 @@ flags.mark_flags_as_required(["bundle"])
 
 def main(argv):
   queries = argv[1:]
+  # Before the bundle is loaded and anything is encoded.
   if not queries:
     raise app.UsageError("give at least one query text")
+  if _K.value < 1:
+    raise app.UsageError(f"--k={_K.value}: expected a number of hits >= 1")
+  empty = [q for q, text in enumerate(queries) if not text.strip()]
+  if empty:
+    raise app.UsageError(f"query {empty[0]} is empty: give the text to search for")
   bundle = load_bundle(_BUNDLE.value)
   for q, (query, hits) in enumerate(zip(queries, bundle.search(queries, _K.value))):
     print(f"# query {q}: {query}")

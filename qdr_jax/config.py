@@ -33,6 +33,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dev_split = ""
   c.data.dev_queries = 0          # size of the carved dev split; 0 = use an existing split
   c.data.allow_missing_positives = False  # dpr: skip positives absent from the corpus
+  # Train although some evaluated queries are also training queries (refused otherwise);
+  # results.json then lists them under query_overlap.
+  c.data.allow_query_overlap = False
   c.data.cache_dir = ""           # corpus store root; "" = ~/.cache/qdr_jax/corpora
 
   c.model = ml_collections.ConfigDict()
@@ -59,7 +62,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.table.cache_dir = ""          # "" = {workdir}/cache
   c.table.dtype = "float32"       # storage: float32 | bfloat16
   c.table.normalize_rows = False  # re-project updated rows onto the unit sphere
-  c.table.embed_chunk_rows = 16384  # rows per resumable embedding chunk (also the sort window)
+  # Rows per resumable embedding chunk (also the length-sort window); 0 = adapt to the
+  # corpus: at least 16 chunks in whole batches, at most 16384 rows, so that an
+  # interrupted embedding keeps what it finished even for a small corpus.
+  c.table.embed_chunk_rows = 0
   # How a bfloat16 table takes row updates smaller than its spacing (about 2.4e-4 at
   # |x| ~ 0.05: plain rounding would drop a 1e-4 step and freeze the rows).
   # 'stochastic': round up or down at random, unbiased (E[round(x)] = x), bits from the

@@ -26,18 +26,18 @@ from qdr_jax.eval.evaluator import evaluate_index
 from qdr_jax.eval.metrics import split_seen
 from qdr_jax.eval.report import compare_table, format_table, subset_table
 from qdr_jax.eval.table_eval import (EvalQueries, evaluate_splits, evaluate_table,
-                                     mean_and_spread)
+                                     mean_and_spread, run_files)
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.faiss_index import build_quantized_seeds
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.io_utils import workdir_lock, write_json_atomic
+from qdr_jax.io_utils import check_writable_dir, workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
 from qdr_jax.train.modes import configured_learn, mode_from_config
 from qdr_jax.train.restore import restore_trained
-from qdr_jax.validation import ConfigError, validate_config, validate_runs
+from qdr_jax.validation import ConfigError, overlapping_queries, validate_config, validate_runs
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -55,6 +55,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   distributed.initialize_distributed(config)  # before anything touches a device
   lead = distributed.is_lead_process()
   workdir = pathlib.Path(workdir)
+  check_writable_dir(workdir)
   dataset, encoders = _validated_inputs(config)
   inputs = input_fingerprints(dataset.corpus, encoders)
   # Refuse a resume with another corpus, encoder or config before the corpus embedding.
@@ -131,6 +132,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "mode": config.train.mode, "index": before["eval"]["index"],
              "selection_split": config.data.dev_split or None,
              "before": before["eval"], **_provenance(config, inputs)}
+  if overlap := overlapping_queries(config, dataset):  # allowed by data.allow_query_overlap
+    results["query_overlap"] = {"count": len(overlap), "query_ids": overlap}
   after = before
   if trained is not None:
     after = evaluate_splits(table, eval_queries(trained.params, "eval after"), corpus,
@@ -234,6 +237,7 @@ def evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path
   Returns:
     (results, printable table).
   """
+  check_writable_dir(workdir)
   dataset, encoders = _validated_inputs(config, training=False)
   workdir.mkdir(parents=True, exist_ok=True)
   with workdir_lock(workdir, enabled=distributed.is_lead_process()):
@@ -248,9 +252,10 @@ def _evaluate_config(config: ml_collections.ConfigDict, workdir: pathlib.Path,
                               embed_passages(encoders, config))
   query_emb = embed_queries(encoders, encoders.query_params, split.queries.texts, config)
   metrics = evaluate_table(table, query_emb, split, dataset.corpus, config.index, config.eval,
-                           seen_subsets(config, dataset, split))
+                           seen_subsets(config, dataset, split), runs_dir=workdir)
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
              "split": config.data.eval_split,
+             "run_files": [str(p) for p in run_files(workdir, config.eval.index_seeds).values()],
              "index": {"factory": config.index.factory, **metrics["index"]},
              **_evaluation_fields(metrics),
              **_provenance(config, input_fingerprints(dataset.corpus, encoders))}
@@ -329,6 +334,7 @@ def compare_modes(config: ml_collections.ConfigDict, workdir: pathlib.Path,
         f"{learned}), which every compared mode would inherit; start from a plain mode "
         f"(e.g. --config=configs/demo.py:mode=dback) and name what a mode learns in its "
         f"spec (--modes=dback,dback+codebooks+centroids).")])
+  check_writable_dir(workdir)
   cache_dir = config.table.cache_dir or str(workdir / "cache")
   train_seeds = [config.seed + i for i in range(seeds)]
   runs = {(level, mode, seed): _run_config(config, level, mode, cache_dir, seed)

@@ -60,6 +60,28 @@ def save_figure_atomic(fig, path: str | os.PathLike, **savefig_kwargs) -> None:
     fig.savefig(f, format=fmt, **savefig_kwargs)
 
 
+def check_writable_dir(path: str | os.PathLike) -> None:
+  """Refuses, before any work, a directory a run could not create or write: an existing
+  file in its place (or in a parent's), a read-only or unwritable parent. Creates nothing.
+
+  Raises:
+    NotADirectoryError, PermissionError: naming the path.
+  """
+  path = pathlib.Path(os.path.abspath(os.fspath(path)))
+  existing = path
+  while not existing.exists() and existing.parent != existing:
+    existing = existing.parent
+  if not existing.is_dir():
+    where = "" if existing == path else f" (for {path})"
+    raise NotADirectoryError(errno.ENOTDIR, f"exists and is not a directory{where}",
+                             str(existing))
+  if not os.access(existing, os.W_OK | os.X_OK):
+    # access() reports a read-only mount (EROFS) as well as missing permissions.
+    raise PermissionError(errno.EACCES, "not writable (read-only file system or no write "
+                          f"permission){'' if existing == path else f' to create {path}'}",
+                          str(existing))
+
+
 class WorkdirLockedError(RuntimeError):
   """Another live process holds the workdir's lock."""
 

@@ -6,14 +6,15 @@ checkpoints to serve:
   bundle.json        model settings (pooling, normalize, max query length, dtype) and
                      index settings (factory, nprobe, efSearch, size), provenance (the
                      training corpus and initial encoder fingerprints) and fingerprints
-                     of the trained encoder weights and of ids.json and index.faiss,
-                     which `load_bundle` checks
+                     of the trained encoder weights and of ids.json, index.faiss and
+                     passages.jsonl, which `load_bundle` checks before reading them
   query_encoder/     the trained query encoder as a Hugging Face model directory
                      (config.json, model.safetensors, tokenizer files); loads with
                      transformers' AutoModel and with `qdr_jax.models.load_encoder`
   index.faiss        the quantized FAISS index over the trained target table
   ids.json           passage id of every index row (row i has search id i)
-  passages.jsonl     optional: {"id", "title", "text"} per row, to print results
+  passages.jsonl     optional: {"id", "title", "text"} per passage, to print results
+                     (looked up by id, never by line number)
 
 Nothing is pickled.
 """
@@ -32,6 +33,7 @@ import faiss
 import jax
 import numpy as np
 
+from qdr_jax.data.types import DataFormatError
 from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
 from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
                                        search, set_search_params)
@@ -75,8 +77,8 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
     The bundle directory.
   """
   out = pathlib.Path(out)
-  if out.exists():
-    raise FileExistsError(f"{out} exists; choose a new bundle directory")
+  if out.exists() or out.is_symlink():
+    raise BundleError(f"{out} exists; choose a new bundle directory")
   trained = restore_trained(workdir, step=step, config=config, extra=("index_params",))
   config, corpus = trained["config"], trained["dataset"].corpus
   table = trained["table"]
@@ -125,7 +127,9 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
                    "input_fingerprints": trained["metadata"].get("input_fingerprints", {})},
         "fingerprints": {"encoder": params_fingerprint(trained["params"]),
                          IDS_FILE: file_fingerprint(tmp / IDS_FILE),
-                         INDEX_FILE: file_fingerprint(tmp / INDEX_FILE)},
+                         INDEX_FILE: file_fingerprint(tmp / INDEX_FILE),
+                         **({PASSAGES_FILE: file_fingerprint(tmp / PASSAGES_FILE)}
+                            if store_passages else {})},
         "files": {"encoder": ENCODER_DIR, "index": INDEX_FILE, "ids": IDS_FILE,
                   "passages": PASSAGES_FILE if store_passages else None},
     }
@@ -148,7 +152,7 @@ class Bundle:
   tokenizer: Any
   index: faiss.Index
   ids: list[str]
-  passages: list[dict] | None
+  passages: dict[str, dict] | None  # passage id -> {"id", "title", "text"}
 
   def __post_init__(self):
     self._apply = jax.jit(make_apply(self.module))
@@ -171,24 +175,31 @@ class Bundle:
           continue
         hit = {"rank": rank, "id": self.ids[row], "score": float(score)}
         if self.passages is not None:
-          hit.update(title=self.passages[row].get("title", ""),
-                     text=self.passages[row].get("text", ""))
+          passage = self.passages[hit["id"]]
+          hit.update(title=passage.get("title", ""), text=passage.get("text", ""))
         hits.append(hit)
       results.append(hits)
     return results
 
 
-def _check_bundle(directory: pathlib.Path, manifest: dict, params: Any) -> None:
-  """Refuses a bundle whose files are not the ones it was exported with (bundles written
-  before fingerprints were recorded are not checked)."""
+class BundleError(ValueError):
+  """A bundle directory that cannot be served or written: missing, malformed or damaged
+  files, or an export target that exists."""
+
+
+def _check_files(directory: pathlib.Path, manifest: dict, names: Sequence[str]) -> None:
+  """Refuses a bundle whose files are not the ones it was exported with, before any of
+  them is parsed (a truncated index.faiss must not reach FAISS's reader). Bundles
+  written before a file's fingerprint was recorded are not checked for it."""
   recorded = manifest.get("fingerprints") or {}
-  files = manifest["files"]
-  checks = [(IDS_FILE, directory / files["ids"], file_fingerprint),
-            (INDEX_FILE, directory / files["index"], file_fingerprint),
-            ("encoder", directory / files["encoder"], lambda _: params_fingerprint(params))]
   problems = []
-  for name, path, compute in checks:
-    if name in recorded and (now := compute(path)) != recorded[name]:
+  for name in names:
+    path = directory / name
+    if name not in recorded:
+      continue
+    if not path.is_file():
+      problems.append(f"{path}: missing")
+    elif (now := file_fingerprint(path)) != recorded[name]:
       problems.append(f"{path}: {directory / MANIFEST} records fingerprint "
                       f"{recorded[name]}, the file now has {now}")
   if problems:
@@ -196,32 +207,86 @@ def _check_bundle(directory: pathlib.Path, manifest: dict, params: Any) -> None:
                                    + ")")
 
 
+def _read_manifest(directory: pathlib.Path) -> dict:
+  path = directory / MANIFEST
+  if not path.is_file():
+    raise BundleError(f"{path}: missing; {directory} is not a bundle directory "
+                      "(experiments/export.py writes one)")
+  try:
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+  except ValueError as e:
+    raise DataFormatError(str(path), f"not a bundle manifest ({e})") from None
+  if not isinstance(manifest, dict) or manifest.get("format") != BUNDLE_FORMAT:
+    raise DataFormatError(str(path), "unknown bundle format "
+                          f"{manifest.get('format') if isinstance(manifest, dict) else None!r}")
+  files = manifest.get("files")
+  if (not all(isinstance(manifest.get(k), dict) for k in ("files", "model", "index"))
+      or not all(isinstance(files.get(k), str) for k in ("encoder", "index", "ids"))):
+    raise DataFormatError(str(path), "not a bundle manifest (its files, model or index "
+                          "section is missing)")
+  return manifest
+
+
+def _read_passages(path: pathlib.Path, ids: Sequence[str]) -> dict[str, dict]:
+  """passages.jsonl as id -> passage; refuses lines that are not passages and a file
+  that lacks an id of the index."""
+  passages = {}
+  with open(path, encoding="utf-8", errors="strict") as f:
+    for number, line in enumerate(f, 1):
+      try:
+        passage = json.loads(line)
+        passages[str(passage["id"])] = passage
+      except (ValueError, KeyError, TypeError) as e:
+        raise DataFormatError(str(path), f"not a passage line ({type(e).__name__}: {e})",
+                              number) from None
+  missing = [i for i in ids if i not in passages]
+  if missing:
+    raise DataFormatError(str(path), f"lacks {len(missing)} of the index's {len(ids)} "
+                          f"passage ids (first {missing[0]!r})")
+  return passages
+
+
 def load_bundle(directory: str | os.PathLike) -> Bundle:
   """Loads a bundle written by `export_bundle` with the Flax encoder.
 
+  Every file's fingerprint is checked before the file is parsed.
+
   Raises:
-    FingerprintMismatchError: ids.json, index.faiss or the encoder weights differ from
-      the fingerprints in bundle.json.
+    FingerprintMismatchError: ids.json, index.faiss, passages.jsonl or the encoder
+      weights differ from the fingerprints in bundle.json.
+    BundleError, DataFormatError: a missing or malformed bundle file.
   """
   directory = pathlib.Path(directory)
-  manifest = json.loads((directory / MANIFEST).read_text())
-  if manifest.get("format") != BUNDLE_FORMAT:
-    raise ValueError(f"{directory / MANIFEST}: unknown bundle format {manifest.get('format')}")
+  manifest = _read_manifest(directory)
   files, model = manifest["files"], manifest["model"]
+  _check_files(directory, manifest,
+               [files["ids"], files["index"]] + ([files["passages"]]
+                                                 if files.get("passages") else []))
   encoder_dir = str(directory / files["encoder"])
   module, params = load_encoder(encoder_dir, pooling=model["pooling"],
                                 normalize=model["normalize"], dtype=model["dtype"])
-  index = load_index(directory / files["index"])
+  recorded = (manifest.get("fingerprints") or {}).get("encoder")
+  if recorded is not None and (now := params_fingerprint(params)) != recorded:
+    raise FingerprintMismatchError(
+        f"bundle files changed since export ({encoder_dir}: {directory / MANIFEST} records "
+        f"fingerprint {recorded}, the file now has {now})")
+  try:
+    index = load_index(directory / files["index"])
+  except ValueError as e:
+    raise BundleError(str(e)) from None
   idx = manifest["index"]
   set_search_params(index, nprobe=idx["nprobe"] or None, ef_search=idx["ef_search"] or None,
                     strict=False)
-  ids = json.loads((directory / files["ids"]).read_text())
-  _check_bundle(directory, manifest, params)
-  if len(ids) != index.ntotal:
-    raise ValueError(f"{directory}: {len(ids)} ids for an index of {index.ntotal} vectors")
+  ids_path = directory / files["ids"]
+  try:
+    ids = json.loads(ids_path.read_text(encoding="utf-8"))
+  except ValueError as e:
+    raise DataFormatError(str(ids_path), f"not a JSON list of ids ({e})") from None
+  if not isinstance(ids, list) or len(ids) != index.ntotal:
+    raise DataFormatError(str(ids_path), f"{len(ids) if isinstance(ids, list) else 'no'} "
+                          f"ids for an index of {index.ntotal} vectors")
   passages = None
   if files.get("passages"):
-    with open(directory / files["passages"], encoding="utf-8") as f:
-      passages = [json.loads(line) for line in f]
+    passages = _read_passages(directory / files["passages"], ids)
   return Bundle(directory, manifest, module, params, load_tokenizer(encoder_dir), index,
                 ids, passages)

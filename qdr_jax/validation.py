@@ -1,11 +1,15 @@
 """One validation pass over a run's config and inputs before any expensive work.
 
 `validate_config` checks every value's type and range, the known enums, the index
-factory (parsed by FAISS on an untrained dummy), and, given the data set and the
-embedding dimension, everything that otherwise fails only after the corpus has been
-embedded: too few points per centroid, a batch larger than the training queries, nprobe
-above nlist, k above the corpus size, a table file of the wrong dtype, empty queries.
-It collects every problem and raises them together as one `ConfigError`.
+factory (parsed by FAISS on an untrained dummy), the values that depend on the model or
+the metrics (sequence lengths against the encoder's positions, read from its
+config.json; the eval depth against every measure's cut-off; the primary metric among
+those computed), ambiguous input files, and, given the data set and the embedding
+dimension, everything that otherwise fails only after the corpus has been embedded: too
+few points per centroid, a batch larger than the training queries, nprobe above nlist, k
+above the corpus size, a table file of the wrong dtype, empty queries, test queries that
+are also training queries. It collects every problem and raises them together as one
+`ConfigError`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=protected-access
 from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
                                        factory_layout)
+from qdr_jax.models.loading import max_input_tokens
 from qdr_jax.train.loss import LOSS_REACHES
 from qdr_jax.train.modes import MODES, mode_from_config
 
@@ -61,6 +66,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("model.max_passage_length", 1, False, None),
     ("model.embed_batch_size", 1, False, None),
     ("model.length_bucket", 1, False, None),
+    ("table.embed_chunk_rows", 0, False, None),
     ("model.pack_query_rows", 0, False, None),
     ("index.nprobe", 1, False, None),
     ("index.ef_search", 0, False, None),
@@ -239,6 +245,63 @@ def _check_selection(config: ml_collections.ConfigDict, problems: list[str]) -> 
                              "in-loop evaluation reads data.dev_split, never the test split "
                              "(set data.dev_split, and data.dev_queries to carve one)"))
 
+def _check_dependencies(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+  """Values that depend on the encoder, the metrics or the input files, checked before
+  anything is loaded."""
+  model = config.model
+  lengths = [("model.max_query_length", model.query_encoder)]
+  if config.table.init == "encode":
+    lengths.append(("model.max_passage_length", model.passage_encoder or model.query_encoder))
+  for key, encoder in lengths:
+    value = _get(config, key)
+    limit = max_input_tokens(encoder) if isinstance(encoder, str) and encoder else None
+    if limit is not None and isinstance(value, int) and value > limit:
+      # Positions past the table embed as NaN (or out-of-range gathers), found only once
+      # the corpus has been embedded.
+      problems.append(_problem(key, value, f"<= {limit}, the positions of encoder "
+                               f"{encoder!r} (max_position_embeddings in its config.json)"))
+  ev = config.eval
+  measures = [str(m) for m in ev.measures] if isinstance(ev.measures, (tuple, list)) else []
+  if isinstance(ev.depth, int) and not isinstance(ev.depth, bool):
+    deeper = {}  # measure -> its cut-off, where rankings of ev.depth would cut it short
+    for measure in measures:
+      try:
+        cutoff = parse_measure(measure).params.get("cutoff")
+      except ValueError:  # reported by _check_settings
+        continue
+      if isinstance(cutoff, int) and cutoff > ev.depth:
+        deeper[measure] = cutoff
+    if deeper:
+      problems.append(_problem(
+          "eval.depth", ev.depth, f">= {max(deeper.values())}, the cut-offs of "
+          f"config.eval.measures {', '.join(map(repr, deeper))} (rankings {ev.depth} deep "
+          "would report them wrong)"))
+  answers = ([f"top{k}" for k in ev.answer_ks] if isinstance(ev.answer_ks, (tuple, list))
+             else [])
+  if ev.primary_metric not in measures + answers:
+    problems.append(_problem("eval.primary_metric", ev.primary_metric,
+                             "one of config.eval.measures " + repr(tuple(measures))
+                             + " or an answer accuracy top{k} of config.eval.answer_ks"))
+  data = config.data
+  if data.format == "beir" and isinstance(data.root, str) and data.root:
+    from qdr_jax.data.loader import resolve_path  # pylint: disable=g-import-not-at-top
+    root = resolve_path(data.root)
+    if os.path.isfile(root):
+      problems.append(f"config.data.root={data.root!r}: a file; config.data.format='beir' "
+                      "reads a directory with corpus.jsonl, queries.jsonl and qrels/ (a "
+                      "SQuAD JSON file is format 'squad')")
+    for name in ("corpus.jsonl", "queries.jsonl"):
+      both = [f for f in (name, name + ".gz") if os.path.isfile(os.path.join(root, f))]
+      if len(both) == 2:
+        problems.append(f"config.data.root={data.root!r}: holds both {name} and {name}.gz; "
+                        "remove the one that should not be read")
+  if data.format == "squad" and isinstance(data.root, str) and data.root:
+    from qdr_jax.data.loader import resolve_path  # pylint: disable=g-import-not-at-top
+    if os.path.isdir(resolve_path(data.root)):
+      problems.append(f"config.data.root={data.root!r}: a directory; config.data.format="
+                      "'squad' reads a SQuAD v1.1 JSON file (a BEIR directory is format "
+                      "'beir')")
+
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
   """Distillation, balance, distortion, quant.learn_from and pseudo-queries set where
@@ -359,6 +422,17 @@ def _queries_with_positives(split: Split, corpus: Corpus) -> int:
   return int(np.unique(np.asarray(owners, dtype=np.int64)[found]).size)
 
 
+def overlapping_queries(config: ml_collections.ConfigDict, dataset: RetrievalDataset
+                        ) -> list[str]:
+  """Query ids of the evaluated split that are also in the training split (none when
+  the config evaluates on the training split itself, deliberately)."""
+  train, test = config.data.train_split, config.data.eval_split
+  if train == test or train not in dataset.splits or test not in dataset.splits:
+    return []
+  seen = {str(q) for q in dataset.splits[train].queries.ids}
+  return [str(q) for q in dataset.splits[test].queries.ids if str(q) in seen]
+
+
 def _check_data(config: ml_collections.ConfigDict, dataset: RetrievalDataset,
                 num_devices: int | None, training: bool, problems: list[str]) -> None:
   """Settings against the data set: splits, queries, corpus size, batch."""
@@ -389,6 +463,14 @@ def _check_data(config: ml_collections.ConfigDict, dataset: RetrievalDataset,
         problems.append(_problem("train.batch_size", config.train.batch_size,
                                  f"<= the {count} queries of split {name!r} with a positive "
                                  "passage in the corpus"))
+  overlap = overlapping_queries(config, dataset) if mode_trains else []
+  if overlap and not config.data.allow_query_overlap:
+    problems.append(f"config.data.eval_split={config.data.eval_split!r}: {len(overlap)} of its "
+                    f"queries are also in config.data.train_split="
+                    f"{config.data.train_split!r} (ids {', '.join(map(repr, overlap[:5]))}"
+                    f"{', ...' if len(overlap) > 5 else ''}); they would be trained on and "
+                    "reported as test queries (config.data.allow_query_overlap=True runs "
+                    "anyway and records the overlap in results.json)")
   if (mode_trains and num_devices and isinstance(config.train.batch_size, int)
       and config.train.batch_size % num_devices):
     problems.append(_problem("train.batch_size", config.train.batch_size,
@@ -429,6 +511,7 @@ def validate_config(config: ml_collections.ConfigDict, *,
   _check_ranges(config, problems)
   _check_enums(config, problems)
   _check_settings(config, problems)
+  _check_dependencies(config, problems)
   if training:
     _check_quantization_terms(config, warnings)
   num_rows = len(dataset.corpus) if dataset is not None else None
@@ -439,8 +522,16 @@ def validate_config(config: ml_collections.ConfigDict, *,
     if problem:
       problems.append(problem)
   if dataset is not None:
-    if num_devices is None and isinstance(config.sharding.num_devices, int):
-      num_devices = config.sharding.num_devices or jax.device_count()
+    # Checked once the data is loaded: JAX's backend (and the job's processes) are up.
+    requested = config.sharding.num_devices
+    if (isinstance(requested, int) and requested and jax.process_count() > 1
+        and requested != jax.device_count()):
+      problems.append(_problem(
+          "sharding.num_devices", requested,
+          f"0 (every device) or {jax.device_count()} in a job of {jax.process_count()} "
+          "processes: the mesh must hold devices of every process"))
+    if num_devices is None and isinstance(requested, int):
+      num_devices = requested or jax.device_count()
     _check_data(config, dataset, num_devices, training, problems)
   if problems:
     raise ConfigError(problems)

@@ -40,28 +40,37 @@ def _config(tiny_beir, tiny_encoder_dir, cache_dir):
 
 @pytest.fixture(scope="module")
 def runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
-  """One uninterrupted run, and one stopped by SIGTERM at STOP_AT and resumed."""
+  """One uninterrupted run, one stopped by SIGTERM at STOP_AT and resumed, and one
+  stopped by SIGINT (Ctrl-C) there and resumed."""
   root = tmp_path_factory.mktemp("runs")
   config = _config(tiny_beir, tiny_encoder_dir, root / "cache")
   straight = experiment.train_and_evaluate(config, root / "straight")
 
   real_batch_indices = negatives.batch_indices
 
-  def sigterm_during(step, *args, **kwargs):
-    if step == STOP_AT:
-      # The loop prepares a step's batch at the end of the step before it, so the signal
-      # arrives during step STOP_AT - 1 (0-based) and the save after it holds STOP_AT.
-      os.kill(os.getpid(), signal.SIGTERM)
-    return real_batch_indices(step, *args, **kwargs)
+  def stopped_at(signum, workdir):
+    def signal_during(step, *args, **kwargs):
+      if step == STOP_AT:
+        # The loop prepares a step's batch at the end of the step before it, so the
+        # signal arrives during step STOP_AT - 1 (0-based) and the save after it holds
+        # STOP_AT.
+        os.kill(os.getpid(), signum)
+      return real_batch_indices(step, *args, **kwargs)
 
-  previous = signal.getsignal(signal.SIGTERM)
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(negatives, "batch_indices", sigterm_during)
-    stopped = experiment.train_and_evaluate(config, root / "resumed")
-  assert signal.getsignal(signal.SIGTERM) is previous  # the loop's handler is gone
+    previous = signal.getsignal(signum)
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(negatives, "batch_indices", signal_during)
+      stopped = experiment.train_and_evaluate(config, workdir)
+    assert signal.getsignal(signum) is previous  # the loop's handler is gone
+    return stopped
+
+  stopped = stopped_at(signal.SIGTERM, root / "resumed")
   resumed = experiment.train_and_evaluate(config, root / "resumed")
+  interrupted = stopped_at(signal.SIGINT, root / "interrupted")
+  resumed_after_ctrl_c = experiment.train_and_evaluate(config, root / "interrupted")
   return {"config": config, "root": root, "straight": straight, "stopped": stopped,
-          "resumed": resumed}
+          "resumed": resumed, "interrupted": interrupted,
+          "resumed_after_ctrl_c": resumed_after_ctrl_c}
 
 
 def _records(workdir):
@@ -94,6 +103,21 @@ def test_resume_is_exact(runs):
   meta = ckpt.read_metadata()
   assert meta["step"] == STEPS and meta["corpus_size"] == 600 and meta["table_dim"] == 32
   assert meta["config"]["train"]["steps"] == STEPS and meta["dataset"] == "tiny"
+
+
+def test_ctrl_c_saves_and_resumes_exactly(runs):
+  root = runs["root"]
+  assert runs["interrupted"] == {"preempted": True, "step": STOP_AT}
+  for when in ("before", "after"):
+    assert runs["resumed_after_ctrl_c"][when] == runs["straight"][when]
+  straight, resumed = _records(root / "straight"), _records(root / "interrupted")
+  assert [r["step"] for r in resumed] == [r["step"] for r in straight]
+  for a, b in zip(straight, resumed):
+    for key in ("loss", "pool_accuracy", "eval_quantized"):
+      assert a.get(key) == b.get(key), (a["step"], key)
+  for field in ("params", "table"):
+    jax.tree.map(np.testing.assert_array_equal, restore_trained(root / "straight")[field],
+                 restore_trained(root / "interrupted")[field])
 
 
 def test_keeps_the_latest_and_the_best(tmp_path):

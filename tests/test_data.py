@@ -555,6 +555,25 @@ def test_store_beir_round_trip_maps_second_load(tmp_path, conversions):
   assert len(conversions) == 2
 
 
+@pytest.mark.parametrize("damaged", ["data-00000.arrow", "id_rows.npy"])
+def test_damaged_store_is_set_aside_and_converted_again(tmp_path, conversions, damaged, caplog):
+  rows = _big_rows(300)
+  path = _write(tmp_path / "src" / "corpus.jsonl.gz", _jsonl(rows))
+  cache = tmp_path / "cache"
+  store = read_beir_corpus(path, cache).store_dir
+  target = pathlib.Path(store) / damaged
+  raw = bytearray(target.read_bytes())
+  raw[-20] ^= 0xFF  # one byte of a text or a row number: same size, no other sign
+  target.write_bytes(bytes(raw))
+  with caplog.at_level("WARNING"):
+    again = read_beir_corpus(path, cache)
+  assert len(conversions) == 2 and again.store_dir == store
+  assert _lists(again)[2] == [r["text"] for r in rows]
+  (aside,) = [p for p in cache.iterdir() if ".damaged-" in p.name]  # kept, not deleted
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and str(target) in warnings[0] and store in warnings[0]
+
+
 def test_store_dpr_round_trip(tmp_path, conversions):
   path = _write(tmp_path / "psgs.tsv", PASSAGES_TSV)
   corpus = read_dpr_passages(path, tmp_path / "cache")

@@ -202,3 +202,106 @@ def test_two_processes_equal_one_and_a_crash_resumes(tiny_beir, tiny_encoder_dir
   assert two.name == one_file.name
   np.testing.assert_array_equal(np.load(two), np.load(one_file))
   assert stats["p0"]["sha1"] == stats["p1"]["sha1"] == stats["resume"]["sha1"]
+
+
+def _damage_sign_flip(path):
+  table = np.load(path, mmap_mode="r+")
+  table[100:300] *= -1  # 200 rows negated: every value still finite
+  table.flush()
+
+
+def _damage_truncate(path):
+  with open(path, "r+b") as f:
+    f.truncate(path.stat().st_size - 1000)
+
+
+def _damage_nan(path):
+  table = np.load(path, mmap_mode="r+")
+  table[7, 3] = np.nan
+  table.flush()
+
+
+def _damage_random(path):
+  path.write_bytes(np.random.default_rng(0).bytes(path.stat().st_size))
+
+
+@pytest.mark.parametrize("damage", [_damage_sign_flip, _damage_truncate, _damage_nan,
+                                    _damage_random])
+def test_damaged_cache_is_set_aside_and_rebuilt(setup, tmp_path, damage, caplog):
+  from qdr_jax.checksums import sums_path, verify_table
+  config, corpus, encoders = setup
+  table = np.array(build_or_load_table(config, corpus, tmp_path,
+                                       embed_passages(encoders, config)))
+  (cached,) = tmp_path.glob("table-*.npy")
+  assert verify_table(cached) is None and sums_path(cached).exists()
+  damage(cached)
+  assert verify_table(cached) is not None
+  with caplog.at_level("WARNING"):
+    again = build_or_load_table(config, corpus, tmp_path, embed_passages(encoders, config))
+  np.testing.assert_array_equal(again, table)
+  assert verify_table(cached) is None
+  (aside,) = tmp_path.glob("table-*.npy.damaged-*[0-9]")  # kept, not deleted
+  assert aside.stat().st_size and verify_table(aside) is not None
+  warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warnings) == 1 and str(cached) in warnings[0]
+
+
+def test_cache_without_checksums_is_rebuilt(setup, tmp_path):
+  from qdr_jax.checksums import sums_path
+  config, corpus, encoders = setup
+  build_or_load_table(config, corpus, tmp_path, embed_passages(encoders, config))
+  (cached,) = tmp_path.glob("table-*.npy")
+  sums_path(cached).unlink()
+  calls = []
+
+  class Counting:
+    def embed_corpus(self, corpus, path):
+      calls.append(path)
+      return embed_passages(encoders, config).embed_corpus(corpus, path, progress=False)
+
+  build_or_load_table(config, corpus, tmp_path, Counting())
+  assert calls == [cached] and sums_path(cached).exists()
+
+
+def test_non_finite_rows_are_never_cached(setup, tmp_path):
+  config, corpus, encoders = setup
+
+  def nan_apply(params, *tokens):
+    return encoders.passage_apply(params, *tokens) * np.nan
+
+  path = tmp_path / "t.npy"
+  with pytest.raises(FloatingPointError, match="NaN or infinite"):
+    embed_corpus(nan_apply, encoders.passage_params, encoders.tokenizer, corpus, path,
+                 batching=Batching(32, 16, 32, 8), passage_style="concat",
+                 chunk_rows=CHUNK_ROWS, progress=False)
+  assert not path.exists() and not list(tmp_path.glob("*.done-p*.json"))
+
+
+def test_chunks_adapt_to_the_corpus_size():
+  from qdr_jax.targets.embed import resumable_chunk_rows
+  # The demo's 5,183 abstracts in batches of 32: 15 chunks of 352, not one of 16,384.
+  assert resumable_chunk_rows(5183, 0, 32) == 352
+  assert resumable_chunk_rows(100_000_000, 0, 32) == 16384
+  assert resumable_chunk_rows(10, 0, 32) == 32
+  assert resumable_chunk_rows(5183, 1000, 32) == 1000  # configured: kept
+
+
+def test_interrupted_small_corpus_keeps_the_finished_half(setup, tmp_path):
+  config, corpus, encoders = setup
+  adapted = config.copy_and_resolve_references()
+  with adapted.unlocked():
+    adapted.table.embed_chunk_rows = 0  # 600 rows, batches of 64: 10 chunks of 64
+  embedder = embed_passages(encoders, adapted)
+  path = tmp_path / "t.npy"
+  seen = []
+
+  def ctrl_c_half_way(chunk):
+    seen.append(chunk)
+    if len(seen) == 5:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    embedder.embed_corpus(corpus, path, progress=False, on_chunk=ctrl_c_half_way)
+  stats = embedder.embed_corpus(corpus, path, progress=False)
+  assert stats["chunks"] == 10 and stats["skipped"] == 5 and stats["computed"] == 5
+  np.testing.assert_allclose(np.load(path), _per_batch_reference(setup), atol=1e-5, rtol=0)

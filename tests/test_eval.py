@@ -2,6 +2,7 @@
 
 import math
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -311,3 +312,21 @@ def test_answer_matcher_contains_answer_by_row():
                                 [True, False, False])
   np.testing.assert_array_equal(matcher.contains_answer(["1,000"], [2, 0]), [True, False])
   assert not matcher.contains_answer([], [0, 1]).any()
+
+
+def test_evaluate_config_writes_the_trec_runs_it_scores(tiny_config, tmp_path):
+  from qdr_jax.eval.metrics import ranking_metrics
+  from qdr_jax.eval.trec import read_trec_run
+  from qdr_jax.experiment import evaluate_config
+  workdir = tmp_path / "eval"
+  results, _ = evaluate_config(tiny_config, workdir)
+  assert sorted(pathlib.Path(p).name for p in results["run_files"]) == [
+      "run.flat.trec", "run.quantized.seed0.trec"]
+  from qdr_jax.data.loader import load_dataset
+  qrels = load_dataset(tiny_config.data).split(tiny_config.data.eval_split).qrels
+  for name, key in (("run.flat.trec", "flat"), ("run.quantized.seed0.trec", "quantized")):
+    run = read_trec_run(workdir / name)
+    assert len(run) == len(qrels) and all(len(r) == 100 for r in run.values())  # eval.depth
+    again = ranking_metrics(qrels, run, tiny_config.eval.measures)
+    for measure in tiny_config.eval.measures:
+      assert again[measure] == pytest.approx(results[key][measure], abs=1e-9), (name, measure)

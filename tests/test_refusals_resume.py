@@ -242,3 +242,65 @@ def test_table_cache_key_sees_replaced_encoder_weights(tiny_encoder_dir, tmp_pat
   raw[-1] ^= 1  # other weights, same path and size
   weights.write_bytes(bytes(raw))
   assert table_cache_key(model, corpus) != before
+
+
+@pytest.fixture(scope="module")
+def bundle_with_passages(base, tmp_path_factory):
+  return export_bundle(base["workdir"], tmp_path_factory.mktemp("bundles") / "b",
+                       store_passages=True)
+
+
+def _damaged_copy(bundle, tmp_path, name, damage):
+  copy = tmp_path / "bundle"
+  shutil.copytree(bundle, copy)
+  path = copy / name
+  damage(path)
+  return copy, path
+
+
+def _reorder_lines(path):
+  lines = path.read_text().splitlines(keepends=True)
+  path.write_text("".join(lines[1:] + lines[:1]))
+
+
+def _truncate(path):
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("name,damage", [("passages.jsonl", _reorder_lines),
+                                         ("passages.jsonl", _truncate),
+                                         ("index.faiss", _truncate),
+                                         ("index.faiss", lambda p: p.write_bytes(b"")),
+                                         ("ids.json", _truncate)])
+def test_damaged_bundle_file_is_refused_before_it_is_read(bundle_with_passages, tmp_path,
+                                                          monkeypatch, name, damage):
+  bundle, path = _damaged_copy(bundle_with_passages, tmp_path, name, damage)
+
+  def never(*args, **kwargs):
+    raise AssertionError("a file was parsed before its fingerprint was checked")
+
+  monkeypatch.setattr("qdr_jax.serving.load_index", never)
+  monkeypatch.setattr("qdr_jax.serving.load_encoder", never)
+  with pytest.raises(FingerprintMismatchError) as error:
+    load_bundle(bundle)
+  message = str(error.value)
+  assert "\n" not in message and f"{path}: " in message
+
+
+def test_bundle_passages_are_looked_up_by_id(bundle_with_passages, tmp_path):
+  loaded = load_bundle(bundle_with_passages)
+  assert set(loaded.passages) == set(loaded.ids)
+  queries = ["w1 w2 w3", "w10 w20"]
+  hits = loaded.search(queries, k=5)
+  for query_hits in hits:
+    for hit in query_hits:
+      assert hit["text"] == loaded.passages[hit["id"]]["text"]
+  # An older bundle (no fingerprint of passages.jsonl) with its lines reordered still
+  # shows each id's own passage.
+  copy = tmp_path / "old"
+  shutil.copytree(bundle_with_passages, copy)
+  manifest = json.loads((copy / "bundle.json").read_text())
+  del manifest["fingerprints"]["passages.jsonl"]
+  (copy / "bundle.json").write_text(json.dumps(manifest))
+  _reorder_lines(copy / "passages.jsonl")
+  assert load_bundle(copy).search(queries, k=5) == hits

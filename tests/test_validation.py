@@ -5,6 +5,7 @@ import importlib
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -81,6 +82,16 @@ CASES = [
     ("int8_table", {"table.init": "npy", "table.path": _int8_table},
      "holds int8 values; expected a floating-point embedding table"),
     ("mode", {"train.mode": "bogus"}, "config.train.mode='bogus': expected one of 'dback'"),
+    # The tiny encoder has 128 positions (its config.json's max_position_embeddings).
+    ("passage_positions", {"model.max_passage_length": 1024},
+     "config.model.max_passage_length=1024: expected <= 128, the positions of encoder"),
+    ("query_positions", {"model.max_query_length": 129},
+     "config.model.max_query_length=129: expected <= 128, the positions of encoder"),
+    ("depth", {"eval.depth": 50},
+     "config.eval.depth=50: expected >= 100, the cut-offs of config.eval.measures 'R@100' "
+     "(rankings 50 deep would report them wrong)"),
+    ("primary_metric", {"eval.primary_metric": "MRR@10"},
+     "config.eval.primary_metric='MRR@10': expected one of config.eval.measures"),
 ]
 
 
@@ -92,6 +103,38 @@ def test_refused(tiny_config, tiny_dataset, tmp_path, overrides, expected):
   assert any(expected in line for line in e.value.problems), e.value.problems
   assert all("\n" not in line for line in e.value.problems)
   assert str(e.value) == "\n".join(e.value.problems)
+
+
+def test_depth_and_primary_metric_accept_what_is_computed(tiny_config, tiny_dataset):
+  validate_config(_with(tiny_config, **{"eval.depth": 100, "eval.primary_metric": "top20"}),
+                  dataset=tiny_dataset, dim=DIM)
+
+
+def test_train_and_test_queries_overlap(tiny_config, tiny_dataset):
+  train = tiny_dataset.split("train")
+  test = dataclasses.replace(train, queries=Queries(list(train.queries.ids[:3]),
+                                                    list(train.queries.texts[:3])))
+  dataset = dataclasses.replace(tiny_dataset, splits={**tiny_dataset.splits, "test": test})
+  with pytest.raises(ConfigError) as e:
+    validate_config(tiny_config, dataset=dataset, dim=DIM)
+  assert e.value.problems == [
+      "config.data.eval_split='test': 3 of its queries are also in config.data.train_split="
+      "'train' (ids 'q0', 'q1', 'q2'); they would be trained on and reported as test queries "
+      "(config.data.allow_query_overlap=True runs anyway and records the overlap in "
+      "results.json)"]
+  validate_config(_with(tiny_config, **{"data.allow_query_overlap": True}), dataset=dataset,
+                  dim=DIM)
+  validate_config(tiny_config, dataset=dataset, dim=DIM, training=False)  # nothing trained
+  validate_config(_with(tiny_config, **{"data.eval_split": "train"}), dataset=dataset,
+                  dim=DIM)  # the training split itself, chosen on purpose
+
+
+def test_both_compressed_and_plain_corpus_refused(tiny_config, tiny_beir, tmp_path):
+  root = tmp_path / "beir"
+  shutil.copytree(tiny_beir, root)
+  (root / "corpus.jsonl").write_text('{"_id": "d0", "text": "x"}\n')
+  with pytest.raises(ConfigError, match=r"holds both corpus.jsonl and corpus.jsonl.gz"):
+    validate_config(_with(tiny_config, **{"data.root": str(root)}))
 
 
 def test_every_problem_reported_at_once(tiny_config, tiny_dataset):
@@ -225,6 +268,8 @@ def get_config():
   c.data.name = "tiny"
   c.data.root = {root!r}
   c.model.query_encoder = {encoder!r}
+  c.model.max_query_length = 16
+  c.model.max_passage_length = 32
   c.table.cache_dir = {cache!r}
   c.index.factory = "IVF4,PQ4x8"
   c.index.nprobe = 2
@@ -282,3 +327,18 @@ def test_train_script_refuses_non_utf8_corpus(tmp_path, tiny_beir, tiny_encoder_
   (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\n")
   result = _script("train.py", tmp_path, root, tiny_encoder_dir)
   _assert_refused(result, f"error: {root / 'corpus.jsonl'}:2: not UTF-8 text", tmp_path)
+
+
+def test_a_job_of_several_processes_needs_a_mesh_over_all_of_them(tiny_config, tiny_dataset,
+                                                                  monkeypatch):
+  import jax  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "device_count", lambda: 4)
+  with pytest.raises(ConfigError) as e:
+    validate_config(_with(tiny_config, **{"sharding.num_devices": 1}), dataset=tiny_dataset,
+                    dim=DIM)
+  assert e.value.problems == [
+      "config.sharding.num_devices=1: expected 0 (every device) or 4 in a job of 2 processes: "
+      "the mesh must hold devices of every process"]
+  validate_config(_with(tiny_config, **{"sharding.num_devices": 0}), dataset=tiny_dataset,
+                  dim=DIM)

@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -62,7 +63,23 @@ def _iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataFormatError(path, f"bad JSON: {e.msg} (column {e.colno})", line_no) from None
       if not isinstance(obj, dict):
         raise DataFormatError(path, f"expected a JSON object, got {type(obj).__name__}", line_no)
+      if _SURROGATE_ESCAPE.search(line):
+        _check_characters(obj, path, line_no)
       yield line_no, obj
+
+
+# A \uD800-\uDFFF escape: half of a pair, or a lone surrogate JSON lets through but no
+# UTF-8 consumer (tokenizer, corpus store) accepts.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_characters(obj: dict[str, Any], path: str, line: int) -> None:
+  try:
+    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise DataFormatError(path, "a \\u escape of a lone surrogate "
+                          f"({e.object[e.start:e.end].encode('unicode_escape').decode()}) is "
+                          "not a character", line) from None
 
 
 def _id_field(obj: dict[str, Any], path: str, line: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -12,8 +13,8 @@ import numpy as np
 
 from qdr_jax.data import store
 from qdr_jax.data.beir import open_text, read_beir
-from qdr_jax.data.dpr import (dpr_records_to_split, read_dpr_passages, read_dpr_train_json,
-                              read_qa_csv, squad_to_dpr)
+from qdr_jax.data.dpr import (SquadDpr, dpr_records_to_split, read_dpr_passages,
+                              read_dpr_train_json, read_qa_csv, squad_to_dpr)
 from qdr_jax.data.hf import read_hf_corpus, read_hf_split
 from qdr_jax.data.splits import with_dev_split
 from qdr_jax.data.types import Corpus, DataFormatError, RetrievalDataset, Split
@@ -97,6 +98,26 @@ def truncate_corpus(dataset: RetrievalDataset, max_passages: int) -> RetrievalDa
   return RetrievalDataset(name=dataset.name, corpus=new_corpus, splits=splits)
 
 
+def read_squad_file(path: str, test_fraction: float, seed: int) -> SquadDpr:
+  """A SQuAD v1.1 JSON file (``.gz`` too) as passages and DPR records (`squad_to_dpr`);
+  a file that is not one is refused naming it."""
+  try:
+    with open_text(path) as f:
+      squad = json.load(f)
+  except json.JSONDecodeError as e:
+    raise DataFormatError(path, f"not valid JSON ({e.msg})", e.lineno) from e
+  except (UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+    raise DataFormatError(path, f"not a readable JSON text file ({e})") from None
+  if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+    raise DataFormatError(path, "expected a SQuAD object with a 'data' list of articles")
+  try:
+    return squad_to_dpr(squad, test_fraction, seed)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:
+    raise DataFormatError(path, "not a SQuAD v1.1 file: an article, paragraph or question "
+                          f"lacks a field or has the wrong type ({type(e).__name__}: {e})"
+                          ) from None
+
+
 def read_squad(path: str, name: str, test_fraction: float, seed: int,
                cache_dir: str | os.PathLike | None = None) -> RetrievalDataset:
   """SQuAD v1.1 JSON converted exactly as ``experiments/convert_squad.py`` writes it:
@@ -105,14 +126,7 @@ def read_squad(path: str, name: str, test_fraction: float, seed: int,
   The passages (every paragraph, whatever the split) go into the corpus store like any
   other corpus, so later loads map them; the questions are read from the JSON each time.
   """
-  try:
-    with open_text(path) as f:
-      squad = json.load(f)
-  except json.JSONDecodeError as e:
-    raise DataFormatError(path, f"not valid JSON ({e.msg})", e.lineno) from e
-  if not isinstance(squad, dict) or "data" not in squad:
-    raise DataFormatError(path, "expected a SQuAD object with a 'data' list of articles")
-  converted = squad_to_dpr(squad, test_fraction, seed)
+  converted = read_squad_file(path, test_fraction, seed)
   corpus = store.store_corpus(converted.corpus, path, "squad", cache_dir=cache_dir)
   splits = {split: dpr_records_to_split(((None, i, r) for i, r in enumerate(records)),
                                         corpus, path, split)[0]

@@ -3,7 +3,8 @@
 A store directory `<cache root>/<key>/` holds the passages as Arrow files written by
 `datasets.Dataset.from_generator` (columns id, title, text and the source line of each
 passage), the id lookup (`id_hash.npy`, `id_rows.npy`) and `corpus.json` (row count,
-fingerprint, source). The key hashes the reader, the source's path, size and mtime and
+fingerprint, source, and an xxh3 checksum of every file, verified whenever the store is
+mapped: a damaged store is moved aside with one warning and converted again). The key hashes the reader, the source's path, size and mtime and
 the store version, so an edited source converts again and an unchanged one is mapped.
 Later loads map the files (`datasets.Dataset.from_file`): no passage is read into
 Python until asked for.
@@ -33,10 +34,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from qdr_jax.checksums import file_digest, set_aside
 from qdr_jax.data import types
 from qdr_jax.data.types import Corpus, DataFormatError
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: corpus.json records the files' checksums
 META_FILE = "corpus.json"
 ENV_CACHE_DIR = "QDR_JAX_CORPUS_CACHE"
 # Rows per Arrow record batch: fewer, larger chunks make row lookups cheaper.
@@ -162,8 +164,10 @@ def _convert(final: str, source: str, rows: _RowSource, line_kind: str) -> None:
     lookup = corpus.lookup
     np.save(os.path.join(tmp, types.LOOKUP_KEYS_FILE), lookup.keys, allow_pickle=False)
     np.save(os.path.join(tmp, types.LOOKUP_ROWS_FILE), lookup.rows, allow_pickle=False)
+    checked = names + [types.LOOKUP_KEYS_FILE, types.LOOKUP_ROWS_FILE]
     meta = {"version": STORE_VERSION, "hash": types.HASH_NAME, "rows": table.num_rows,
-            "files": names, "fingerprint": corpus.fingerprint(), "source": source}
+            "files": names, "fingerprint": corpus.fingerprint(), "source": source,
+            "checksums": {n: file_digest(os.path.join(tmp, n)) for n in checked}}
     with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
       json.dump(meta, f, indent=1)
     del corpus, table, lookup
@@ -178,16 +182,40 @@ def _convert(final: str, source: str, rows: _RowSource, line_kind: str) -> None:
     raise
 
 
+class DamagedStoreError(DataFormatError):
+  """A store's files differ from the checksums recorded when it was converted."""
+
+
+def _verify_store(directory: str, meta: dict) -> None:
+  sums = meta.get("checksums")
+  if not isinstance(sums, dict) or not sums:
+    raise DamagedStoreError(directory, f"{META_FILE} records no checksums")
+  for name, digest in sorted(sums.items()):
+    path = os.path.join(directory, name)
+    try:
+      now = file_digest(path)
+    except OSError as e:
+      raise DamagedStoreError(path, f"unreadable ({e.strerror or e})") from None
+    if now != digest:
+      raise DamagedStoreError(path, f"checksum {now} differs from {digest}, recorded in "
+                              f"{META_FILE} when the store was converted")
+
+
 def open_store(directory: str | os.PathLike) -> Corpus:
-  """Maps a store directory written by `cached_corpus`."""
+  """Maps a store directory written by `cached_corpus`, once its files match their
+  checksums (`DamagedStoreError` otherwise)."""
   directory = os.fspath(directory)
   meta_path = os.path.join(directory, META_FILE)
-  with open(meta_path, encoding="utf-8") as f:
-    meta = json.load(f)
+  try:
+    with open(meta_path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except ValueError as e:
+    raise DamagedStoreError(meta_path, f"not readable JSON ({e})") from None
   if meta.get("version") != STORE_VERSION or meta.get("hash") != types.HASH_NAME:
     raise ValueError(f"{meta_path}: store version {meta.get('version')} / hash "
                      f"{meta.get('hash')}, expected {STORE_VERSION} / {types.HASH_NAME}; "
                      "delete the directory to convert again.")
+  _verify_store(directory, meta)
   table = _read_tables(directory, meta["files"])
   if table.num_rows != meta["rows"]:
     raise ValueError(f"{meta_path}: expected {meta['rows']} rows, the Arrow files hold "
@@ -225,12 +253,20 @@ def cached_corpus(source: str | os.PathLike, kind: str,
   key = store_key(kind, source_stamp(source) if stamp is None else stamp)
   final = os.path.join(os.fspath(cache_dir or default_cache_dir()), key)
 
+  several, lead = _process_role()
+
   def load() -> Corpus:
     if not os.path.exists(os.path.join(final, META_FILE)):
       _convert(final, source, _RowSource(key, make_rows), line_kind)
+    try:
+      return open_store(final)
+    except DamagedStoreError as e:
+      if several and not lead:  # process 0 set it aside and converted it already
+        raise
+      set_aside(final, f"is damaged ({e})", what="corpus store")
+    _convert(final, source, _RowSource(key, make_rows), line_kind)
     return open_store(final)
 
-  several, lead = _process_role()
   if not several:
     return load()
   from qdr_jax import distributed  # pylint: disable=g-import-not-at-top

@@ -9,6 +9,8 @@ per-seed values.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from collections.abc import Iterable, Mapping, Sequence
 
 import ml_collections
@@ -36,8 +38,16 @@ def mean_and_spread(per_seed: Sequence[dict[str, float | None]]) -> tuple[dict, 
 
 
 def _score(index, query_emb: np.ndarray, split: Split, corpus: Corpus,
-           eval_cfg: ml_collections.ConfigDict) -> IndexScores:
-  return score_index(index, query_emb, split, corpus, **_eval_kwargs(eval_cfg))
+           eval_cfg: ml_collections.ConfigDict, run_path: pathlib.Path | None = None
+           ) -> IndexScores:
+  """The index's scores; with ``run_path``, its ranking is written there as a TREC run
+  (and not kept)."""
+  scores = score_index(index, query_emb, split, corpus, return_run=run_path is not None,
+                       **_eval_kwargs(eval_cfg))
+  if run_path is None:
+    return scores
+  write_trec_run(run_path, scores.run)
+  return dataclasses.replace(scores, run=None)
 
 
 def _judged(scores: IndexScores, metric: str) -> tuple[list[str], np.ndarray]:
@@ -53,18 +63,21 @@ class EvalQueries:
 
   subsets: optional {name: query ids} (e.g. 'seen' / 'unseen' from
     `metrics.split_seen`) to report metrics on, besides 'all'.
+  runs_dir: optional directory for TREC run files of each search (`run_files`).
   """
   embeddings: np.ndarray
   split: Split
   subsets: Mapping[str, Sequence[str]] | None = None
+  runs_dir: str | os.PathLike | None = None  # TREC run files of each search (`run_files`)
 
 
 def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpus: Corpus,
                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
                    subsets: Mapping[str, Sequence[str]] | None = None,
-                   served_index=None, quantized_indexes: Iterable | None = None) -> dict:
+                   served_index=None, quantized_indexes: Iterable | None = None,
+                   runs_dir: str | os.PathLike | None = None) -> dict:
   """`evaluate_splits` of one split."""
-  return evaluate_splits(table, {"": EvalQueries(query_emb, split, subsets)}, corpus,
+  return evaluate_splits(table, {"": EvalQueries(query_emb, split, subsets, runs_dir)}, corpus,
                          index_cfg, eval_cfg, served_index=served_index,
                          quantized_indexes=quantized_indexes)[""]
 
@@ -96,8 +109,12 @@ def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpu
     subset}. With ``served_index``, 'served' holds the same keys for that one index (as
     one seed), so anything that reads an evaluation reads it too.
   """
+  seeds = list(eval_cfg.index_seeds)
+  paths = {name: run_files(q.runs_dir, seeds) if q.runs_dir is not None else {}
+           for name, q in queries.items()}
   flat_index = build_index(table, "Flat")
-  flat = {name: _score(flat_index, q.embeddings, q.split, corpus, eval_cfg)
+  flat = {name: _score(flat_index, q.embeddings, q.split, corpus, eval_cfg,
+                       paths[name].get("flat"))
           for name, q in queries.items()}
   del flat_index
   if quantized_indexes is None:
@@ -105,9 +122,11 @@ def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpu
                                               eval_cfg.concurrent_builds)
   quantized: dict[str, list[IndexScores]] = {name: [] for name in queries}
   description = None
-  for index in quantized_indexes:
+  for i, index in enumerate(quantized_indexes):
+    seed = seeds[i] if i < len(seeds) else None
     for name, q in queries.items():
-      quantized[name].append(_score(index, q.embeddings, q.split, corpus, eval_cfg))
+      quantized[name].append(_score(index, q.embeddings, q.split, corpus, eval_cfg,
+                                    paths[name].get(f"quantized_seed{seed}")))
     description = describe_index(index)
     del index  # not held while the next one builds
   if len(next(iter(quantized.values()))) != len(eval_cfg.index_seeds):
@@ -123,6 +142,16 @@ def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpu
       out[name]["served"] = {**_against_flat(flat[name], [served], metric, q.subsets),
                              "index": describe_index(served_index)}
   return out
+
+
+def run_files(runs_dir: str | os.PathLike, index_seeds: Sequence[int]
+              ) -> dict[str, pathlib.Path]:
+  """Where `evaluate_table` writes its TREC runs: ``run.flat.trec`` and
+  ``run.quantized.seed{s}.trec`` per index seed."""
+  runs_dir = pathlib.Path(runs_dir)
+  return {"flat": runs_dir / "run.flat.trec",
+          **{f"quantized_seed{s}": runs_dir / f"run.quantized.seed{s}.trec"
+             for s in index_seeds}}
 
 
 def _against_flat(flat: IndexScores, quantized: Sequence[IndexScores], metric: str,

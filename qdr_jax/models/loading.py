@@ -79,6 +79,30 @@ def _transformer_dir(model_dir: str) -> str:
   raise FileNotFoundError(f'No config.json in {model_dir!r}.')
 
 
+def max_input_tokens(name_or_path: str) -> int | None:
+  """Tokens a sequence of the encoder may hold (its position table's rows; RoBERTa's
+  first ``pad_token_id + 1`` rows are not positions), read from its config.json without
+  loading weights or downloading anything; None when that file is not at hand."""
+  try:
+    if os.path.isdir(name_or_path) or name_or_path in MINILM_ALIASES:
+      path = os.path.join(_transformer_dir(resolve_model_path(name_or_path)), 'config.json')
+    else:
+      from huggingface_hub import try_to_load_from_cache  # pylint: disable=g-import-not-at-top
+      path = try_to_load_from_cache(name_or_path, 'config.json')
+      if not isinstance(path, str):
+        return None
+    hf = _read_json(path)
+  except (OSError, ValueError):
+    return None
+  positions = hf.get('max_position_embeddings') if isinstance(hf, dict) else None
+  if not isinstance(positions, int):
+    return None
+  if hf.get('model_type') in _ROBERTA_TYPES:
+    pad = hf.get('pad_token_id')
+    positions -= (1 if pad is None else pad) + 1
+  return positions
+
+
 def load_safetensors(model_dir: str) -> tuple[dict[str, np.ndarray], str]:
   """All tensors of `model_dir` (single file or sharded) and a file label."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top

@@ -34,6 +34,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from qdr_jax import distributed
+from qdr_jax.checksums import ALGORITHM, block_digest, set_aside, verify_table, write_sums
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models.staged import make_staged_apply, use_staged_forward
 from qdr_jax.models.tokenization import passage_inputs
@@ -253,22 +254,35 @@ def _manifest_path(path: pathlib.Path, process: int) -> pathlib.Path:
   return path.with_name(f"{path.name}.done-p{process}.json")
 
 
-def _read_manifest(file: pathlib.Path, spec: dict) -> set[int] | None:
-  """The chunks a manifest records, or None if it is unreadable or for another layout."""
+def _read_manifest_sums(file: pathlib.Path, spec: dict) -> dict[int, str] | None:
+  """Checksum of each chunk a manifest records as done, or None if it is unreadable or
+  for another layout."""
   try:
     data = json.loads(file.read_text())
   except (OSError, ValueError):
     return None
   if not isinstance(data, dict) or {k: data.get(k) for k in spec} != spec:
     return None
-  return {int(c) for c in data.get("done", [])}
+  sums = data.get("sums", {})
+  return {int(c): sums[str(c)] for c in data.get("done", []) if str(c) in sums}
+
+
+def _read_manifest(file: pathlib.Path, spec: dict) -> set[int] | None:
+  """The chunks a manifest records, or None if it is unreadable or for another layout."""
+  sums = _read_manifest_sums(file, spec)
+  return None if sums is None else set(sums)
+
+
+def _chunk_sums(path: pathlib.Path, spec: dict) -> dict[int, str]:
+  """Every process's recorded chunks and their checksums."""
+  sums: dict[int, str] = {}
+  for file in _manifests(path):
+    sums.update(_read_manifest_sums(file, spec) or {})
+  return sums
 
 
 def _done_chunks(path: pathlib.Path, spec: dict) -> set[int]:
-  done: set[int] = set()
-  for file in _manifests(path):
-    done |= _read_manifest(file, spec) or set()
-  return done
+  return set(_chunk_sums(path, spec))
 
 
 def _prepare(path: pathlib.Path, rows: int, dim: int, spec: dict) -> None:
@@ -323,7 +337,8 @@ class _ChunkWriter:
     self.fd = os.open(partial, os.O_WRONLY)
     self.spec, self.on_chunk = spec, on_chunk
     self.manifest = _manifest_path(path, process)
-    self.done = _read_manifest(self.manifest, spec) or set()
+    self.sums = _read_manifest_sums(self.manifest, spec) or {}
+    self.partial = partial
     self.buffers: dict[int, tuple[np.ndarray, int]] = {}  # chunk -> (rows, rows written)
     self.computed = 0
 
@@ -338,16 +353,40 @@ class _ChunkWriter:
       self.buffers[chunk] = (buffer, written)
       return
     self.buffers.pop(chunk, None)
+    if not np.isfinite(buffer).all():
+      # A NaN table would poison every later run that reads the cache.
+      bad = first_row + np.flatnonzero(~np.isfinite(buffer).all(axis=1))
+      raise FloatingPointError(
+          f"{self.partial}: the passage encoder gave NaN or infinite vectors for "
+          f"{bad.size} rows (rows {', '.join(map(str, bad[:5]))}"
+          f"{', ...' if bad.size > 5 else ''}); nothing of them is cached")
     os.pwrite(self.fd, buffer.tobytes(), self.offset + first_row * self.dim * 4)
     os.fsync(self.fd)  # the rows reach the file before the manifest says they did
-    self.done.add(chunk)
-    write_text_atomic(self.manifest, json.dumps({**self.spec, "done": sorted(self.done)}))
+    self.sums[chunk] = block_digest(buffer)
+    write_text_atomic(self.manifest, json.dumps(
+        {**self.spec, "done": sorted(self.sums),
+         "sums": {str(c): d for c, d in sorted(self.sums.items())}}))
     self.computed += 1
     if self.on_chunk is not None:
       self.on_chunk(chunk)
 
   def close(self) -> None:
     os.close(self.fd)
+
+
+# An adapted chunk size cuts a corpus into at least this many chunks (resumption keeps
+# all but the one in progress) and holds at most _MAX_CHUNK_ROWS rows (bounded memory).
+_MIN_CHUNKS = 16
+_MAX_CHUNK_ROWS = 16384
+
+
+def resumable_chunk_rows(rows: int, configured: int, batch_size: int) -> int:
+  """Rows per chunk of ``embed_corpus``: ``configured`` when > 0, else adapted to the
+  corpus: at least ``_MIN_CHUNKS`` chunks of whole batches, at most ``_MAX_CHUNK_ROWS``
+  rows (a fixed large chunk would make a corpus smaller than it restart from zero)."""
+  if configured > 0:
+    return configured
+  return max(1, min(_MAX_CHUNK_ROWS, _round_up(-(-rows // _MIN_CHUNKS), batch_size)))
 
 
 def chunk_block(num_chunks: int, process: int, count: int) -> range:
@@ -402,13 +441,16 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
   dim = int(jax.eval_shape(encode, params, probe, probe, probe).shape[-1])
   num_chunks = -(-rows // chunk_rows)
   # A resumed run must cut the same batches, or its chunks would differ in the last bits.
-  spec = {"rows": rows, "dim": dim, "chunk_rows": chunk_rows, **dataclasses.asdict(batching)}
+  spec = {"rows": rows, "dim": dim, "chunk_rows": chunk_rows, **dataclasses.asdict(batching),
+          "checksum": ALGORITHM}
   process, count = jax.process_index(), jax.process_count()
   block = chunk_block(num_chunks, process, count)
   stats = {"rows": rows, "dim": dim, "chunks": num_chunks, "computed": 0,
            "computed_rows": 0, "skipped": len(block), "seconds": 0.0, "cached": False}
   # One job at a time per table: another job sharing the cache waits, then finds it done.
   with _exclusive(path.with_name(path.name + ".lock"), process == 0):
+    if process == 0 and path.exists() and (problem := verify_table(path)) is not None:
+      set_aside(path, problem)
     if process == 0 and not path.exists():
       _prepare(path, rows, dim, spec)
     _sync(f"embed_corpus open {path.name}")
@@ -447,12 +489,15 @@ def embed_corpus(encode: Callable, params: Any, tokenizer, corpus, path: str | o
                  seconds=time.perf_counter() - start_time)
     _sync(f"embed_corpus written {path.name}")
     # Every process checks, so that all of them fail together rather than wait for process 0.
-    missing = sorted(set(range(num_chunks)) - _done_chunks(path, spec))
+    sums = _chunk_sums(path, spec)
+    missing = sorted(set(range(num_chunks)) - set(sums))
     if missing:
       raise RuntimeError(f"{partial}: chunks {missing[:10]} of {num_chunks} are not recorded "
                          "as done after every process finished.")
     _sync(f"embed_corpus checked {path.name}")
     if process == 0:
+      # The record before the table: a table on disk always has its checksums.
+      write_sums(path, (rows, dim), np.float32, chunk_rows, sums)
       os.replace(partial, path)
       for file in _manifests(path):
         file.unlink()

@@ -17,6 +17,7 @@ from qdr_jax.targets.embed import (
   embed_texts,
   make_apply,
   make_corpus_apply,
+  resumable_chunk_rows,
 )
 
 
@@ -86,7 +87,10 @@ class PassageEmbedder:
     return embed_corpus(self.encoders.passage_apply, self.encoders.passage_params,
                         self.encoders.tokenizer, corpus, path, batching=self.batching,
                         passage_style=self.config.model.passage_style,
-                        chunk_rows=self.config.table.embed_chunk_rows, progress=progress,
+                        chunk_rows=resumable_chunk_rows(
+                            len(corpus), self.config.table.embed_chunk_rows,
+                            self.batching.batch_size),
+                        progress=progress,
                         on_chunk=on_chunk)
 
 

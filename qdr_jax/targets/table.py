@@ -19,9 +19,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from qdr_jax.checksums import save_table_with_sums, set_aside, verify_table
 from qdr_jax.data.types import Corpus, DataFormatError
 from qdr_jax.fingerprint import weights_stamp
-from qdr_jax.io_utils import atomic_path, write_text_atomic
+from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models.tokenization import passage_inputs
 
 
@@ -35,13 +36,6 @@ def table_cache_key(model_cfg: ml_collections.ConfigDict, corpus: Corpus) -> str
           "passage_style": model_cfg.passage_style, "rows": len(corpus),
           "corpus": corpus.fingerprint()}
   return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def save_npy_atomic(path: pathlib.Path, array: np.ndarray) -> None:
-  """Writes ``array`` so that ``path`` is either absent or complete."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  with atomic_path(path) as tmp, open(tmp, "wb") as f:
-    np.save(f, array, allow_pickle=False)
 
 
 def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.ndarray:
@@ -110,8 +104,13 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
   # peers that never come (a CI hang). embed_corpus decides it for all of them at once,
   # under its lock, and returns at once for a finished table.
   if path.exists() and (jax.process_count() == 1 or not streamed):
-    logging.info("Loading cached table %s", path)
-    return load_npy_table(path, len(corpus))
+    # Checked against the checksums recorded when it was written: rows overwritten on
+    # disk would otherwise train and evaluate silently on wrong vectors.
+    problem = verify_table(path)
+    if problem is None:
+      logging.info("Loading cached table %s (checksums verified)", path)
+      return load_npy_table(path, len(corpus))
+    set_aside(path, problem)
   start = time.perf_counter()
   if streamed:
     stats = encode_passages.embed_corpus(corpus, path)
@@ -119,8 +118,11 @@ def build_or_load_table(config: ml_collections.ConfigDict, corpus: Corpus,
     n = len(corpus)
     texts, pairs = passage_inputs(corpus.titles[0:n], corpus.texts[0:n],
                                   config.model.passage_style)
-    table = encode_passages(texts, pairs)
-    save_npy_atomic(path, table)
+    table = np.asarray(encode_passages(texts, pairs), np.float32)
+    if not np.isfinite(table).all():
+      raise FloatingPointError(f"{path}: the passage encoder gave NaN or infinite vectors; "
+                               "nothing is cached")
+    save_table_with_sums(path, table)
     stats = {"dim": table.shape[1], "computed_rows": n, "skipped": 0, "cached": False}
   seconds = time.perf_counter() - start
   if jax.process_index() == 0 and not stats["cached"]:

@@ -711,14 +711,17 @@ class Checkpointer:
 
 
 class StopSignal:
-  """Turns SIGTERM into a request the training loop honours after the current step.
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a request the training loop honours after the
+  current step.
 
   Installed only while the ``with`` block runs and only in the main thread (where
-  Python delivers signals); the previous handler is restored on exit, so SIGTERM kills
-  the process as usual outside the loop.
+  Python delivers signals); the previous handlers are restored on exit, so the signals
+  act as usual outside the loop. A second Ctrl-C while the step finishes interrupts at
+  once (``KeyboardInterrupt``), as a user pressing it again expects.
   """
 
-  def __init__(self, enabled: bool = True, signals: Sequence[int] = (signal.SIGTERM,)):
+  def __init__(self, enabled: bool = True,
+               signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
     self.enabled = enabled and threading.current_thread() is threading.main_thread()
     self.signals = tuple(signals)
     self.requested = False
@@ -726,7 +729,10 @@ class StopSignal:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("received signal %d: saving a checkpoint after this step", signum)
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("received signal %d: saving a checkpoint after this step (Ctrl-C again "
+                    "stops at once, without saving)", signum)
     self.requested = True
     self._signum = signum
 
