@@ -65,6 +65,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("index.ef_search", 0, False, None),
     ("index.train_size", 0, False, None),
     ("index.opq_niter", 1, False, None),
+    ("index.rabitq_qb", 0, False, 8),
     ("index.threads", 0, False, None),
     ("eval.concurrent_builds", 1, False, None),
     ("index.rebuild_every", 0, False, None),
@@ -304,6 +305,8 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
   except ValueError as e:
     problems.append(f"config.index.factory={index.factory!r}: {e}")
     return
+  if training and mode.quantize and layout["rabitq"]:
+    _check_rabitq_training(config, problems)
   nlist = layout["nlist"]
   if nlist and index.nprobe > nlist:
     problems.append(_problem("index.nprobe", index.nprobe,
@@ -322,6 +325,20 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
                       f"training points for the {stage} ({centroids} centroids), fewer "
                       f"than the {MIN_POINTS_PER_CENTROID * centroids} FAISS recommends "
                       f"({MIN_POINTS_PER_CENTROID} per centroid)")
+
+
+def _check_rabitq_training(config: ml_collections.ConfigDict, problems: list[str]) -> None:
+  """What the straight-through loss cannot score on a RaBitQ index: quantized queries, and
+  the terms that read PQ codebooks or score without RaBitQ's per-row constant."""
+  factory = config.index.factory
+  if config.index.rabitq_qb:
+    problems.append(_problem("index.rabitq_qb", config.index.rabitq_qb,
+                             f"0 to train a quantizing mode on {factory!r} (the loss "
+                             "scores the float query)"))
+  for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
+    if config.loss[key]:
+      problems.append(_problem(f"loss.{key}", config.loss[key],
+                               f"0 on the RaBitQ index {factory!r} (the term is PQ's)"))
 
 
 def _queries_with_positives(split: Split, corpus: Corpus) -> int:
