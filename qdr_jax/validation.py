@@ -305,8 +305,8 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
   except ValueError as e:
     problems.append(f"config.index.factory={index.factory!r}: {e}")
     return
-  if training and mode.quantize and layout["rabitq"]:
-    _check_rabitq_training(config, problems)
+  if training and mode.quantize and layout["rabitq_bits"]:
+    _check_rabitq_training(config, layout["rabitq_bits"], problems)
   nlist = layout["nlist"]
   if nlist and index.nprobe > nlist:
     problems.append(_problem("index.nprobe", index.nprobe,
@@ -327,11 +327,17 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
                       f"({MIN_POINTS_PER_CENTROID} per centroid)")
 
 
-def _check_rabitq_training(config: ml_collections.ConfigDict, problems: list[str]) -> None:
-  """What the straight-through loss cannot score on a RaBitQ index: quantized queries, and
-  the terms that read PQ codebooks or score without RaBitQ's per-row constant."""
+def _check_rabitq_training(config: ml_collections.ConfigDict, nb_bits: int,
+                           problems: list[str]) -> None:
+  """What the straight-through loss cannot score on a RaBitQ index: 1-bit codes of
+  quantized queries, multi-bit codes it would have to encode, and the terms that read PQ
+  codebooks or score without RaBitQ's per-row constant."""
   factory = config.index.factory
-  if config.index.rabitq_qb:
+  if nb_bits > 1 and config.quant.codes != "index":
+    problems.append(_problem("quant.codes", config.quant.codes,
+                             f"'index' on the {nb_bits}-bit RaBitQ index {factory!r} (JAX "
+                             "reads its codes, it does not encode them)"))
+  if config.index.rabitq_qb and nb_bits == 1:
     problems.append(_problem("index.rabitq_qb", config.index.rabitq_qb,
                              f"0 to train a quantizing mode on {factory!r} (the loss "
                              "scores the float query)"))

@@ -63,7 +63,7 @@ def test_jax_codes_and_estimates_equal_faiss(factory, metric):
     sa_raw, sa_lists = encoded_like_index(index, x)
     np.testing.assert_array_equal(sa_raw, raw)
     np.testing.assert_array_equal(sa_lists, lists)
-    stored_bits, stored_factors = rabitq.split_codes(jnp.asarray(raw), D)
+    stored_bits, stored_factors, _ = rabitq.split_codes(jnp.asarray(raw), D)
     np.testing.assert_array_equal(stored_bits, bits)
     np.testing.assert_allclose(stored_factors, factors, rtol=1e-5, atol=1e-6)
     # The estimate FAISS's exhaustive search returns, for every row.
@@ -76,6 +76,33 @@ def test_jax_codes_and_estimates_equal_faiss(factory, metric):
   decoded = rabitq.reconstruct(q, stored_bits, stored_factors, jnp.asarray(lists))
   want = index.sa_decode(index.sa_encode(x))
   np.testing.assert_allclose(decoded, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("factory", ["RaBitQ4", "IVF8,RaBitQ2", f"RR{D},IVF8,RaBitQ3"])
+def test_multibit_estimates_equal_faiss(factory, metric):
+  """Multi-bit codes read from the index score as FAISS scores them, whatever qb (its
+  second stage scores the float query); the loss's form (targets and bias) too."""
+  x, queries = _data(2)
+  index, inner = _build(factory, metric, x)
+  raw, lists = quant.stored_codes(index)
+  for qb in (0, 4):
+    inner.qb = qb
+    q = quant.quantizer_from_faiss(index)
+    assert q.nb_bits == int(factory.rstrip("fs")[-1])
+    assert raw.shape[1] == rabitq.code_size(D, q.nb_bits)
+    bits, factors, extra = rabitq.split_codes(jnp.asarray(raw), D, q.nb_bits)
+    np.testing.assert_array_equal(bits, (rabitq.encode(q.replace(nb_bits=1), x)[0]))
+    distances, ids = index.search(queries, len(x))
+    est = np.asarray(rabitq.estimate(q, jnp.asarray(queries), bits, factors,
+                                     jnp.asarray(lists), extra))
+    np.testing.assert_allclose(np.take_along_axis(est, ids, axis=1), distances,
+                               rtol=1e-5, atol=5e-5)
+    if metric == "ip":
+      rows, codes = jnp.asarray(x), (jnp.asarray(raw), jnp.asarray(lists))
+      served = (queries @ np.asarray(pool_targets(rows, q, None, *codes)).T
+                + np.asarray(pool_bias(rows, q, None, *codes)))
+      np.testing.assert_allclose(served, est, rtol=1e-5, atol=5e-5)
 
 
 def test_query_quantization_changes_faiss_scores():
@@ -161,12 +188,15 @@ def test_placeholder_and_layout_checks():
   assert placeholder_quantizer("RaBitQ", D).center.shape == (D,)
   check_index_for_mode("IVF8,RaBitQ", D, needs_quantizer=True, incremental=True,
                        learn=("centroids",))
-  assert not quant.supports_straight_through(faiss.index_factory(D, "RaBitQ4"))
+  assert quant.supports_straight_through(faiss.index_factory(D, "RaBitQ4"))
+  assert not quant.supports_straight_through(faiss.index_factory(D, "RaBitQfs"))
   with pytest.raises(ValueError, match="RaBitQ, which has no codebooks"):
     check_index_for_mode("IVF8,RaBitQ", D, needs_quantizer=True, incremental=False,
                          learn=("codebooks",))
   with pytest.raises(ValueError, match="cannot reproduce"):
-    check_index_for_mode("IVF8,RaBitQ4", D, needs_quantizer=True, incremental=False)
+    check_index_for_mode("IVF8,RaBitQfs", D, needs_quantizer=True, incremental=False)
+  with pytest.raises(ValueError, match="JAX encodes 1-bit RaBitQ only"):
+    rabitq.encode(rabitq.RaBitQ(center=jnp.zeros(D), nb_bits=4), jnp.zeros((2, D)))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -174,6 +204,8 @@ def test_placeholder_and_layout_checks():
     ({"loss.distill_weight": 0.5}, r"config.loss.distill_weight=0.5: expected 0 on the RaBitQ"),
     ({"quant.learn": ("codebooks",)}, "RaBitQ, which has no codebooks"),
     ({"index.rabitq_qb": 9}, r"config.index.rabitq_qb=9: expected a number in \[0, 8\]"),
+    ({"index.factory": "IVF8,RaBitQ4"}, r"config.quant.codes='recompute': expected 'index' "
+                                         "on the 4-bit RaBitQ index"),
 ])
 def test_validation_refuses_what_rabitq_cannot_train(overrides, message):
   config = base_config()
@@ -219,3 +251,53 @@ def test_dback_trains_on_ivf_rabitq_with_checkpoints_and_export(tiny_config, tmp
   np.testing.assert_array_equal(rabitq.split_codes(jnp.asarray(raw), q.dim)[0], bits)
   loaded = serving.load_bundle(bundle)
   assert loaded is not None
+
+
+@pytest.mark.parametrize("factory,codes", [("IVF4,RaBitQ", "index"), ("RaBitQ", "recompute"),
+                                           ("IVF4,RaBitQ3", "index")])
+def test_dback_trains_on_rabitq_through_refreshes(tiny_config, tmp_path, factory, codes):
+  """Incremental and full refreshes keep the devices' codes FAISS's (stored codes), and
+  the live forward encodes them on the device without IVF."""
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.targets.encoders import embed_passages, load_encoders
+  from qdr_jax.targets.table import build_or_load_table
+  from qdr_jax.train.loop import train
+  from qdr_jax.train.modes import get_mode
+  import pathlib
+  c = tiny_config
+  c.index.factory = factory
+  c.quant.codes = codes
+  c.train.steps = 8 if codes == "index" else 4
+  c.index.rebuild_every = 2
+  c.index.full_rebuild_every = 4 if codes == "index" else 0
+  dataset = load_dataset(c.data)
+  encoders = load_encoders(c.model)
+  table0 = np.asarray(build_or_load_table(c, dataset.corpus, pathlib.Path(c.table.cache_dir),
+                                          embed_passages(encoders, c)))
+  result = train(c, get_mode("dback"), dataset, encoders, table0, tmp_path)
+  assert result.step == c.train.steps
+  lifecycle = result.lifecycle
+  assert isinstance(lifecycle.loss_inputs.quantizer, quant.RaBitQ)
+  table = lifecycle.table_to_lead(result.state.table)
+  assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50
+  if codes == "recompute":
+    assert lifecycle.loss_inputs.codes is None
+    return
+  assert [r.kind for r in lifecycle.history] == ["full", "incremental", "full", "incremental"]
+  raw, lists = quant.stored_codes(lifecycle.index)
+  device = lifecycle.loss_inputs.codes
+  np.testing.assert_array_equal(np.asarray(device["codes"])[:len(table)], raw)
+  np.testing.assert_array_equal(np.asarray(device["lists"])[:len(table)], lists)
+  # The refreshes re-encoded the moved rows: every row not written since the last one
+  # (steps 7 and 8 wrote some) is stored as JAX codes its current value.
+  fresh = np.ones(len(table), bool)
+  fresh[lifecycle.changed.peek()] = False
+  assert 0 < fresh.sum() < len(table)
+  want_raw, want_lists = encoded_like_index(lifecycle.index, table[fresh])  # FAISS's encoder
+  np.testing.assert_array_equal(raw[fresh], want_raw)
+  np.testing.assert_array_equal(lists[fresh], want_lists)
+  q = quant.quantizer_from_faiss(lifecycle.index)
+  if q.nb_bits == 1:
+    bits, _, our_lists = rabitq.encode(q, jnp.asarray(table[fresh]))
+    np.testing.assert_array_equal(rabitq.split_codes(jnp.asarray(raw[fresh]), q.dim)[0], bits)
+    np.testing.assert_array_equal(np.asarray(our_lists), lists[fresh])

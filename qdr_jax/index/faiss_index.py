@@ -204,16 +204,17 @@ def clustering_sizes(index: faiss.Index) -> list[tuple[str, int]]:
 def factory_layout(factory: str, dim: int, metric: str = "ip") -> dict:
   """What an untrained `factory` index over `dim` dimensions is made of, for config-time
   checks: ``{"nlist": IVF lists (0 without IVF), "clusterings": clustering_sizes,
-  "rabitq": whether its codes are RaBitQ's}``.
+  "rabitq_bits": bits a dimension of its RaBitQ codes (0: not RaBitQ)}``.
 
   Raises:
     ValueError: the factory string is invalid for `dim` (see `check_index_for_mode`).
   """
   index = _make_index(dim, factory, _METRICS[metric])
   ivf = _ivf(index)
+  rabitq = _find(index, (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ))
   return {"nlist": int(ivf.nlist) if ivf is not None else 0,
           "clusterings": clustering_sizes(index),
-          "rabitq": _find(index, (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ)) is not None}
+          "rabitq_bits": int(rabitq.rabitq.nb_bits) if rabitq is not None else 0}
 
 
 def _warn_few_points(index: faiss.Index, factory: str, num_points: int) -> None:
@@ -302,7 +303,7 @@ def check_index_for_mode(
     raise ValueError(
         f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so it cannot "
         "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ, "
-        "fast-scan PQ (PQ{m}x4fs), 1-bit (RR{d},)(IVF,)RaBitQ, or a mode that only searches.")
+        "fast-scan PQ (PQ{m}x4fs), (RR{d},)(IVF,)RaBitQ, or a mode that only searches.")
   if incremental and not supports_incremental_refresh(index):
     raise ValueError(
         f"Index factory {factory!r} ({kind}) cannot be refreshed in place, so set "

@@ -254,8 +254,8 @@ class IndexLifecycle:
     if self.lead:
       q = quantizer_from_faiss(self.index)
       if isinstance(q, RaBitQ):
-        arrays = {"rabitq": np.asarray([q.metric == "ip", q.coarse_metric == "ip", q.qb],
-                                       np.int32)}
+        arrays = {"rabitq": np.asarray([q.metric == "ip", q.coarse_metric == "ip", q.qb,
+                                        q.nb_bits], np.int32)}
       else:
         arrays = {"codebooks": np.asarray(q.codebooks),
                   "static": np.asarray([q.by_residual, q.coarse_metric == "ip"], np.int32)}
@@ -268,10 +268,10 @@ class IndexLifecycle:
     arrays = distributed.broadcast_arrays(arrays)
     optional = lambda name: jnp.asarray(arrays[name]) if name in arrays else None
     if "rabitq" in arrays:
-      ip, coarse_ip, qb = (int(v) for v in arrays["rabitq"])
+      ip, coarse_ip, qb, nb_bits = (int(v) for v in arrays["rabitq"])
       quantizer = RaBitQ(center=optional("center"), coarse_centroids=optional("coarse_centroids"),
                          rotation=optional("rotation"), metric="ip" if ip else "l2",
-                         coarse_metric="ip" if coarse_ip else "l2", qb=qb)
+                         coarse_metric="ip" if coarse_ip else "l2", qb=qb, nb_bits=nb_bits)
     else:
       by_residual, ip = (bool(v) for v in arrays["static"])
       quantizer = Quantizer(codebooks=jnp.asarray(arrays["codebooks"]),

@@ -7,12 +7,14 @@ Supported layouts (PQ codes of 1..8 bits per sub-quantizer; row id = search id):
   * IndexHNSWPQ (`HNSW32,PQ{m}`): an HNSW graph over an IndexPQ storage, row = position;
   * any of the above behind an IndexPreTransform holding a single OPQMatrix (or the
     orthonormal LinearTransform FAISS reads back in its place).
-  * IndexRaBitQ and IndexIVFRaBitQ of 1 bit a dimension (`RaBitQ`, `IVF{n},RaBitQ`),
+  * IndexRaBitQ and IndexIVFRaBitQ (`RaBitQ`, `IVF{n},RaBitQ`, multi-bit `RaBitQ{b}`),
     optionally behind a single orthonormal transform (`RR{d},...`, the random rotation):
     `quantizer_from_faiss` then returns a `qdr_jax.quant.rabitq.RaBitQ` and
-    `stored_codes` FAISS's raw code bytes (sign bits, then two float32 factors).
-Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, multi-bit RaBitQ, refine stages, id
-maps) has codes JAX does not reproduce: `supports_straight_through` says so without raising.
+    `stored_codes` FAISS's raw code bytes (sign bits, then float32 factors; multi-bit
+    codes add their extra bits and two factors). JAX encodes the 1-bit codes and reads
+    multi-bit ones from the index.
+Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, refine stages, id maps) has codes
+JAX does not reproduce: `supports_straight_through` says so without raising.
 """
 
 from __future__ import annotations
@@ -419,9 +421,6 @@ def _split_rabitq(index: faiss.Index, require_trained: bool = True) -> _RaBitQPa
   if type(index) not in _RABITQ:
     raise ValueError(f"Unsupported index type {type(index).__name__}: expected IndexRaBitQ "
                      "or IndexIVFRaBitQ.")
-  if index.rabitq.nb_bits != 1:
-    raise ValueError(f"Only 1-bit RaBitQ is reproduced in JAX, got nb_bits="
-                     f"{index.rabitq.nb_bits}.")
   if isinstance(index, faiss.IndexRaBitQ) and index.centered:
     raise ValueError("RaBitQ's centered query quantizer is not reproduced in JAX.")
   if require_trained and not (index.is_trained and (transform is None
@@ -432,9 +431,9 @@ def _split_rabitq(index: faiss.Index, require_trained: bool = True) -> _RaBitQPa
 
 
 def rabitq_from_faiss(index: faiss.Index) -> RaBitQ:
-  """Reads the rotation, centre (or IVF centroids), metric and query bits ``qb`` of a
-  trained 1-bit FAISS RaBitQ index, so that `qdr_jax.quant.rabitq.encode` reproduces its
-  codes and `estimate` its search's scores."""
+  """Reads the rotation, centre (or IVF centroids), metric, query bits ``qb`` and code
+  bits ``nb_bits`` of a trained FAISS RaBitQ index, so that `qdr_jax.quant.rabitq.encode`
+  reproduces its (1-bit) codes and `estimate` its search's scores."""
   parts = _split_rabitq(index)
   rotation = center = coarse = None
   coarse_metric = "ip"
@@ -449,7 +448,7 @@ def rabitq_from_faiss(index: faiss.Index) -> RaBitQ:
     center = jnp.asarray(faiss.vector_to_array(parts.base.center), jnp.float32)
   return RaBitQ(center=center, coarse_centroids=coarse, rotation=rotation,
                 metric=_metric_name(parts.base.metric_type), coarse_metric=coarse_metric,
-                qb=int(parts.base.qb))
+                qb=int(parts.base.qb), nb_bits=int(parts.base.rabitq.nb_bits))
 
 
 def _rabitq_stored_codes(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:

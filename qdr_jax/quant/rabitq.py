@@ -25,8 +25,13 @@ between its minimum and maximum before the sign-bit product; ``qb = 0`` scores t
 query. `estimate` does either; the loss scores the float query, so a run serves
 ``qb = 0`` (``index.rabitq_qb``) to train on what the index returns.
 
-Not reproduced: FAISS's multi-bit form (``RaBitQ{b}``, ``b > 1``: extra bits chosen by a
-sequential search per vector) and the ``centered`` query quantizer.
+Multi-bit codes (``RaBitQ{b}``, ``nb_bits = b > 1``) add ``b - 1`` bits a dimension and
+two factors; FAISS scores them ``<q, c> + f_add + f_rescale <q - c, u>`` with
+``u_j = sign(r_j) (e_j + 1/2)`` (``e`` the extra bits, flipped for negative ``r_j``), from
+the float query whatever ``qb`` is. JAX reads such codes from the index and reproduces
+their scores and reconstruction ``c + f_rescale u``; it does not encode them (FAISS
+chooses the extra bits by an approximate sequential search per vector), so a run trains
+on them with ``quant.codes='index'``. Not reproduced: the ``centered`` query quantizer.
 """
 
 from __future__ import annotations
@@ -40,8 +45,11 @@ from qdr_jax.quant.pq import assign_coarse, rotate, unrotate
 
 Array = jax.Array
 
-# The bytes of the two float32 factors that follow the sign bits in a 1-bit code.
+# The bytes of the float32 factors after the sign bits: two in a 1-bit code, three (an
+# error bound added) in a multi-bit one, whose extra bits are followed by two more.
 FACTOR_BYTES = 8
+MULTI_FACTOR_BYTES = 12
+EX_FACTOR_BYTES = 8
 _METRICS = ("ip", "l2")
 # FAISS's guard against dividing by a vanishing norm or product (float32 epsilon).
 _EPS = float(np.finfo(np.float32).eps)
@@ -58,6 +66,7 @@ class RaBitQ:
     metric: static; the index's metric, 'ip' or 'l2'.
     coarse_metric: static; how IVF lists are chosen, 'ip' or 'l2'.
     qb: static; bits the index quantizes a query to (0: the float query).
+    nb_bits: static; bits a dimension of the codes (1: sign bits only).
   """
 
   center: Array | None = None
@@ -66,6 +75,7 @@ class RaBitQ:
   metric: str = struct.field(pytree_node=False, default="ip")
   coarse_metric: str = struct.field(pytree_node=False, default="ip")
   qb: int = struct.field(pytree_node=False, default=0)
+  nb_bits: int = struct.field(pytree_node=False, default=1)
 
   def __post_init__(self):
     if self.metric not in _METRICS or self.coarse_metric not in _METRICS:
@@ -123,6 +133,9 @@ def encode(q: RaBitQ, x: Array, coarse_ids: Array | None = None
     bits (N, d) uint8 in {0, 1}, factors (N, 2) float32, lists (N,) int32 (zeros
     without IVF).
   """
+  if q.nb_bits != 1:
+    raise ValueError(f"JAX encodes 1-bit RaBitQ only; {q.nb_bits}-bit codes are read from "
+                     "the index.")
   y = rotate(q, x)
   n = y.shape[0]
   if coarse_ids is None:
@@ -137,24 +150,37 @@ def _signs(bits: Array) -> Array:
   return 2.0 * bits.astype(jnp.float32) - 1.0
 
 
-def reconstruct(q: RaBitQ, bits: Array, factors: Array, lists: Array) -> Array:
-  """(N, d) FAISS's ``sa_decode``: ``c + dp o``, mapped back to the original space.
+Extra = tuple[Array, Array]  # multi-bit codes: (levels u (N, d), (f_add, f_rescale) (N, 2))
+
+
+def reconstruct(q: RaBitQ, bits: Array, factors: Array, lists: Array,
+                extra: Extra | None = None) -> Array:
+  """(N, d) the vector whose inner product with a float query FAISS's estimate is, less
+  `row_bias`, in the original space: ``c + dp o`` (FAISS's ``sa_decode``) for 1-bit
+  codes, ``c + f_rescale u`` for multi-bit ones (``extra``).
 
   Differentiable in the centres and rotation; the codes carry no gradient.
   """
   d = bits.shape[-1]
-  y = _centres(q, lists, bits.shape[0]) + _signs(bits) * (
-      factors[:, 1:2] / np.sqrt(np.float32(d)))
-  return unrotate(q, y)
+  c = _centres(q, lists, bits.shape[0])
+  if extra is not None:
+    levels, ex_factors = extra
+    return unrotate(q, c + ex_factors[:, 1:2] * levels)
+  return unrotate(q, c + _signs(bits) * (factors[:, 1:2] / np.sqrt(np.float32(d))))
 
 
-def row_bias(q: RaBitQ, bits: Array, factors: Array, lists: Array) -> Array:
+def row_bias(q: RaBitQ, bits: Array, factors: Array, lists: Array,
+             extra: Extra | None = None) -> Array:
   """(N,) what FAISS's inner-product estimate adds to ``<query, reconstruct>`` for a
-  float query: ``-(f0 + ||c||^2) / 2 - dp <o, c>``; differentiable in the centres."""
+  float query: ``-(f0 + ||c||^2) / 2 - dp <o, c>`` (multi-bit: ``f_add - f_rescale <u,
+  c>``); differentiable in the centres."""
   if q.metric != "ip":
     raise ValueError("row_bias is the inner-product estimate's; the index's metric is L2.")
   d = bits.shape[-1]
   c = _centres(q, lists, bits.shape[0])
+  if extra is not None:
+    levels, ex_factors = extra
+    return ex_factors[:, 0] - ex_factors[:, 1] * jnp.sum(levels * c, axis=-1)
   o_dot_c = jnp.sum(_signs(bits) * c, axis=-1) / np.sqrt(np.float32(d))
   return -0.5 * (factors[:, 0] + jnp.sum(c * c, axis=-1)) - factors[:, 1] * o_dot_c
 
@@ -183,15 +209,18 @@ def _quantized_query_dot(q_res: Array, signs: Array, qb: int) -> Array:
   return c1 * and_dot + c2 * popcount - c34[..., None]
 
 
-def estimate(q: RaBitQ, queries: Array, bits: Array, factors: Array, lists: Array
-             ) -> Array:
+def estimate(q: RaBitQ, queries: Array, bits: Array, factors: Array, lists: Array,
+             extra: Extra | None = None) -> Array:
   """(Q, N) the distances FAISS's search returns for ``queries`` against these codes.
 
   Inner-product indexes: the estimated inner product (larger is better); L2: the
   estimated squared distance. With ``q.qb > 0`` the sign-bit product uses the query
   rounded to ``qb`` bits per (query, centre), as FAISS does; the other terms use the
-  float query, as FAISS does.
+  float query, as FAISS does. Multi-bit codes (``extra``) are scored from the float query
+  whatever ``qb`` (FAISS's full-precision second stage, which every returned row passes).
   """
+  if extra is not None:
+    return _estimate_multibit(q, queries, lists, extra)
   yq = rotate(q, queries)
   d = yq.shape[-1]
   n = bits.shape[0]
@@ -213,6 +242,22 @@ def estimate(q: RaBitQ, queries: Array, bits: Array, factors: Array, lists: Arra
   if q.metric == "l2":
     return jnp.maximum(pre, 0.0)
   return -0.5 * (pre - jnp.sum(yq * yq, axis=-1, keepdims=True))
+
+
+def _estimate_multibit(q: RaBitQ, queries: Array, lists: Array, extra: Extra) -> Array:
+  yq = rotate(q, queries)
+  levels, ex_factors = extra
+  centres = _centres(q, lists, levels.shape[0])
+  # <q - c, u> = <q, u> - <c, u>; the inner-product base is <q, c>, L2's ||q - c||^2.
+  ip = yq @ levels.T - jnp.sum(levels * centres, axis=-1)[None, :]
+  q_dot_c = yq @ centres.T
+  if q.metric == "ip":
+    base = q_dot_c
+  else:
+    base = (jnp.sum(yq * yq, axis=-1, keepdims=True) - 2 * q_dot_c
+            + jnp.sum(centres * centres, axis=-1)[None, :])
+  dist = base + ex_factors[None, :, 0] + ex_factors[None, :, 1] * ip
+  return dist if q.metric == "ip" else jnp.maximum(dist, 0.0)
 
 
 def pack_bits(bits: Array) -> Array:
@@ -238,7 +283,7 @@ def to_faiss_bytes(bits: np.ndarray, factors: np.ndarray) -> np.ndarray:
   return np.concatenate([packed, raw.reshape(len(raw), FACTOR_BYTES)], axis=1)
 
 
-def from_faiss_bytes(raw: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
+def from_faiss_bytes(raw: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:  # 1-bit
   """(packed bits (N, ceil(d / 8)) uint8, factors (N, 2) float32) of FAISS's codes."""
   raw = np.ascontiguousarray(raw, np.uint8)
   width = -(-d // 8)
@@ -249,26 +294,52 @@ def from_faiss_bytes(raw: np.ndarray, d: int) -> tuple[np.ndarray, np.ndarray]:
   return raw[:, :width].copy(), factors.copy()
 
 
-def split_codes(raw: Array, d: int) -> tuple[Array, Array]:
-  """(bits (N, d) uint8, factors (N, 2) float32) of FAISS's code bytes (N, code_size), on
-  the device (e.g. the codes the index stores, gathered for a pool)."""
+def code_size(d: int, nb_bits: int = 1) -> int:
+  """Bytes of one FAISS RaBitQ code of ``d`` dimensions and ``nb_bits`` bits a dimension."""
+  if nb_bits == 1:
+    return -(-d // 8) + FACTOR_BYTES
+  return -(-d // 8) + MULTI_FACTOR_BYTES + -(-d * (nb_bits - 1) // 8) + EX_FACTOR_BYTES
+
+
+def _floats(raw: Array, start: int, count: int) -> Array:
+  return jax.lax.bitcast_convert_type(
+      raw[:, start:start + 4 * count].reshape(-1, count, 4), jnp.float32)
+
+
+def split_codes(raw: Array, d: int, nb_bits: int = 1
+                ) -> tuple[Array, Array, Extra | None]:
+  """(bits (N, d) uint8, factors (N, 2) float32, extra) of FAISS's code bytes (N,
+  code_size), on the device (e.g. the codes the index stores, gathered for a pool).
+  ``extra`` is None for 1-bit codes, else (levels u (N, d) float32, (f_add, f_rescale)
+  (N, 2) float32)."""
   width = -(-d // 8)
   raw = raw.astype(jnp.uint8)
-  factors = jax.lax.bitcast_convert_type(
-      raw[:, width:width + FACTOR_BYTES].reshape(-1, 2, 4), jnp.float32)
-  return unpack_bits(raw[:, :width], d), factors
+  bits = unpack_bits(raw[:, :width], d)
+  factors = _floats(raw, width, 2)
+  if nb_bits == 1:
+    return bits, factors, None
+  ex_bits = nb_bits - 1
+  start = width + MULTI_FACTOR_BYTES
+  ex_width = -(-d * ex_bits // 8)
+  stream = unpack_bits(raw[:, start:start + ex_width], d * ex_bits)  # dim j: bits j*ex..
+  weights = (1 << jnp.arange(ex_bits)).astype(jnp.float32)
+  ex = stream.reshape(-1, d, ex_bits).astype(jnp.float32) @ weights
+  # FAISS's level: (sign << ex_bits) + e - (2^ex_bits - 1/2).
+  levels = bits.astype(jnp.float32) * (1 << ex_bits) + ex - ((1 << ex_bits) - 0.5)
+  return bits, factors, (levels, _floats(raw, start + ex_width, 2))
 
 
 def codes_of(q: RaBitQ, x: Array, raw: Array | None = None, lists: Array | None = None
-             ) -> tuple[Array, Array, Array]:
-  """(bits, factors, lists) of rows ``x``: decoded from the stored bytes ``raw`` (and
-  their IVF ``lists``) when given, else encoded anew. Either way the codes, factors
-  included, are constants: the centres' gradient goes through `reconstruct` and
-  `row_bias` with the code held fixed, as PQ's goes through its codebooks."""
+             ) -> tuple[Array, Array, Array, Extra | None]:
+  """(bits, factors, lists, extra) of rows ``x``: decoded from the stored bytes ``raw``
+  (and their IVF ``lists``) when given, else encoded anew (1-bit only). Either way the
+  codes, factors included, are constants: the centres' gradient goes through
+  `reconstruct` and `row_bias` with the code held fixed, as PQ's goes through its
+  codebooks."""
   if raw is None:
     bits, factors, lists = encode(q, x)
-    return bits, jax.lax.stop_gradient(factors), lists
-  bits, factors = split_codes(raw, x.shape[-1])
+    return bits, jax.lax.stop_gradient(factors), lists, None
+  bits, factors, extra = split_codes(raw, x.shape[-1], q.nb_bits)
   if lists is None:
     lists = jnp.zeros(x.shape[0], jnp.int32)
-  return bits, factors, lists
+  return bits, factors, lists, extra
