@@ -251,6 +251,12 @@ def test_dback_trains_on_ivf_rabitq_with_checkpoints_and_export(tiny_config, tmp
   np.testing.assert_array_equal(rabitq.split_codes(jnp.asarray(raw), q.dim)[0], bits)
   loaded = serving.load_bundle(bundle)
   assert loaded is not None
+  # A resumed run restores the learned centroids into a RaBitQ-shaped state and goes on.
+  c.train.steps = 6
+  resumed = experiment.train_and_evaluate(c, workdir)
+  assert resumed["steps"] == 6
+  later = restore_trained(workdir, step=6, extra=("index_params",))["index_params"]
+  assert not np.allclose(later["centroids"], learned)
 
 
 @pytest.mark.parametrize("factory,codes", [("IVF4,RaBitQ", "index"), ("RaBitQ", "recompute"),
