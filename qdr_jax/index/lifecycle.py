@@ -55,7 +55,7 @@ class LossInputs:
     table: the codes the index stores (``quant.codes='index'``; for RaBitQ, FAISS's code
     bytes), else None.
   """
-  quantizer: Quantizer | None
+  quantizer: Quantizer | RaBitQ | None
   codes: dict[str, jax.Array] | None
 
 
