@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.train_size = 0          # rows sampled to train the quantizer; 0 = all
   c.index.seed = 0
   c.index.opq_niter = 10
+  # Bits a RaBitQ index rounds each query to before its sign-bit product (FAISS's default
+  # is 4); 0 scores the float query, which is what the straight-through loss scores.
+  c.index.rabitq_qb = 0
   c.index.threads = 0             # 0 = FAISS default
   c.index.rebuild_every = 100
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only

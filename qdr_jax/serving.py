@@ -88,7 +88,8 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
                                   {k: jax.numpy.asarray(v) for k, v in learned.items()})
     index = write_quantizer_to_faiss(trained["index"], quantizer, table)
     set_search_params(index, nprobe=config.index.nprobe,
-                      ef_search=config.index.ef_search or None, strict=False)
+                      ef_search=config.index.ef_search or None,
+                      rabitq_qb=config.index.get("rabitq_qb", 0), strict=False)
   else:
     index = build_quantized(table, config.index, config.index.seed)
   module = trained["encoders"].query_module

@@ -72,6 +72,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("index.ef_search", 0, False, None),
     ("index.train_size", 0, False, None),
     ("index.opq_niter", 1, False, None),
+    ("index.rabitq_qb", 0, False, 8),
     ("index.threads", 0, False, None),
     ("eval.concurrent_builds", 1, False, None),
     ("index.rebuild_every", 0, False, None),
@@ -390,6 +391,8 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
   except ValueError as e:
     problems.append(f"config.index.factory={index.factory!r}: {e}")
     return
+  if training and mode.quantize and layout["rabitq_bits"]:
+    _check_rabitq_training(config, layout["rabitq_bits"], problems)
   nlist = layout["nlist"]
   if nlist and index.nprobe > nlist:
     problems.append(_problem("index.nprobe", index.nprobe,
@@ -408,6 +411,26 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
                       f"training points for the {stage} ({centroids} centroids), fewer "
                       f"than the {MIN_POINTS_PER_CENTROID * centroids} FAISS recommends "
                       f"({MIN_POINTS_PER_CENTROID} per centroid)")
+
+
+def _check_rabitq_training(config: ml_collections.ConfigDict, nb_bits: int,
+                           problems: list[str]) -> None:
+  """What the straight-through loss cannot score on a RaBitQ index: 1-bit codes of
+  quantized queries, multi-bit codes it would have to encode, and the terms that read PQ
+  codebooks or score without RaBitQ's per-row constant."""
+  factory = config.index.factory
+  if nb_bits > 1 and config.quant.codes != "index":
+    problems.append(_problem("quant.codes", config.quant.codes,
+                             f"'index' on the {nb_bits}-bit RaBitQ index {factory!r} (JAX "
+                             "reads its codes, it does not encode them)"))
+  if config.index.rabitq_qb and nb_bits == 1:
+    problems.append(_problem("index.rabitq_qb", config.index.rabitq_qb,
+                             f"0 to train a quantizing mode on {factory!r} (the loss "
+                             "scores the float query)"))
+  for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
+    if config.loss[key]:
+      problems.append(_problem(f"loss.{key}", config.loss[key],
+                               f"0 on the RaBitQ index {factory!r} (the term is PQ's)"))
 
 
 def _queries_with_positives(split: Split, corpus: Corpus) -> int:

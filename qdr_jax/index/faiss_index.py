@@ -203,15 +203,18 @@ def clustering_sizes(index: faiss.Index) -> list[tuple[str, int]]:
 
 def factory_layout(factory: str, dim: int, metric: str = "ip") -> dict:
   """What an untrained `factory` index over `dim` dimensions is made of, for config-time
-  checks: ``{"nlist": IVF lists (0 without IVF), "clusterings": clustering_sizes}``.
+  checks: ``{"nlist": IVF lists (0 without IVF), "clusterings": clustering_sizes,
+  "rabitq_bits": bits a dimension of its RaBitQ codes (0: not RaBitQ)}``.
 
   Raises:
     ValueError: the factory string is invalid for `dim` (see `check_index_for_mode`).
   """
   index = _make_index(dim, factory, _METRICS[metric])
   ivf = _ivf(index)
+  rabitq = _find(index, (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ))
   return {"nlist": int(ivf.nlist) if ivf is not None else 0,
-          "clusterings": clustering_sizes(index)}
+          "clusterings": clustering_sizes(index),
+          "rabitq_bits": int(rabitq.rabitq.nb_bits) if rabitq is not None else 0}
 
 
 def _warn_few_points(index: faiss.Index, factory: str, num_points: int) -> None:
@@ -286,6 +289,10 @@ def check_index_for_mode(
     raise ValueError(
         f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so "
         f"config.quant.learn={learn} (codebook learning included) is impossible with it.")
+  if _find(index, (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ)) is not None and (
+      "codebooks" in learn):
+    raise ValueError(f"config.quant.learn has 'codebooks' but index factory {factory!r} is "
+                     "RaBitQ, which has no codebooks (it may learn 'centroids' with IVF).")
   if "centroids" in learn and _ivf(index) is None:
     raise ValueError(f"config.quant.learn has 'centroids' but index factory {factory!r} "
                      "has no IVF coarse quantizer.")
@@ -295,8 +302,8 @@ def check_index_for_mode(
   if needs_quantizer and not supports_straight_through(index):
     raise ValueError(
         f"Index factory {factory!r} ({kind}) stores codes JAX cannot reproduce, so it cannot "
-        "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ or "
-        "fast-scan PQ (PQ{m}x4fs), or a mode that only searches.")
+        "serve a straight-through mode: use (OPQ,)(IVF,)PQ with up to 8 bits, HNSW-PQ, "
+        "fast-scan PQ (PQ{m}x4fs), (RR{d},)(IVF,)RaBitQ, or a mode that only searches.")
   if incremental and not supports_incremental_refresh(index):
     raise ValueError(
         f"Index factory {factory!r} ({kind}) cannot be refreshed in place, so set "
@@ -364,6 +371,7 @@ def train_index(
     threads: int | None = None,
     metric: str = "ip",
     polysemous: bool = False,
+    rabitq_qb: int | None = None,
 ) -> faiss.Index:
   """An empty index of `factory` whose quantizers are trained on `sample`.
 
@@ -383,6 +391,8 @@ def train_index(
     threads: FAISS threads for training (restored afterwards); None keeps the current count.
     metric: "ip" (inner product) or "l2".
     polysemous: keep FAISS's polysemous PQ training (slow; off by default).
+    rabitq_qb: bits a RaBitQ index quantizes a query to (0: the float query; None:
+      FAISS's default, 4); ignored for other layouts.
   """
   if metric not in _METRICS:
     raise ValueError(f"metric must be one of {sorted(_METRICS)}, got {metric!r}.")
@@ -393,7 +403,8 @@ def train_index(
     raise ValueError("vectors contain NaN or infinite values.")
   index = _make_index(train.shape[1], factory, _METRICS[metric])
   # Search parameters survive training and adding; set them first so bad values fail fast.
-  set_search_params(index, nprobe=nprobe, ef_search=ef_search, strict=False)
+  set_search_params(index, nprobe=nprobe, ef_search=ef_search, rabitq_qb=rabitq_qb,
+                    strict=False)
   ivf = _ivf(index)
   if ivf is not None and not index.is_trained and train.shape[0] < ivf.nlist:
     raise ValueError(
@@ -458,6 +469,7 @@ def set_search_params(
     nprobe: int | None = None,
     ef_search: int | None = None,
     *,
+    rabitq_qb: int | None = None,
     strict: bool = True,
 ) -> None:
   """Sets IVF nprobe and/or HNSW efSearch wherever they live in `index`.
@@ -470,6 +482,8 @@ def set_search_params(
     index: any FAISS index.
     nprobe: IVF lists to probe.
     ef_search: HNSW search breadth.
+    rabitq_qb: bits a RaBitQ index quantizes queries to (0..8; 0: float queries). FAISS
+      writes it into the index file, so a saved index serves with it.
     strict: raise when a given parameter has nothing to apply to; False ignores it.
 
   Raises:
@@ -491,6 +505,14 @@ def set_search_params(
       g.hnsw.efSearch = int(ef_search)
     if not graphs and strict:
       raise ValueError(f"ef_search={ef_search} given but the index has no HNSW graph.")
+  if rabitq_qb is not None:
+    if not 0 <= rabitq_qb <= 8:
+      raise ValueError(f"rabitq_qb must be in 0..8, got {rabitq_qb}.")
+    rabitq = _find(index, (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ))
+    if rabitq is not None:
+      rabitq.qb = int(rabitq_qb)
+    elif strict:
+      raise ValueError(f"rabitq_qb={rabitq_qb} given but the index has no RaBitQ stage.")
 
 
 def search(
@@ -695,7 +717,8 @@ def index_options(index_cfg) -> dict:
   """`train_index` / `build_index` keyword arguments from a config's `index` section
   (everything but the factory string, the seed and the training sample)."""
   return dict(nprobe=index_cfg.nprobe, ef_search=index_cfg.ef_search or None,
-              opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None)
+              opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None,
+              rabitq_qb=index_cfg.get("rabitq_qb", 0))
 
 
 def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None = None,

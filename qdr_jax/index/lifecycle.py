@@ -39,7 +39,8 @@ from qdr_jax.index.faiss_index import (add_vectors, index_options, set_search_pa
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.quant import (Quantizer, quantizer_from_faiss, stored_codes, with_index_params,
                            write_quantizer_to_faiss)
-from qdr_jax.quant.faiss_bridge import unpack_codes
+from qdr_jax.quant.faiss_bridge import is_rabitq, unpack_codes
+from qdr_jax.quant.rabitq import RaBitQ
 
 RefreshOutcome = Literal["full", "incremental", "learned", "skipped"]
 
@@ -48,11 +49,13 @@ RefreshOutcome = Literal["full", "incremental", "learned", "skipped"]
 class LossInputs:
   """What the straight-through loss reads from the index, on the devices.
 
-  quantizer: the index's quantizer (replicated), or None for modes that do not quantize.
+  quantizer: the index's quantizer (replicated): a PQ `Quantizer` or a `RaBitQ`; None for
+    modes that do not quantize.
   codes: ``{"codes": (rows, M) uint8, "lists": (rows,) int32}`` row-sharded like the
-    table: the codes the index stores (``quant.codes='index'``), else None.
+    table: the codes the index stores (``quant.codes='index'``; for RaBitQ, FAISS's code
+    bytes), else None.
   """
-  quantizer: Quantizer | None
+  quantizer: Quantizer | RaBitQ | None
   codes: dict[str, jax.Array] | None
 
 
@@ -134,7 +137,7 @@ class IndexLifecycle:
         raise ValueError(f"IndexLifecycle.adopt: the index holds {index.ntotal} rows, the "
                          f"table {self.num_rows}.")
       set_search_params(index, nprobe=self.cfg.nprobe, ef_search=self.cfg.ef_search or None,
-                        strict=False)
+                        rabitq_qb=index_options(self.cfg)["rabitq_qb"], strict=False)
     self.index = index
     if moved_since:
       self.changed.add(np.arange(self.num_rows))
@@ -250,21 +253,32 @@ class IndexLifecycle:
     arrays = None
     if self.lead:
       q = quantizer_from_faiss(self.index)
-      arrays = {"codebooks": np.asarray(q.codebooks),
-                "static": np.asarray([q.by_residual, q.coarse_metric == "ip"], np.int32)}
-      for name in ("rotation", "coarse_centroids"):
-        if getattr(q, name) is not None:
+      if isinstance(q, RaBitQ):
+        arrays = {"rabitq": np.asarray([q.metric == "ip", q.coarse_metric == "ip", q.qb,
+                                        q.nb_bits], np.int32)}
+      else:
+        arrays = {"codebooks": np.asarray(q.codebooks),
+                  "static": np.asarray([q.by_residual, q.coarse_metric == "ip"], np.int32)}
+      for name in ("rotation", "coarse_centroids", "center"):
+        if getattr(q, name, None) is not None:
           arrays[name] = np.asarray(getattr(q, name))
       if self.codes_from_index:
         codes, lists = stored_codes(self.index)
         arrays["codes"], arrays["lists"] = codes.astype(np.uint8), lists.astype(np.int32)
     arrays = distributed.broadcast_arrays(arrays)
-    by_residual, ip = (bool(v) for v in arrays["static"])
     optional = lambda name: jnp.asarray(arrays[name]) if name in arrays else None
-    quantizer = distributed.replicate_to_global(
-        Quantizer(codebooks=jnp.asarray(arrays["codebooks"]), rotation=optional("rotation"),
-                  coarse_centroids=optional("coarse_centroids"), by_residual=by_residual,
-                  coarse_metric="ip" if ip else "l2"), self.mesh)
+    if "rabitq" in arrays:
+      ip, coarse_ip, qb, nb_bits = (int(v) for v in arrays["rabitq"])
+      quantizer = RaBitQ(center=optional("center"), coarse_centroids=optional("coarse_centroids"),
+                         rotation=optional("rotation"), metric="ip" if ip else "l2",
+                         coarse_metric="ip" if coarse_ip else "l2", qb=qb, nb_bits=nb_bits)
+    else:
+      by_residual, ip = (bool(v) for v in arrays["static"])
+      quantizer = Quantizer(codebooks=jnp.asarray(arrays["codebooks"]),
+                            rotation=optional("rotation"),
+                            coarse_centroids=optional("coarse_centroids"),
+                            by_residual=by_residual, coarse_metric="ip" if ip else "l2")
+    quantizer = distributed.replicate_to_global(quantizer, self.mesh)
     codes = None
     if self.codes_from_index:
       codes = {name: sharding.put_rows(arrays[name], self.mesh, self.shard_rows,
@@ -286,7 +300,7 @@ def encoded_like_index(index: faiss.Index, vectors: np.ndarray
   FAISS's standalone encoding (``sa_encode``) runs the same coarse assignment (HNSW
   search included) and residual PQ encoding as ``add``; its bytes are the list number
   (IVF) followed by the packed PQ code, which are unpacked here to one code per
-  sub-quantizer.
+  sub-quantizer. A RaBitQ index's code bytes are returned as they are.
 
   Returns:
     codes (n, M) uint8 and lists (n,) int32 (zeros without IVF).
@@ -305,6 +319,8 @@ def encoded_like_index(index: faiss.Index, vectors: np.ndarray
     width = top.coarse_code_size()
     lists = (raw[:, :width].astype(np.int64) << (8 * np.arange(width))).sum(1).astype(np.int32)
     raw = raw[:, width:]
+  if is_rabitq(top):
+    return np.ascontiguousarray(raw, np.uint8), lists
   codes = unpack_codes(raw, top.pq.M, top.pq.nbits)
   return np.ascontiguousarray(codes, np.uint8), lists
 
@@ -338,5 +354,8 @@ def placeholder_quantizer(factory: str, dim: int) -> Quantizer:
     index = faiss.downcast_index(top.index)
   if isinstance(index, faiss.IndexIVF):
     centroids = jnp.zeros((index.nlist, index.d), jnp.float32)
+  if is_rabitq(index):
+    center = None if centroids is not None else jnp.zeros((index.d,), jnp.float32)
+    return RaBitQ(center=center, coarse_centroids=centroids, rotation=rotation)
   return Quantizer(codebooks=jnp.zeros(pq_codebook_shape(factory, dim), jnp.float32),
                    rotation=rotation, coarse_centroids=centroids)

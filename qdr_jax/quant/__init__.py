@@ -1,4 +1,4 @@
-"""Product quantization in JAX that mirrors a trained FAISS PQ-family index."""
+"""Product quantization and RaBitQ in JAX that mirror a trained FAISS index."""
 
 from qdr_jax.quant.faiss_bridge import quantizer_from_faiss
 from qdr_jax.quant.faiss_bridge import stored_codes
@@ -20,10 +20,12 @@ from qdr_jax.quant.pq import rotate
 from qdr_jax.quant.pq import straight_through
 from qdr_jax.quant.pq import unrotate
 from qdr_jax.quant.pq import with_index_params
+from qdr_jax.quant.rabitq import RaBitQ
 
 __all__ = [
     "INDEX_PARAMS",
     "Quantizer",
+    "RaBitQ",
     "adc_scores",
     "assign_coarse",
     "coarse_scores",

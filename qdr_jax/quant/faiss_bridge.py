@@ -7,6 +7,12 @@ Supported layouts (PQ codes of 1..8 bits per sub-quantizer; row id = search id):
   * IndexHNSWPQ (`HNSW32,PQ{m}`): an HNSW graph over an IndexPQ storage, row = position;
   * any of the above behind an IndexPreTransform holding a single OPQMatrix (or the
     orthonormal LinearTransform FAISS reads back in its place).
+  * IndexRaBitQ and IndexIVFRaBitQ (`RaBitQ`, `IVF{n},RaBitQ`, multi-bit `RaBitQ{b}`),
+    optionally behind a single orthonormal transform (`RR{d},...`, the random rotation):
+    `quantizer_from_faiss` then returns a `qdr_jax.quant.rabitq.RaBitQ` and
+    `stored_codes` FAISS's raw code bytes (sign bits, then float32 factors; multi-bit
+    codes add their extra bits and two factors). JAX encodes the 1-bit codes and reads
+    multi-bit ones from the index.
 Every other family (Flat, SQ, LSQ/RQ, PQ over 8 bits, refine stages, id maps) has codes
 JAX does not reproduce: `supports_straight_through` says so without raising.
 """
@@ -20,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qdr_jax.quant.pq import Quantizer
+from qdr_jax.quant.rabitq import RaBitQ
 
 # The trainer keeps codes as uint8 (one byte per sub-quantizer), hence the 8-bit ceiling.
 MAX_NBITS = 8
@@ -40,14 +47,22 @@ _FLAT_PQ = (faiss.IndexPQ, faiss.IndexPQFastScan)
 _IVF_PQ = (faiss.IndexIVFPQ, faiss.IndexIVFPQFastScan)
 
 
-def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
+def _unwrap_transform(index: faiss.Index, what: str
+                      ) -> tuple[faiss.VectorTransform | None, faiss.Index]:
+  """(the single transform in front of ``index`` or None, the downcast index behind it)."""
   index = faiss.downcast_index(index)
-  transform = None
-  if isinstance(index, faiss.IndexPreTransform):
-    if index.chain.size() != 1:
-      raise ValueError(f"Only a single OPQ transform is supported, got a chain of "
-                       f"{index.chain.size()}.")
-    transform = faiss.downcast_VectorTransform(index.chain.at(0))
+  if not isinstance(index, faiss.IndexPreTransform):
+    return None, index
+  if index.chain.size() != 1:
+    raise ValueError(f"Only a single {what} is supported, got a chain of "
+                     f"{index.chain.size()}.")
+  return (faiss.downcast_VectorTransform(index.chain.at(0)),
+          faiss.downcast_index(index.index))
+
+
+def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
+  transform, index = _unwrap_transform(index, "OPQ transform")
+  if transform is not None:
     # FAISS writes an OPQMatrix as a plain LinearTransform: a read-back index has one.
     if type(transform) not in (faiss.OPQMatrix, faiss.LinearTransform):
       raise ValueError(f"Only OPQMatrix pre-transforms are supported, got "
@@ -55,7 +70,6 @@ def _split(index: faiss.Index, require_trained: bool = True) -> _Parts:
     # An untrained OPQMatrix reports itself non-orthonormal until training sets A.
     if transform.have_bias or (transform.is_trained and not transform.is_orthonormal):
       raise ValueError("The OPQ matrix must be orthonormal and without bias.")
-    index = faiss.downcast_index(index.index)
   # Exact types: subclasses (e.g. IndexIVFPQR, IndexPQFastScan's relatives) encode otherwise.
   if type(index) in _IVF_PQ:
     parts = _Parts(transform, index, index.pq, index, index)
@@ -83,7 +97,10 @@ def supports_straight_through(index: faiss.Index) -> bool:
   answers too. Write-back (`write_quantizer_to_faiss`) works for the same layouts.
   """
   try:
-    _split(index, require_trained=False)
+    if is_rabitq(index):
+      _split_rabitq(index, require_trained=False)
+    else:
+      _split(index, require_trained=False)
   except ValueError:
     return False
   return True
@@ -110,7 +127,7 @@ def _pq_centroids(pq: faiss.ProductQuantizer) -> np.ndarray:
   return faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
 
 
-def quantizer_from_faiss(index: faiss.Index) -> Quantizer:
+def quantizer_from_faiss(index: faiss.Index) -> Quantizer | RaBitQ:
   """Reads the rotation, coarse centroids and PQ codebooks of a trained FAISS index.
 
   Args:
@@ -118,8 +135,11 @@ def quantizer_from_faiss(index: faiss.Index) -> Quantizer:
 
   Returns:
     A `Quantizer` with float32 leaves, K = 2**nbits centroids per sub-quantizer (16 for
-    fast-scan); `encode` on it reproduces the index's codes.
+    fast-scan); `encode` on it reproduces the index's codes. A `RaBitQ` for a RaBitQ
+    index (`rabitq_from_faiss`).
   """
+  if is_rabitq(index):
+    return rabitq_from_faiss(index)
   parts = _split(index)
   rotation = None
   if parts.transform is not None:
@@ -204,17 +224,26 @@ def stored_codes(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
       i-th vector added.
 
   Returns:
-    codes: (N, M) int32 in [0, 2**nbits); coarse_ids: (N,) int32 IVF list of each row
-    (zeros without IVF).
+    codes: (N, M) int32 in [0, 2**nbits) (for RaBitQ: (N, code_size) uint8, FAISS's
+    bytes); coarse_ids: (N,) int32 IVF list of each row (zeros without IVF).
   """
+  if is_rabitq(index):
+    return _rabitq_stored_codes(index)
   parts = _split(index)
   m, nbits = parts.pq.M, parts.pq.nbits
   if parts.ivf is None:
     flat = _flat_codes(parts)
     return unpack_codes(flat, m, nbits), np.zeros(len(flat), np.int32)
-  ivf = parts.ivf
+  return _ivf_codes_by_row(parts.ivf, (m,), np.int32,
+                           lambda raw: unpack_codes(raw, m, nbits))
+
+
+def _ivf_codes_by_row(ivf: faiss.IndexIVF, shape: tuple[int, ...], dtype, convert
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """(codes (N, *shape) of ``dtype``, lists (N,) int32) of an IVF index in row-id order;
+  ``convert`` turns a list's raw (size, code_size) bytes into its rows' codes."""
   n = ivf.ntotal
-  codes = np.full((n, m), -1, np.int32)
+  codes = np.zeros((n, *shape), dtype)
   lists = np.full(n, -1, np.int32)
   for l in range(ivf.nlist):
     size = ivf.invlists.list_size(l)
@@ -223,7 +252,7 @@ def stored_codes(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
     ids = faiss.rev_swig_ptr(ivf.invlists.get_ids(l), size).copy()
     if ids.min() < 0 or ids.max() >= n:
       raise ValueError("stored_codes needs ids 0..ntotal-1; this index has others.")
-    codes[ids] = unpack_codes(_ivf_list_codes(ivf, l, size), m, nbits)
+    codes[ids] = convert(_ivf_list_codes(ivf, l, size))
     lists[ids] = l
   if (lists < 0).any():
     raise ValueError("stored_codes needs ids 0..ntotal-1; some rows are missing.")
@@ -276,6 +305,27 @@ def _write_coarse_centroids(ivf: faiss.IndexIVF, centroids: np.ndarray) -> None:
   quantizer.add(np.ascontiguousarray(centroids))
 
 
+def _readd(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray | None) -> faiss.Index:
+  """Empties ``index`` and adds ``vectors`` (with ``ids`` when given) under its current
+  parameters."""
+  vectors = np.ascontiguousarray(vectors, np.float32)
+  index.reset()
+  if ids is None:
+    index.add(vectors)
+  else:
+    index.add_with_ids(vectors, np.ascontiguousarray(ids, np.int64))
+  return index
+
+
+def _check_levels(quantizer: Quantizer | RaBitQ, parts: _Parts | _RaBitQParts) -> None:
+  """The quantizer has a rotation and coarse centroids exactly where the index does."""
+  for name, level in (("rotation", parts.transform), ("coarse_centroids", parts.ivf)):
+    if (getattr(quantizer, name) is None) != (level is None):
+      raise ValueError(f"The quantizer's {name} is "
+                       f"{'missing' if level is not None else 'present'} but the index "
+                       f"{'has' if level is not None else 'has no'} such level.")
+
+
 def write_quantizer_to_faiss(
     index: faiss.Index,
     quantizer: Quantizer,
@@ -301,17 +351,15 @@ def write_quantizer_to_faiss(
     coarse quantizers) and whose scores equal `adc_scores` under `quantizer` (up to
     fast-scan's 8-bit lookup tables).
   """
+  if is_rabitq(index):
+    return _write_rabitq_to_faiss(index, quantizer, vectors, ids)
   parts = _split(index)
   pq = parts.pq
   codebooks = np.asarray(quantizer.codebooks, np.float32)
   if codebooks.shape != (pq.M, pq.ksub, pq.dsub):
     raise ValueError(f"Codebooks shape {codebooks.shape} does not match the index's PQ "
                      f"{(pq.M, pq.ksub, pq.dsub)}.")
-  for name, level in (("rotation", parts.transform), ("coarse_centroids", parts.ivf)):
-    if (getattr(quantizer, name) is None) != (level is None):
-      raise ValueError(f"The quantizer's {name} is "
-                       f"{'missing' if level is not None else 'present'} but the index "
-                       f"{'has' if level is not None else 'has no'} such level.")
+  _check_levels(quantizer, parts)
   if parts.ivf is not None and quantizer.by_residual != bool(parts.ivf.by_residual):
     raise ValueError("The quantizer's by_residual differs from the index's.")
   if ids is not None and parts.ivf is None:
@@ -331,10 +379,102 @@ def write_quantizer_to_faiss(
   if parts.ivf is not None and parts.ivf.by_residual:
     parts.ivf.precompute_table()
 
-  vectors = np.ascontiguousarray(vectors, np.float32)
-  index.reset()
-  if ids is None:
-    index.add(vectors)
-  else:
-    index.add_with_ids(vectors, np.ascontiguousarray(ids, np.int64))
+  return _readd(index, vectors, ids)
+
+
+# ----------------------------------------------------------------------------- RaBitQ
+
+
+@dataclasses.dataclass(frozen=True)
+class _RaBitQParts:
+  """The pieces of a FAISS RaBitQ index that matter for its codes and scores."""
+
+  transform: faiss.LinearTransform | None
+  base: faiss.Index  # downcast IndexRaBitQ or IndexIVFRaBitQ
+  ivf: faiss.IndexIVF | None
+
+
+_RABITQ = (faiss.IndexRaBitQ, faiss.IndexIVFRaBitQ)
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+  index = faiss.downcast_index(index)
+  if isinstance(index, faiss.IndexPreTransform):
+    return faiss.downcast_index(index.index)
   return index
+
+
+def is_rabitq(index: faiss.Index) -> bool:
+  """Whether ``index`` (or the index behind its pre-transform) is a RaBitQ index that
+  stores codes in FAISS's flat layout (fast-scan RaBitQ packs them otherwise)."""
+  return type(_inner(index)) in _RABITQ
+
+
+def _split_rabitq(index: faiss.Index, require_trained: bool = True) -> _RaBitQParts:
+  transform, index = _unwrap_transform(index, "rotation in front of RaBitQ")
+  if transform is not None:
+    if not isinstance(transform, faiss.LinearTransform) or transform.have_bias or (
+        transform.is_trained and not transform.is_orthonormal) or (
+        transform.d_in != transform.d_out):
+      raise ValueError("The transform in front of RaBitQ must be a square orthonormal "
+                       "rotation without bias (RR{d}).")
+  if type(index) not in _RABITQ:
+    raise ValueError(f"Unsupported index type {type(index).__name__}: expected IndexRaBitQ "
+                     "or IndexIVFRaBitQ.")
+  if isinstance(index, faiss.IndexRaBitQ) and index.centered:
+    raise ValueError("RaBitQ's centered query quantizer is not reproduced in JAX.")
+  if require_trained and not (index.is_trained and (transform is None
+                                                    or transform.is_trained)):
+    raise ValueError("The FAISS index is not trained.")
+  ivf = index if isinstance(index, faiss.IndexIVF) else None
+  return _RaBitQParts(transform, index, ivf)
+
+
+def rabitq_from_faiss(index: faiss.Index) -> RaBitQ:
+  """Reads the rotation, centre (or IVF centroids), metric, query bits ``qb`` and code
+  bits ``nb_bits`` of a trained FAISS RaBitQ index, so that `qdr_jax.quant.rabitq.encode`
+  reproduces its (1-bit) codes and `estimate` its search's scores."""
+  parts = _split_rabitq(index)
+  rotation = center = coarse = None
+  coarse_metric = "ip"
+  if parts.transform is not None:
+    t = parts.transform
+    rotation = jnp.asarray(faiss.vector_to_array(t.A).reshape(t.d_out, t.d_in), jnp.float32)
+  if parts.ivf is not None:
+    quantizer = _coarse_quantizer(parts.ivf)
+    coarse = jnp.asarray(quantizer.reconstruct_n(0, parts.ivf.nlist), jnp.float32)
+    coarse_metric = _metric_name(quantizer.metric_type)
+  else:
+    center = jnp.asarray(faiss.vector_to_array(parts.base.center), jnp.float32)
+  return RaBitQ(center=center, coarse_centroids=coarse, rotation=rotation,
+                metric=_metric_name(parts.base.metric_type), coarse_metric=coarse_metric,
+                qb=int(parts.base.qb), nb_bits=int(parts.base.rabitq.nb_bits))
+
+
+def _rabitq_stored_codes(index: faiss.Index) -> tuple[np.ndarray, np.ndarray]:
+  """FAISS's (N, code_size) uint8 RaBitQ codes and (N,) IVF lists, in row-id order."""
+  parts = _split_rabitq(index)
+  base = parts.base
+  if parts.ivf is None:
+    n = base.ntotal
+    flat = faiss.vector_to_array(base.codes).reshape(n, base.code_size)
+    return flat, np.zeros(n, np.int32)
+  return _ivf_codes_by_row(parts.ivf, (parts.ivf.code_size,), np.uint8, lambda raw: raw)
+
+
+def _write_rabitq_to_faiss(index: faiss.Index, quantizer: RaBitQ, vectors: np.ndarray,
+                           ids: np.ndarray | None) -> faiss.Index:
+  """`write_quantizer_to_faiss` for RaBitQ: the rotation and IVF centroids (RaBitQ has no
+  codebooks; its centre is the training mean) are written, then the vectors re-added."""
+  parts = _split_rabitq(index)
+  if not isinstance(quantizer, RaBitQ):
+    raise ValueError("A RaBitQ index takes a RaBitQ quantizer, got a PQ one.")
+  _check_levels(quantizer, parts)
+  if ids is not None and parts.ivf is None:
+    raise ValueError("IndexRaBitQ numbers rows by position and does not support "
+                     "add_with_ids.")
+  if parts.transform is not None:
+    _write_rotation(parts.transform, np.asarray(quantizer.rotation, np.float32))
+  if parts.ivf is not None:
+    _write_coarse_centroids(parts.ivf, np.asarray(quantizer.coarse_centroids, np.float32))
+  return _readd(index, vectors, ids)

@@ -22,7 +22,8 @@ NEG_INF = -1e9  # finite, so rows masked everywhere give zero gradient rather th
 
 def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: jax.Array,
                      hidden_mask: jax.Array, valid: jax.Array, *, temperature: float,
-                     multi_positive: str = "mean") -> tuple[jax.Array, dict[str, jax.Array]]:
+                     multi_positive: str = "mean", row_bias: jax.Array | None = None
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Softmax cross-entropy of each query over the pool.
 
   Args:
@@ -34,11 +35,16 @@ def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: ja
     temperature: scores are divided by it.
     multi_positive: 'mean' - each positive against the query's negatives, averaged over
       its positives; 'marginal' - -log of the total probability of the positives.
+    row_bias: (P,) added to every query's score of a row before the temperature (RaBitQ's
+      estimate: ``step.pool_bias``), or None.
 
   Returns:
     (scalar loss, metrics) with the in-pool accuracy (top-scored row is a positive).
   """
-  scores = (query_emb.astype(jnp.float32) @ targets.astype(jnp.float32).T) / temperature
+  scores = query_emb.astype(jnp.float32) @ targets.astype(jnp.float32).T
+  if row_bias is not None:
+    scores = scores + row_bias.astype(jnp.float32)[None, :]
+  scores = scores / temperature
   active = valid[None, :] & ~hidden_mask
   positive = positive_mask & active
   negative = active & ~positive

@@ -22,6 +22,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qdr_jax.quant import (Quantizer, assign_coarse, coarse_scores, decode, orthogonalize,
                            quantize, with_index_params)
+from qdr_jax.quant import rabitq
+from qdr_jax.quant.rabitq import RaBitQ
 from qdr_jax import distributed
 from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import (contrastive_loss, index_reconstruction, quantization_terms,
@@ -38,7 +40,7 @@ class StepFunctions:
   update: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
 
 
-def pool_targets(rows: jax.Array, quantizer: Quantizer | None,
+def pool_targets(rows: jax.Array, quantizer: Quantizer | RaBitQ | None,
                  learned: dict[str, jax.Array] | None,
                  codes: jax.Array | None = None, lists: jax.Array | None = None) -> jax.Array:
   """Pool rows as the loss sees them.
@@ -50,14 +52,35 @@ def pool_targets(rows: jax.Array, quantizer: Quantizer | None,
   row's list, the rotation), which replace the quantizer's own. ``codes`` (and IVF
   ``lists``) are the rows' codes as the index stores them; without them the rows are
   encoded anew.
+
+  A `RaBitQ` quantizer gives FAISS's reconstruction ``R^T (c + dp o)`` of each row's code
+  (``codes``: FAISS's code bytes); its inner-product estimate adds `pool_bias` to the
+  scores against it.
   """
   if quantizer is None:
     return rows
   quantizer = with_index_params(quantizer, learned)
   frozen = jax.lax.stop_gradient(rows)
+  if isinstance(quantizer, RaBitQ):
+    return rows - frozen + rabitq.reconstruct(
+        quantizer, *rabitq.codes_of(quantizer, frozen, codes, lists))
   if codes is None:
     return rows - frozen + quantize(quantizer, frozen)
   return rows - frozen + decode(quantizer, codes.astype(jnp.int32), lists)
+
+
+def pool_bias(rows: jax.Array, quantizer: Quantizer | RaBitQ | None,
+              learned: dict[str, jax.Array] | None,
+              codes: jax.Array | None = None, lists: jax.Array | None = None
+              ) -> jax.Array | None:
+  """(P,) what the index's score adds to ``query . pool_targets`` for each row: RaBitQ's
+  per-row constant (`rabitq.row_bias`, with its gradient to learned centroids), None for
+  PQ, whose score is the inner product alone."""
+  if not isinstance(quantizer, RaBitQ):
+    return None
+  quantizer = with_index_params(quantizer, learned)
+  frozen = jax.lax.stop_gradient(rows)
+  return rabitq.row_bias(quantizer, *rabitq.codes_of(quantizer, frozen, codes, lists))
 
 
 def index_taught_only_by(targets: jax.Array, rows: jax.Array, teaches: jax.Array
@@ -139,24 +162,29 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       frozen = jax.lax.stop_gradient(rows)
       reconstruction = pool_targets(frozen, quantizer if mode.quantize else None, learned,
                                     codes, lists)
+      bias = pool_bias(frozen, quantizer if mode.quantize else None, learned, codes, lists)
       targets = rows - frozen + reconstruction
-      ranked = targets
+      ranked, ranked_bias = targets, bias
       labelled = q.shape[0] - num_pseudo_labelled  # the training queries come first
       positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
       if learn_from_positives:  # every positive teaches, labelled pseudo-queries' included
-        ranked = index_taught_only_by(targets, rows, positive_mask.any(axis=0))
+        teaches = positive_mask.any(axis=0)
+        ranked = index_taught_only_by(targets, rows, teaches)
+        if bias is not None:
+          ranked_bias = jnp.where(teaches, bias, jax.lax.stop_gradient(bias))
       loss, metrics = contrastive_loss(q[:labelled], ranked, positive_mask[:labelled],
                                        hidden_mask[:labelled], valid,
-                                       temperature=temperature, multi_positive=multi_positive)
+                                       temperature=temperature, multi_positive=multi_positive,
+                                       row_bias=ranked_bias)
       metrics["contrastive_loss"] = loss
       if num_pseudo_labelled:
-        pseudo_q, pseudo_targets = q[labelled:], ranked
+        pseudo_q, pseudo_targets, pseudo_bias = q[labelled:], ranked, ranked_bias
         if pseudo_index_only:
           pseudo_q = jax.lax.stop_gradient(pseudo_q)
-          pseudo_targets = reconstruction
+          pseudo_targets, pseudo_bias = reconstruction, bias
         pseudo_loss, pseudo_metrics = contrastive_loss(
             pseudo_q, pseudo_targets, positive_mask[labelled:], hidden_mask[labelled:], valid,
-            temperature=temperature, multi_positive=multi_positive)
+            temperature=temperature, multi_positive=multi_positive, row_bias=pseudo_bias)
         metrics.update(pseudo_loss=pseudo_loss,
                        pseudo_pool_accuracy=pseudo_metrics["pool_accuracy"])
         loss = loss + pseudo_weight * pseudo_loss
