@@ -2,8 +2,8 @@
 
 XLA's compiler options apply to a whole executable. On CPU the encoder's two kinds of
 matmul want different ones: the dense projections run fastest on XLA's own dot
-kernels (YNNPACK's library fusions off, as `qdr_jax.platform.tune_process` sets), the attention
-core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
+kernels (YNNPACK's library fusions off, as `qdr_jax.platform.tune_process` sets), the
+attention core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
 32 x 256 batch 45 ms against 63, the whole forward 2-10% less; issue 12, BENCHMARKS.md).
 So the forward runs as: embeddings + layer 0's projection; per layer the attention
 core, then the layer's second half + the next layer's projection; the last layer's
