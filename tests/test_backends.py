@@ -202,3 +202,14 @@ def test_tf32_matmuls_would_flip_codes_that_highest_precision_keeps(ivf_opq, mon
   tf32_codes, tf32_lists = _codes_like_a_gpu(q, x)
   flipped = np.mean(np.any(tf32_codes != codes, axis=1) | (tf32_lists != lists))
   assert flipped > 0.01  # 170 of 4,000 rows when written
+
+
+def test_compile_then_meet_waits_only_for_cpu_collectives(accelerator, monkeypatch):
+  from qdr_jax import distributed  # pylint: disable=import-outside-toplevel
+  met = []
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(distributed, "barrier", met.append)
+  fn = distributed.CompileThenMeet(jax.jit(lambda x: x + 1), "step")
+  assert int(fn(jnp.int32(1))) == 2 and met == ["step compiled"]  # CPU: compile, then meet
+  with platform.forced(accelerator):
+    assert int(fn(jnp.float32(1))) == 2 and met == ["step compiled"]  # no barrier, no flatten
