@@ -15,9 +15,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from qdr_jax import sharding
+from qdr_jax.cli import run_main
 from qdr_jax.config import base_config
 from qdr_jax.index.lifecycle import IndexLifecycle
 from qdr_jax.train import optim
@@ -93,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

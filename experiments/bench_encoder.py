@@ -46,10 +46,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from qdr_jax import host_memory
+from qdr_jax import host_memory, platform
+from qdr_jax.cli import run_main
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import load_encoder, resolve_model_path
 from qdr_jax.targets.embed import make_corpus_apply
@@ -79,7 +80,7 @@ _YNN = "xla_cpu_experimental_ynn_fusion_type"
 # process's XLA_FLAGS stay as they are). Enum lists take the full value names.
 _YNN_TYPES = lambda *names: ",".join(f"LIBRARY_FUSION_TYPE_{n}" for n in names)
 VARIANTS: dict[str, dict[str, Any]] = {
-    # As the process's XLA_FLAGS give it (with qdr_jax imported: YNNPACK fusions off).
+    # As the process's XLA_FLAGS give it (tuned by run_main: YNNPACK fusions off).
     "default": {},
     # No YNNPACK library fusions: dots go to XLA's own (Eigen) kernels.
     "ynn_off": {_YNN: ""},
@@ -296,6 +297,7 @@ def main(argv):
                                       / result["torch"]["forward"]["median_s"])
   result["load_average"] = os.getloadavg()
   result["host_heap_kept"] = host_memory.applied  # both frameworks share the process
+  result["cpu_model"], result["tuned"] = platform.cpu_model(), dict(platform.tuned)
   text = json.dumps(result, indent=2)
   print(text)
   os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
@@ -303,4 +305,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run_main(main)

@@ -3,8 +3,8 @@ r"""FAISS's OpenMP waiting policy against XLA on a shared CPU: index builds and 
   python experiments/bench_omp_wait.py --out=runs/bench_omp_wait.json
 
 The OpenMP runtime reads its waiting policy once, when FAISS loads it, so each setting
-runs in a child process of its own, which imports FAISS before qdr_jax (whose defaults
-would otherwise fill in unset variables) (``--settings``: ``name=VAR=value;VAR=value``, an empty
+runs in a child process of its own, which imports FAISS before `platform.tune_process`
+(whose defaults would otherwise fill in unset variables) applies the other CPU settings (``--settings``: ``name=VAR=value;VAR=value``, an empty
 value unsets the variable). Each child times, on a table (``--table``, a ``.npy``; default
 random unit vectors of SciFact's size):
 - build: training ``--factory`` (the demo's IVF64,PQ48x8: 48 k-means of 25 iterations,
@@ -40,6 +40,8 @@ _CHILD = r"""
 import json, sys, time
 import numpy as np
 import faiss  # first: its OpenMP runtime sees exactly the setting's environment
+from qdr_jax import platform
+platform.tune_process(restart=False)  # the XLA flag and malloc; OpenMP already read its policy
 import jax, jax.numpy as jnp
 from qdr_jax.index.faiss_index import add_vectors, search, train_index
 table_path, factory, repeats, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

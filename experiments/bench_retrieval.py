@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from qdr_jax import host_memory
+from qdr_jax import host_memory, platform
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
@@ -50,7 +50,7 @@ def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
   """Median rate of a jitted (n, n) @ (n, n) float32 matmul, the faster dot backend's."""
   a = jnp.ones((n, n), jnp.float32)
   rates = []
-  for options in (_DOT_BACKENDS if jax.default_backend() == "cpu" else ({},)):
+  for options in (_DOT_BACKENDS if platform.is_cpu() else ({},)):
     f = jax.jit(lambda x: x @ x).lower(a).compile(options)
     f(a).block_until_ready()
     seconds = []
@@ -123,7 +123,7 @@ def main(argv):
 
   result = {
       "platform": jax.devices()[0].platform, "matmul_gflops": rate,
-      "host_heap_kept": host_memory.applied,
+      "host_heap_kept": host_memory.applied, "cpu_model": platform.cpu_model(),
       "matmul_gflops_before_after": [rate_before, rate_after],
       "embed": {"passages": n, "seconds": seconds, "passages_per_second": n / seconds,
                 "padded_tokens_per_second": tokens / seconds,

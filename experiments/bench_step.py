@@ -35,7 +35,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from qdr_jax import host_memory
+from qdr_jax import host_memory, platform
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import Corpus, RetrievalDataset
@@ -156,7 +156,8 @@ def main(argv):
             "index": config.index.factory, "nprobe": config.index.nprobe,
             "emulated_device_core": _EMULATE_DEVICE.value,
             "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-            "host_heap_kept": host_memory.applied,
+            "host_heap_kept": host_memory.applied, "cpu_model": platform.cpu_model(),
+            "device_kind": platform.device_kind(),
             "seconds_per_step": phases, "whole_step_seconds": whole,
             "encoder_forward_backward_seconds": floor, "ratio": whole / floor}
   pathlib.Path(_OUT.value or workdir / "bench_step.json").write_text(

@@ -117,6 +117,19 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
   return wrapped
 
 
+def tuned(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
+  """``main`` preceded by `qdr_jax.platform.tune_process` (the CPU settings on a CPU
+  process; it may restart the script once to set OpenMP's wait policy)."""
+
+  def wrapped(argv: list[str]) -> Any:
+    from qdr_jax import platform  # pylint: disable=import-outside-toplevel
+    platform.tune_process()
+    return main(argv)
+
+  return wrapped
+
+
 def run_main(main: Callable[[list[str]], Any]) -> None:
-  """`absl.app.run` for an experiment script's ``main``, with `guarded` error reports."""
-  app.run(guarded(main), flags_parser=parse_flags)
+  """`absl.app.run` for an experiment script's ``main``: the process tuned for its
+  backend first (`tuned`), user errors reported as one line (`guarded`)."""
+  app.run(guarded(tuned(main)), flags_parser=parse_flags)

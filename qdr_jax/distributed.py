@@ -36,7 +36,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qdr_jax import sharding
+from qdr_jax import platform, sharding
 
 # Read when the config leaves the coordinator unset; JAX itself reads only the first.
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
@@ -229,7 +229,8 @@ class CompileThenMeet:
   The CPU collectives (Gloo) give up on a peer that is more than 30 s late, and a process
   still compiling a large program (the training step, on a loaded host) can be that late
   for the first collective inside it; the compiled program is then reused by the call. On
-  one process it only calls ``fn``.
+  one process, and on accelerators (whose collectives wait), it only calls ``fn``: no
+  per-call flattening of the arguments there.
   """
 
   def __init__(self, fn: Callable, name: str):
@@ -237,7 +238,7 @@ class CompileThenMeet:
     self._compiled: set = set()
 
   def __call__(self, *args, **kwargs):
-    if jax.process_count() > 1:
+    if jax.process_count() > 1 and platform.is_cpu():
       leaves, structure = jax.tree.flatten((args, kwargs))
       signature = (structure, tuple(
           (x.shape, x.dtype, getattr(x, "sharding", None)) if hasattr(x, "shape") else type(x)

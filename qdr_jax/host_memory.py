@@ -11,17 +11,16 @@ past 64 MB and falls back to `mmap`) removes the faults: BENCHMARKS.md, "Freed m
 kept mapped".
 
 The cost is a process that keeps up to the settings' sizes of freed memory it could
-have returned; it applies only to CPU-only installs (no accelerator plugin found),
+have returned; it applies only to CPU processes (`qdr_jax.platform.process_is_cpu`),
 where host memory is what the computation runs in. ``QDR_JAX_RETAIN_HEAP=0`` turns it
-off, ``=1`` forces it on. Process-wide, so it is applied once, by
-``qdr_jax/__init__.py``, before JAX starts its threads.
+off, ``=1`` forces it on. Process-wide, so nothing applies it on import:
+`qdr_jax.platform.tune_process` does, before JAX starts its threads.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import importlib.util
 import os
 
 ENV = "QDR_JAX_RETAIN_HEAP"
@@ -30,12 +29,10 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 SETTINGS = {_M_MMAP_THRESHOLD: 1 << 30, _M_TRIM_THRESHOLD: (1 << 31) - 1, _M_ARENA_MAX: 1}
 # Whether `retain_freed_memory` took effect in this process (benchmarks record it).
 applied = False
-_ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm7_plugin",
-                        "jax_rocm60_plugin", "libtpu")
 
 
 def wanted(environ: dict[str, str] | None = None) -> bool:
-  """Whether to retain freed memory: the env setting, else on for CPU-only installs."""
+  """Whether to retain freed memory: the env setting, else on for CPU processes."""
   environ = os.environ if environ is None else environ
   setting = environ.get(ENV, "").strip().lower()
   if setting in ("0", "false", "no", "off"):
@@ -43,9 +40,10 @@ def wanted(environ: dict[str, str] | None = None) -> bool:
   if setting in ("1", "true", "yes", "on"):
     return True
   if setting:
-    raise ValueError(f"{ENV}={environ[ENV]!r}: expected 0 or 1 (or unset: on for CPU-only "
-                     "installs).")
-  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+    raise ValueError(f"{ENV}={environ[ENV]!r}: expected 0 or 1 (or unset: on for CPU "
+                     "processes).")
+  from qdr_jax import platform  # pylint: disable=import-outside-toplevel
+  return platform.process_is_cpu(environ)
 
 
 def retain_freed_memory() -> bool:

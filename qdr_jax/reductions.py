@@ -13,6 +13,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from qdr_jax import platform
+
 
 def _extreme(x: jax.Array, smallest: bool) -> jax.Array:
   """Min (or max) over the last axis as a `where` reducer, without NaN propagation."""
@@ -47,13 +49,13 @@ def _first_index_of_extreme(x: jax.Array, smallest: bool) -> jax.Array:
 
 def row_argmin(x: jax.Array) -> jax.Array:
   """int32 index of the smallest entry of the last axis (the first one on ties)."""
-  if jax.default_backend() != 'cpu':
+  if not platform.is_cpu():
     return jnp.argmin(x, axis=-1).astype(jnp.int32)
   return _first_index_of_extreme(x, smallest=True)
 
 
 def row_argmax(x: jax.Array) -> jax.Array:
   """int32 index of the largest entry of the last axis (the first one on ties)."""
-  if jax.default_backend() != 'cpu':
+  if not platform.is_cpu():
     return jnp.argmax(x, axis=-1).astype(jnp.int32)
   return _first_index_of_extreme(x, smallest=False)

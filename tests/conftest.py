@@ -4,7 +4,14 @@ import gzip
 import json
 import os
 
-import jax
+# The suite runs as the experiment scripts do: tuned for CPU (OpenMP's wait policy, the
+# XLA:CPU flag, glibc's malloc), set before FAISS loads OpenMP and before JAX starts its
+# backend; worker subprocesses inherit the environment.
+from qdr_jax import platform  # noqa: E402  pylint: disable=g-bad-import-order
+
+platform.tune_process(restart=False)
+
+import jax  # noqa: E402  pylint: disable=g-bad-import-order
 import numpy as np
 import pytest
 

@@ -8,13 +8,16 @@ import pytest
 
 from qdr_jax import host_memory
 
-# A fresh process per setting: the malloc settings are process-wide and applied when
-# qdr_jax is imported. It frees and reallocates a 256 MB block, as XLA:CPU does with
-# an executable's buffers on every call, and counts the page faults of the second
-# touch.
+# A fresh process per setting: the malloc settings are process-wide and applied by
+# `platform.tune_process` (never by an import). It frees and reallocates a 256 MB
+# block, as XLA:CPU does with an executable's buffers on every call, and counts the page
+# faults of the second touch.
 _PROBE = textwrap.dedent("""
     import ctypes, ctypes.util, resource, threading
-    import qdr_jax
+    import qdr_jax, qdr_jax.host_memory
+    from qdr_jax import platform
+    assert not qdr_jax.host_memory.applied  # importing sets nothing
+    platform.tune_process(restart=False)
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
     libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
     libc.free.argtypes = [ctypes.c_void_p]

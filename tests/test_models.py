@@ -262,52 +262,6 @@ def test_init_params_keep_dense_layout():
                             attention['key']['kernel'])
 
 
-@pytest.mark.parametrize('policy', [None, 'ACTIVE'])
-def test_import_sets_passive_omp_wait_by_default(policy):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items() if k != 'OMP_WAIT_POLICY'}
-  if policy is not None:
-    env['OMP_WAIT_POLICY'] = policy
-  out = subprocess.run(
-      [sys.executable, '-c',
-       'import os, qdr_jax; print(os.environ["OMP_WAIT_POLICY"])'],
-      env=env, capture_output=True, text=True, check=True).stdout.strip()
-  assert out == (policy or 'PASSIVE')
-
-
-_YNN_PROBE = """
-import os, jax, jax.numpy as jnp
-import qdr_jax  # after jax, before any computation: the flag must still apply
-f = lambda x, w: jnp.sum(jax.nn.gelu(x @ w), axis=-1)
-x = jnp.ones((256, 64))
-hlo = jax.jit(f).lower(x, x.T).compile().as_text()
-print(os.environ['XLA_FLAGS'] + '|' + str(hlo.count('__ynn_fusion')))
-"""
-
-
-@pytest.mark.parametrize('user_flags, expect_flags, ynn', [
-    (None, '--xla_cpu_experimental_ynn_fusion_type=', False),
-    ('--xla_cpu_enable_fast_math=false',
-     '--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type=',
-     False),
-    ('--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
-     '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
-     True),
-])
-def test_import_turns_ynn_fusions_off_unless_user_set(user_flags, expect_flags, ynn):
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  if user_flags is not None:
-    env['XLA_FLAGS'] = user_flags
-  out = subprocess.run([sys.executable, '-c', _YNN_PROBE], env=env,
-                       capture_output=True, text=True, check=True).stdout.strip()
-  flags_seen, n_ynn = out.rsplit('|', 1)
-  assert flags_seen == expect_flags
-  assert (int(n_ynn) > 0) == ynn
-
-
 @pytest.mark.parametrize('name', ['tiny_bert', 'tiny_roberta'])
 def test_tiny_hidden_states_and_normalize(name):
   ref = _tiny_ref(name)

@@ -2,8 +2,8 @@
 
 XLA's compiler options apply to a whole executable. On CPU the encoder's two kinds of
 matmul want different ones: the dense projections run fastest on XLA's own dot
-kernels (YNNPACK's library fusions off, as `qdr_jax/__init__.py` sets), the attention
-core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
+kernels (YNNPACK's library fusions off, as `qdr_jax.platform.tune_process` sets), the
+attention core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
 32 x 256 batch 45 ms against 63, the whole forward 2-10% less; issue 12, BENCHMARKS.md).
 So the forward runs as: embeddings + layer 0's projection; per layer the attention
 core, then the layer's second half + the next layer's projection; the last layer's
@@ -27,6 +27,7 @@ from typing import Any
 
 import jax
 
+from qdr_jax import platform
 from qdr_jax.models.bert import BertEncoder, TransformerLayer, attention_core
 
 # YNNPACK dot fusions for the attention core's executable: its batched 256x32x256
@@ -41,7 +42,7 @@ def use_staged_forward() -> bool:
   Accelerators fuse attention in one kernel (cuDNN, the TPU kernel) and gain nothing
   from a split.
   """
-  return jax.default_backend() == "cpu"
+  return platform.is_cpu()
 
 
 def make_staged_apply(module: BertEncoder, core_options: dict[str, Any] | None = None,

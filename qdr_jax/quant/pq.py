@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from qdr_jax import platform
 from qdr_jax.reductions import row_argmax, row_argmin
 
 Array = jax.Array
@@ -157,9 +158,17 @@ def _residual_centroids(q: Quantizer) -> Array:
   return q.coarse_centroids
 
 
+# The products that decide codes (OPQ rotation, coarse scores, codeword distances) run
+# in full float32, as FAISS computes them: at the default precision a GPU multiplies in
+# TF32 (10-bit mantissas), which flips near-tie codes (simulated at PQ128x8: 0.07% of
+# sub-codes, so about 8% of rows carry a code FAISS would not assign) and a TPU in
+# bfloat16 passes. On CPU the setting changes nothing.
+CODE_PRECISION = jax.lax.Precision.HIGHEST
+
+
 def rotate(q: Quantizer, x: Array) -> Array:
   """Maps (N, d_in) vectors into the space PQ works in (FAISS: `x @ A.T`)."""
-  return x if q.rotation is None else x @ q.rotation.T
+  return x if q.rotation is None else jnp.matmul(x, q.rotation.T, precision=CODE_PRECISION)
 
 
 def unrotate(q: Quantizer, y: Array) -> Array:
@@ -169,7 +178,7 @@ def unrotate(q: Quantizer, y: Array) -> Array:
 
 def _coarse_scores_rotated(q: Quantizer, y: Array) -> Array:
   c = _residual_centroids(q)
-  dots = y @ c.T
+  dots = jnp.matmul(y, c.T, precision=CODE_PRECISION)
   if q.coarse_metric == "ip":
     return dots
   # -||y - c||^2 up to ||y||^2, which is the same for every centroid and so changes
@@ -226,11 +235,11 @@ def _nearest_codewords(q: Quantizer, r: Array) -> Array:
     # ||r - c||^2 = ||r||^2 - 2 r.c + ||c||^2 as a matmul: (N, K) memory, never the
     # (N, K, dsub) broadcast. ||r||^2 is kept (not dropped as a constant) so the float
     # rounding is closer to FAISS's, which matters only for near-ties.
-    dots = jnp.einsum('...nd,...kd->...nk', sub, codebooks)
+    dots = jnp.einsum('...nd,...kd->...nk', sub, codebooks, precision=CODE_PRECISION)
     dist = jnp.sum(sub * sub, axis=-1, keepdims=True) - 2.0 * dots + c_sq[..., None, :]
     return row_argmin(dist)
 
-  if jax.default_backend() == 'cpu':
+  if platform.is_cpu():
     # One sub-quantizer at a time: the (N, K) distances of one stay in cache for the
     # argmin, where all M at once (N * M * K floats, 157 MB for a 3,200-row pool at
     # PQ48x8) stream through memory twice. 2.8-3.2x faster for 3,200-16,000 rows
