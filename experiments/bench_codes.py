@@ -5,7 +5,7 @@ r"""Milliseconds per jitted update: stored codes ('index') vs the live forward (
 The demo config's step shape (batch 32, k=100 so a 3200-row pool, IVF64,PQ48x8, d=384) on
 a synthetic unit-norm table; the query encoder is replaced by one linear layer so that
 the figure is the update's own cost (pool targets, loss, gradients, row optimizer), which
-the encoder's forward+backward (about 1.2 s for MiniLM-L6 on this CPU, STACK.md) adds to.
+the encoder's forward+backward (about 1.2 s for MiniLM-L6 on a 2-core CPU) adds to.
 Also times the distillation and balance terms on top of 'recompute'. Prints JSON.
 """
 

@@ -3,10 +3,10 @@ r"""A lower bound on the paper's PyTorch recipe's step time, measured on this ma
   PYTHONPATH=$PWD:<torch site> python experiments/bench_reference.py \
       --config=configs/demo.py:mode=dback --workdir=runs/demo --k=100 --out=runs/reference_k100.json
 
-Issue 12 compares qdr_jax's whole training step with the paper's public PyTorch recipe
-(``shared/STACK.md``: 0.74 s at k=100 and 1.38 s at k=500), but those figures were taken
-when PyTorch's encoder pass on this machine took 0.46 s; machine speed here drifts by 2x
-and more. This script re-measures what such a step must at least cost, side by side with
+qdr_jax's whole training step is compared with the paper's public PyTorch recipe, run
+with the same model (0.74 s at k=100 and 1.38 s at k=500 on a 2-core CPU when PyTorch's
+encoder pass took 0.46 s there); machine speed drifts by 2x and more, so this script
+re-measures what such a step must at least cost, side by side with
 ``bench_step.py``: the same model (transformers' BertModel, mean pooling, L2-normalised,
 ``torch.set_num_threads(--threads)``), the same training batches of the config's data
 (padded to the longest query, as the recipe and transformers do), the same FAISS index
@@ -22,7 +22,7 @@ over the same table, and every phase the recipe runs, each in its cheapest form:
   (the recipe runs Adam on them, which costs more);
 - ``write_back``: the rows scattered back into the table. ``--write_back=numpy`` (the
   default) is one numpy assignment, the cheapest form; ``--write_back=list`` adds the
-  round trip ``shared/STACK.md`` names for the recipe (the updated rows through a Python
+  round trip the recipe's code makes (the updated rows through a Python
   list of floats and back into an array: 0.58 s of its 1.38 s at k=500 when measured).
 
 With ``--write_back=numpy`` a figure here is at most what the recipe costs on the same
@@ -64,7 +64,7 @@ _THREADS = flags.DEFINE_integer("threads", 2, "PyTorch intra-op threads.")
 _WRITE_BACK = flags.DEFINE_enum(
     "write_back", "numpy", ["numpy", "list"],
     "numpy: one array assignment (the lower bound); list: through a Python list first, "
-    "the round trip shared/STACK.md records for the recipe.")
+    "the round trip the recipe's code makes.")
 _OUT = flags.DEFINE_string("out", "", "Result JSON (default {workdir}/bench_reference.json).")
 flags.mark_flags_as_required(["config", "workdir"])
 

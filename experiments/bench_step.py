@@ -3,7 +3,7 @@ r"""Seconds per train step, split by phase, against the encoder's forward+backwa
   python experiments/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo --steps=30
 
 Runs ``--steps`` real training steps of the config's mode on its data, reusing the table
-cache of the workdir (``mode=dback``: the paper's step, which BENCHMARKS.md compares with
+cache of the workdir (``mode=dback``: the paper's step, which docs/benchmarks.md compares with
 the reference recipe; the demo's default also learns the index, about 0.13 s more a step)
 and times, on the same batch shape, one jitted forward+backward of the query
 encoder alone: a train step cannot cost less than that. Prints and writes

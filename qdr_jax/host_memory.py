@@ -3,12 +3,11 @@
 XLA:CPU allocates an executable's temporary buffers afresh on every call (about 490 MB
 for the encoder's 32 x 64 forward+backward) and glibc hands blocks that large to the
 kernel with `mmap` and back with `munmap`, so every call touches ~125,000 new pages. On
-the 2-core machine of issue 12 those page faults cost 0.15-0.6 s of a 1.3-1.9 s
+a 2-core CPU those page faults cost 0.15-0.6 s of a 1.3-1.9 s
 training pass, varying from run to run. Serving such blocks from the heap and keeping
 the freed heap instead (no mmap threshold below 1 GiB, no trimming below 2 GiB, one
 arena so that XLA's worker threads use the main heap too; a thread arena cannot grow
-past 64 MB and falls back to `mmap`) removes the faults: BENCHMARKS.md, "Freed memory
-kept mapped".
+past 64 MB and falls back to `mmap`) removes the faults (docs/cpu-performance.md).
 
 The cost is a process that keeps up to the settings' sizes of freed memory it could
 have returned; it applies only to CPU processes (`qdr_jax.platform.process_is_cpu`),

@@ -10,7 +10,7 @@ on a CPU process and nothing elsewhere, and logs one line saying what it set:
 
 * ``OMP_WAIT_POLICY=PASSIVE``: OpenMP threads (FAISS, OpenBLAS, torch) that spin after
   each parallel region take the cores XLA's thread pool needs for the next step; on a
-  small shared CPU that slowed encoder passes and index builds 2-15x (BENCHMARKS.md).
+  small shared CPU that slowed encoder passes and index builds 2-15x (docs/cpu-performance.md).
   The OpenMP runtime reads it once, when it is loaded; where it is already loaded (the
   scripts import FAISS), `tune_process` restarts the script once with the setting in
   its environment (`os.execve`, before anything ran).

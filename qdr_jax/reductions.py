@@ -2,8 +2,8 @@
 
 XLA:CPU lowers `jnp.max` with NaN-propagating semantics and `jnp.argmin`/`jnp.argmax` as
 one variadic (value, index) reduce; its vectoriser handles neither well. The forms here
-are plain single-operand reduces. Measured on this project's shapes (issue 12,
-BENCHMARKS.md): the attention softmax shift over (32, 12, 256, 256) scores 12.0 -> 5.0
+are plain single-operand reduces. Measured on this project's shapes on a 2-core CPU
+(docs/cpu-performance.md): the attention softmax shift over (32, 12, 256, 256) scores 12.0 -> 5.0
 ms; the nearest PQ codeword of 5,183 rows (48 x (5,183, 256) distances) 158 -> 35 ms.
 Accelerators keep jnp's own argmin/argmax, one pass over the data.
 """

@@ -449,8 +449,7 @@ def test_tiny_config_init_jit_and_grad():
 
 @pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
 def test_custom_vjp_grads_match_plain_autodiff(dtype, monkeypatch):
-  # Bias and LayerNorm scale/shift gradients come from custom VJPs (sums as GEMVs,
-  # issue 12); float32 autodiff of the plain expressions is the reference (for
+  # Bias and LayerNorm scale/shift gradients come from custom VJPs (sums as GEMVs); float32 autodiff of the plain expressions is the reference (for
   # bfloat16 too, whose plain sums would round in bfloat16 where ours accumulate
   # in float32).
   from qdr_jax.models import bert  # pylint: disable=g-import-not-at-top

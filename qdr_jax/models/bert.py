@@ -21,7 +21,7 @@ def _gelu_erf(x: jax.Array) -> jax.Array:
 
   `jax.nn.gelu(approximate=False)` goes through erfc, which XLA:CPU lowers to an exp,
   a piecewise rational and selects (three loop fusions per layer); erf is one
-  polynomial: GELU's forward+backward on (32, 64, 1536) 6.2 -> 3.6 ms (issue 12).
+  polynomial: GELU's forward+backward on (32, 64, 1536) 6.2 -> 3.6 ms on a 2-core CPU.
   """
   return 0.5 * x * (1 + jax.lax.erf(x * 2 ** -0.5))
 
@@ -142,7 +142,7 @@ def _sum_rows(g: jax.Array) -> jax.Array:
 
   A parameter gradient (bias, LayerNorm scale/shift) sums (B, L, f) over B and L.
   XLA:CPU rewrites that reduction into a (32, 32, 1)-window reduce-window that ran
-  at ~11.8 ms for (32, 64, 1536), against 0.4 ms for this dot (issue 12); 38 such
+  at ~11.8 ms for (32, 64, 1536), against 0.4 ms for this dot; 38 such
   sums per MiniLM backward pass.
   """
   rows = g.reshape(-1, g.shape[-1])
@@ -332,8 +332,8 @@ def _softmax_context(q: jax.Array, k: jax.Array, v: jax.Array, mask_bias: jax.Ar
     shift = row_max(jax.lax.stop_gradient(scores))
   else:
     # From (B, H, L) products instead of a reduction over the (B, H, L, L) scores: with
-    # XLA:CPU's dot fusions the row maximum was a third of the attention core (issue
-    # 12, BENCHMARKS.md). A right-padded row always keeps its first key; a packed row
+    # XLA:CPU's dot fusions the row maximum was a third of the attention core
+    # (docs/cpu-performance.md). A right-padded row always keeps its first key; a packed row
     # keeps its own position. Being one of the row's scores, the bound keeps the
     # row's largest term at least 1 (no row sums to 0, and no term that matters
     # underflows); it overflows a row of L keys only when the row's best score is

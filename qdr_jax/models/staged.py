@@ -4,7 +4,7 @@ XLA's compiler options apply to a whole executable. On CPU the encoder's two kin
 matmul want different ones: the dense projections run fastest on XLA's own dot
 kernels (YNNPACK's library fusions off, as `qdr_jax.platform.tune_process` sets), the
 attention core's 384 small batched products per layer on YNNPACK's dot fusions (the core of a
-32 x 256 batch 45 ms against 63, the whole forward 2-10% less; issue 12, BENCHMARKS.md).
+32 x 256 batch 45 ms against 63, the whole forward 2-10% less; docs/cpu-performance.md).
 So the forward runs as: embeddings + layer 0's projection; per layer the attention
 core, then the layer's second half + the next layer's projection; the last layer's
 second half + pooling. Every stage is dispatched asynchronously, so a caller that
@@ -31,7 +31,7 @@ from qdr_jax import platform
 from qdr_jax.models.bert import BertEncoder, TransformerLayer, attention_core
 
 # YNNPACK dot fusions for the attention core's executable: its batched 256x32x256
-# products are where XLA:CPU's default dot emitter is slowest (BENCHMARKS.md, issue 12).
+# products are where XLA:CPU's default dot emitter is slowest (docs/cpu-performance.md).
 ATTENTION_CORE_CPU_OPTIONS: dict[str, Any] = {
     "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 
@@ -55,7 +55,7 @@ def make_staged_apply(module: BertEncoder, core_options: dict[str, Any] | None =
     core_options: XLA compiler options of the attention core's executable
       (default `ATTENTION_CORE_CPU_OPTIONS`).
     softmax_shift: `attention_core`'s; 'first_or_self' skips the row maximum, a
-      third of the core's time with the options above (issue 12, BENCHMARKS.md).
+      third of the core's time with the options above (docs/cpu-performance.md).
   """
   layer = TransformerLayer(module.config)
   names = [f"layer_{i}" for i in range(module.config.num_layers)]

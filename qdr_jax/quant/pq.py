@@ -243,7 +243,7 @@ def _nearest_codewords(q: Quantizer, r: Array) -> Array:
     # One sub-quantizer at a time: the (N, K) distances of one stay in cache for the
     # argmin, where all M at once (N * M * K floats, 157 MB for a 3,200-row pool at
     # PQ48x8) stream through memory twice. 2.8-3.2x faster for 3,200-16,000 rows
-    # (issue 12); accelerators take the batched form in one kernel.
+    # on a 2-core CPU; accelerators take the batched form in one kernel.
     codes = jax.lax.map(lambda args: nearest(*args), (sub, q.codebooks, c_sq))
   else:
     codes = nearest(sub, q.codebooks, c_sq)
