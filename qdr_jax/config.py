@@ -183,7 +183,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.mode = "dback"          # dback | dback_no_ste | jpq | query_only | posthoc
   c.train.batch_size = 32
   c.train.steps = 200
-  c.train.log_every = 10
+  c.train.log_every = 10          # steps between records in metrics.jsonl and TensorBoard
+  # (start, stop): a jax.profiler trace of steps start..stop-1 (0-based) under
+  # {workdir}/profile, for TensorBoard's profile tab or Perfetto; start == stop = off.
+  c.train.profile_steps = (0, 0)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                # 0 = only before and after training
@@ -229,6 +232,18 @@ def base_config() -> ml_collections.ConfigDict:
   # a bound, all of a process's table rows and their optimizer state are staged at once.
   c.checkpoint.restore_buffer_mib = 256
   return c
+
+
+def flat_items(c: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  """The leaves of ``c`` as ``"section.key"`` -> value; a nested ConfigDict with no keys
+  (``data.splits`` by default) is one leaf."""
+  out = {}
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out.update(flat_items(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def parse_arg(arg: str | None, **defaults):

@@ -210,6 +210,14 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
   if (not isinstance(ks, (tuple, list)) or not ks
       or not all(isinstance(k, int) and k >= 1 for k in ks)):
     problems.append(_problem("eval.answer_ks", ks, "a non-empty tuple of cut-offs >= 1"))
+  profile, steps = config.train.profile_steps, config.train.steps
+  if (not isinstance(profile, (tuple, list)) or len(profile) != 2
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in profile)
+      or profile[0] > profile[1]
+      or (isinstance(steps, int) and profile[1] > max(steps, profile[0]))):
+    problems.append(_problem("train.profile_steps", profile,
+                             f"(start, stop) with 0 <= start <= stop <= config.train.steps="
+                             f"{steps} (start == stop: no trace)"))
   dist = config.distributed
   if (isinstance(dist.process_id, int) and isinstance(dist.num_processes, int)
       and dist.process_id >= dist.num_processes >= 1):
