@@ -21,6 +21,8 @@ DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 _DEMO_PREFIX = "demo:"
 _HUB_PREFIX = "hf:"
 _FORMATS = ("beir", "dpr", "squad")
+# Seed of the SQuAD article split (format=squad): one fixed split, so that runs compare.
+SQUAD_SPLIT_SEED = 0
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -140,7 +142,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     format: 'beir', 'dpr' or 'squad'.
     root: (beir) the BEIR directory, e.g. 'demo:scifact'; (squad) the SQuAD v1.1 JSON
       (.gz), e.g. 'demo:squad/dev-v1.1.json.gz'.
-    test_fraction, split_seed: (squad) share of articles in the test split and its seed.
+    test_fraction: (squad) share of articles in the test split (`SQUAD_SPLIT_SEED`).
     splits: (beir, optional) split names to read, default all; (dpr) a mapping from
       split name to a path: `*.json[.gz]` DPR JSON, `*.csv`/`*.tsv` QA file, a
       `save_to_disk` directory, or `hf:NAME[:SPLIT]` for the hub.
@@ -183,7 +185,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     dataset = RetrievalDataset(name=name, corpus=corpus, splits=splits)
   elif fmt == "squad":
     dataset = read_squad(resolve_path(_get(cfg, "root", required=True)), name,
-                         float(_get(cfg, "test_fraction", 0.25)), int(_get(cfg, "split_seed", 0)),
+                         float(_get(cfg, "test_fraction", 0.25)), SQUAD_SPLIT_SEED,
                          cache_dir)
   else:
     raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
