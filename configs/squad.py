@@ -19,7 +19,6 @@ def get_config(arg: str | None = None):
   c.data.format = "squad"
   c.data.root = "demo:squad/dev-v1.1.json.gz"
   c.data.test_fraction = 0.25
-  c.data.split_seed = 0
   c.data.train_split = "train"
   c.data.eval_split = "test"
   c.data.dev_split = "dev"        # 500 training questions held out with their paragraphs

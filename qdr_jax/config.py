@@ -12,19 +12,18 @@ from ml_collections import config_dict
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  c.seed = 0
+  c.seed = 0                      # batches, pools, pseudo-queries and stochastic rounding
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = ""
+  c.data.name = ""                # reported in results and summaries
   c.data.format = "beir"          # beir | dpr | squad
   c.data.root = ""                # beir root dir, or the SQuAD JSON for format=squad
   c.data.corpus = ""              # dpr: passages tsv
   c.data.splits = ml_collections.ConfigDict()  # dpr: split name -> file / dir / hf:NAME
-  c.data.train_split = "train"
-  c.data.eval_split = "test"
+  c.data.train_split = "train"    # split whose queries train
+  c.data.eval_split = "test"      # split evaluated before and after training
   c.data.max_passages = 0         # 0 = whole corpus (positives are always kept)
-  c.data.test_fraction = 0.25     # format=squad: share of articles in the test split
-  c.data.split_seed = 0           # seed of the squad article split and of the dev carve
+  c.data.test_fraction = 0.25     # format=squad: share of articles in the test split (seed 0)
   # The selection split: in-loop evaluation, best-checkpoint ranking and the choice of
   # defaults read it, never eval_split. The data set's own split of that name when it has
   # one; otherwise dev_queries training queries are carved out of train_split so that no
@@ -39,29 +38,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.cache_dir = ""           # corpus store root; "" = ~/.cache/qdr_jax/corpora
 
   c.model = ml_collections.ConfigDict()
-  c.model.query_encoder = "all-MiniLM-L6-v2"
+  c.model.query_encoder = "all-MiniLM-L6-v2"  # local dir, hub id or the packaged MiniLM
   c.model.passage_encoder = ""    # "" = the query encoder's checkpoint (shared init)
   c.model.pooling = ""            # "" = architecture default (cls / mean / ance)
   c.model.normalize = config_dict.placeholder(bool)  # None = architecture default
   c.model.dtype = "float32"       # compute dtype: float32 | bfloat16
-  c.model.max_query_length = 64
-  c.model.max_passage_length = 256
+  c.model.max_query_length = 64   # tokens
+  c.model.max_passage_length = 256  # tokens
   c.model.passage_style = "concat"  # concat (title + text) | pair (DPR segments)
-  c.model.embed_batch_size = 32
-  c.model.length_bucket = 32
+  c.model.embed_batch_size = 32   # texts per forward when embedding passages or eval queries
+  c.model.length_bucket = 32      # token lengths padded to a multiple (fewer compiled shapes)
   # Training queries are packed several to a row of max_query_length tokens, in a multiple
   # of this many rows (rounded to the device count); 0 = one query per padded row. Packed
   # queries encode as they would alone (the attention keeps them apart), at a fraction of
   # the padded compute: SciFact's 32 queries average 23 tokens and fill 12-16 rows of 64.
   c.model.pack_query_rows = 4
-  c.model.embed_row_bucket = 8    # an embedding window's last batch is padded to k*this rows
 
   c.table = ml_collections.ConfigDict()
   c.table.init = "encode"         # encode | npy | faiss
   c.table.path = ""               # for init=npy|faiss
   c.table.cache_dir = ""          # "" = {workdir}/cache
   c.table.dtype = "float32"       # storage: float32 | bfloat16
-  c.table.normalize_rows = False  # re-project updated rows onto the unit sphere
   # Rows per resumable embedding chunk (also the length-sort window); 0 = adapt to the
   # corpus: at least 16 chunks in whole batches, at most 16384 rows, so that an
   # interrupted embedding keeps what it finished even for a small corpus.
@@ -78,17 +75,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.table.bf16_update = "stochastic"
 
   c.index = ml_collections.ConfigDict()
-  c.index.factory = "IVF64,PQ48x8"
-  c.index.nprobe = 16
+  c.index.factory = "IVF64,PQ48x8"  # FAISS index_factory string (inner product)
+  c.index.nprobe = 16             # IVF lists probed per search
   c.index.ef_search = 0           # 0 = FAISS default
   c.index.train_size = 0          # rows sampled to train the quantizer; 0 = all
-  c.index.seed = 0
-  c.index.opq_niter = 10
+  c.index.seed = 0                # k-means seed of the training index
+  c.index.opq_niter = 10          # OPQ training iterations
   # Bits a RaBitQ index rounds each query to before its sign-bit product (FAISS's default
   # is 4); 0 scores the float query, which is what the straight-through loss scores.
   c.index.rabitq_qb = 0
   c.index.threads = 0             # 0 = FAISS default
-  c.index.rebuild_every = 100
+  c.index.rebuild_every = 100     # steps between index refreshes during training
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only
   # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
   c.index.full_rebuild_every = 0  # >0: refreshes between full rebuilds re-add moved rows only
@@ -97,66 +94,31 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.stream_rows = 65536
 
   c.negatives = ml_collections.ConfigDict()
-  c.negatives.k = 100
-  c.negatives.pool_size = 0       # 0 = batch_size * k
-  c.negatives.max_positives = 4
-  c.negatives.fill_valid = True   # filler rows act as random negatives
+  c.negatives.k = 100             # candidates searched per query
+  c.negatives.pool_size = 0       # 0 = batch_size * k; random filler rows act as negatives
+  c.negatives.max_positives = 4   # labelled positives per query in the pool
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
-  # Label-free pseudo-queries per step: corpus passages drawn by (seed, step) whose title
-  # (or first sentence) the query encoder encodes as a query. Their index candidates join
-  # the pool; what they train depends on pseudo_query_source.
+  # Pseudo-queries per step (qdr_jax.experimental): corpus passages drawn by (seed, step)
+  # whose title (or first sentence, without one) the query encoder encodes as a query.
+  # Their index candidates join the pool; what they train depends on pseudo_query_source.
   c.negatives.pseudo_queries = 0
-  c.negatives.pseudo_query_field = "title"  # title (first sentence if none) | first_sentence
   # The passage a pseudo-query came from: 'hide' - hidden from it (the pseudo-query is
   # label-free: only the distillation term, loss.distill_weight, applies to it);
-  # 'positive' - its labelled positive, so the contrastive loss trains on (title, passage)
-  # pairs drawn from the whole corpus, reaching passages no training query names;
-  # 'candidate' - an ordinary pool row.
+  # 'positive' - its labelled positive, and the pseudo-queries get a contrastive term of
+  # their own, weighing as the training queries' does ((title, passage) pairs from the
+  # whole corpus); 'candidate' - an ordinary pool row.
   c.negatives.pseudo_query_source = "hide"
 
   c.loss = ml_collections.ConfigDict()
-  c.loss.temperature = 0.05
+  c.loss.temperature = 0.05       # scores are divided by it (the optional terms' too)
   c.loss.multi_positive = "mean"  # mean | marginal
-  # IVF routing term (quantized modes on an IVF index): cross-entropy of the query's
-  # coarse scores / routing_temperature against its positives' lists, added with this
-  # weight. 0 = off (the paper's loss).
-  c.loss.routing_weight = 0.0
-  c.loss.routing_temperature = 0.05
-  # KL(flat || quantized) of each query's softmax over the pool (training queries and
-  # pseudo-queries), scores / distill_temperature; quantizing modes only. 0 = off.
+  # Optional terms (qdr_jax.experimental.loss_terms), quantizing modes only; 0 = off.
+  # KL(flat || quantized) of each query's softmax over the pool, training queries and
+  # label-free pseudo-queries alike:
   c.loss.distill_weight = 0.0
-  c.loss.distill_temperature = 0.05
-  # What the distillation's student gradient moves: "all" (query encoder, rows through the
-  # straight-through estimator, learned index parameters) or "index" (only the learned
-  # index parameters, quant.learn: the ranking is matched by the shared parameters alone,
-  # and the flat ranking of the encoder and rows is left to the contrastive loss).
-  c.loss.distill_reaches = "all"
-  # Contrastive term of the pseudo-queries labelled with their own passage
-  # (negatives.pseudo_query_source='positive'), added with this weight to the training
-  # queries' loss; what it moves: "all" or "index" (only the learned index parameters,
-  # quant.learn: the encoder and rows keep learning from training queries alone, while
-  # the shared codewords and lists learn from (title, passage) pairs over the whole corpus).
-  c.loss.pseudo_weight = 1.0
-  c.loss.pseudo_reaches = "all"
-  # Uniform-usage penalty on PQ codeword and IVF list usage of the pooled rows (soft
-  # assignments, softness in units of each row's score spread); quantizing modes. 0 = off.
+  # Uniform-usage penalty on the PQ codewords and IVF lists of the pooled rows:
   c.loss.balance_weight = 0.0
-  c.loss.balance_temperature = 0.25
-  c.loss.balance_rows = 512       # pool rows (evenly strided) the usage is estimated on; 0 = all
-  # Squared quantization error of the valid pool rows, pulling only the learned index
-  # parameters (quant.learn) back towards what k-means optimises, so that passages no
-  # label names keep faithful codes; quantizing modes. 0 = off (on SciFact it did not
-  # win back the unseen queries: BENCHMARKS.md, issue 13).
-  c.loss.distortion_weight = 0.0
-  # Weight of the error's component along each row in that term (the orthogonal part
-  # weighs 1): > 1 is ScaNN's score-aware (anisotropic) loss; 1 = squared error.
-  c.loss.distortion_parallel_weight = 1.0
-  # Variance over the valid pool rows of |reconstruction| / |row|, pulling only the learned
-  # index parameters: every passage's code keeps the same share of its length, trained or
-  # not (learned codebooks lengthened the training positives': BENCHMARKS.md, issue 13).
-  # Quantizing modes that learn index parameters; 0 = off.
-  c.loss.norm_ratio_weight = 0.0
 
   c.quant = ml_collections.ConfigDict()
   # Index parameters trained jointly with the encoder (and rows), written into FAISS and
@@ -164,14 +126,6 @@ def base_config() -> ml_collections.ConfigDict:
   # "centroids" (IVF coarse), "rotation" (OPQ, kept orthonormal). Any quantizing mode;
   # with query_only the loss then scores quantized rows (the rows stay fixed).
   c.quant.learn = ()
-  c.quant.learn_codebooks = False  # alias of "codebooks" in quant.learn (jpq implies it)
-  # Whose reconstructions move the learned index parameters in the contrastive loss:
-  # 'pool' = every pooled row's (positives pulled towards their queries, negatives pushed
-  # away); 'positives' = the batch's positives' only, so that the hard negatives sharing a
-  # codeword or list do not push it away from the queries (passages that are negatives in
-  # training can be positives of unseen queries; on SciFact it lost more on them:
-  # BENCHMARKS.md, issue 13). The label-free terms reach every row.
-  c.quant.learn_from = "pool"
   # Codes the straight-through forward decodes: 'recompute' = encode the pool's current
   # rows every step on the device (a live forward: a row's reconstruction follows the row
   # between refreshes); 'index' = as the FAISS index stores them (refreshed at each
@@ -180,43 +134,43 @@ def base_config() -> ml_collections.ConfigDict:
   c.quant.codes = "recompute"
 
   c.optim = ml_collections.ConfigDict()
+  # Adam (AdamW for the encoder) with optax's default moments everywhere.
   c.optim.encoder_lr = 2e-5
-  c.optim.row_lr = 1e-4
-  c.optim.codebook_lr = 1e-4
+  c.optim.row_lr = 1e-4           # table rows (dback modes)
+  c.optim.codebook_lr = 1e-4   # PQ codebooks (quant.learn "codebooks")
   c.optim.centroid_lr = 1e-4   # IVF coarse centroids (quant.learn "centroids")
   c.optim.rotation_lr = 1e-5   # OPQ rotation (quant.learn "rotation")
   c.optim.row_optimizer = "adam"  # adam | sgd, state kept per row
   c.optim.schedule = "cosine"     # cosine | linear | constant
-  c.optim.warmup_steps = 20
-  c.optim.end_lr_fraction = 0.0
-  c.optim.weight_decay = 0.01
-  c.optim.grad_clip = 1.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
+  c.optim.warmup_steps = 20       # linear warm-up of every learning rate
+  c.optim.end_lr_fraction = 0.0   # final learning rate, as a share of the peak
+  c.optim.weight_decay = 0.01     # the encoder's (AdamW)
+  c.optim.grad_clip = 1.0         # global norm of the encoder's gradient; 0 = none
 
   c.train = ml_collections.ConfigDict()
   c.train.mode = "dback"          # dback | dback_no_ste | jpq | query_only | posthoc
-  c.train.batch_size = 32
-  c.train.steps = 200
-  c.train.log_every = 10
+  c.train.batch_size = 32         # training queries per step
+  c.train.steps = 200             # optimizer steps
+  c.train.log_every = 10          # steps between records in metrics.jsonl and TensorBoard
+  # (start, stop): a jax.profiler trace of steps start..stop-1 (0-based) under
+  # {workdir}/profile, for TensorBoard's profile tab or Perfetto; start == stop = off.
+  c.train.profile_steps = (0, 0)
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0                # 0 = only before and after training
-  c.eval.depth = 1000
+  c.eval.depth = 1000             # candidates retrieved per query
   c.eval.index_seeds = (0, 1, 2)  # quantized metrics are averaged over these builds
   # Seed indexes built at once, splitting the FAISS threads (FAISS's k-means leaves cores
   # idle: 3 at once on 2 cores is 1.5x faster); they are held together. 1 = one at a
   # time, each dropped after scoring: one index in memory, for tables near host memory.
   c.eval.concurrent_builds = 3
-  c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100", "R@1000")
-  c.eval.answer_ks = (1, 5, 20, 100)
-  c.eval.batch_size = 64
-  c.eval.primary_metric = "nDCG@10"
+  c.eval.measures = ("nDCG@10", "MRR@10", "R@10", "R@100", "R@1000")  # ir_measures names
+  c.eval.answer_ks = (1, 5, 20, 100)  # QA data: top-k answer accuracy cut-offs
+  c.eval.primary_metric = "nDCG@10"  # the measure summaries and comparisons report
 
   c.sharding = ml_collections.ConfigDict()
   c.sharding.num_devices = 1      # 0 = all visible devices
-  c.sharding.shard_table = True
+  c.sharding.shard_table = True   # table rows split over the devices (else replicated)
   # FSDP-style: split each encoder weight and its optimizer moments over the data axis
   # (along a dimension the device count divides) instead of replicating them.
   c.sharding.shard_params = False
@@ -225,10 +179,9 @@ def base_config() -> ml_collections.ConfigDict:
   # qdr_jax.distributed.initialize_distributed for the environment fallback.
   c.distributed = ml_collections.ConfigDict()
   c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = not set
-  c.distributed.num_processes = 1
-  c.distributed.process_id = 0
+  c.distributed.num_processes = 1  # with coordinator_address: the job's process count
+  c.distributed.process_id = 0    # this process's index in the job
   c.distributed.auto_detect = False  # let JAX detect the cluster (SLURM, Open MPI, TPU)
-  c.distributed.initialization_timeout = 300  # seconds to wait for every process
   c.distributed.cpu_collectives = ""  # gloo | mpi; "" = JAX's default (gloo)
 
   c.checkpoint = ml_collections.ConfigDict()
@@ -238,13 +191,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.best_metric = ""   # in-training quantized eval measure; "" = eval.primary_metric
   c.checkpoint.best_mode = "max"  # max | min
   c.checkpoint.async_save = True  # write files in the background after the host copy
-  # zstd on the saved arrays: encoding works on host copies (about the local state's size
-  # on CPU during a save) and float tables gain little, so it is off.
-  c.checkpoint.compress = False
   # Host memory a restore may stage at once (at least the largest shard it reads); without
   # a bound, all of a process's table rows and their optimizer state are staged at once.
   c.checkpoint.restore_buffer_mib = 256
   return c
+
+
+def flat_items(c: ml_collections.ConfigDict, prefix: str = "") -> dict:
+  """The leaves of ``c`` as ``"section.key"`` -> value; a nested ConfigDict with no keys
+  (``data.splits`` by default) is one leaf."""
+  out = {}
+  for key, value in c.items():
+    if isinstance(value, ml_collections.ConfigDict) and len(value):
+      out.update(flat_items(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
 
 
 def parse_arg(arg: str | None, **defaults):
@@ -351,7 +313,6 @@ def apply_paper_setup(c: ml_collections.ConfigDict, *, encoder_lr: float, temper
   c.model.max_query_length = 64
   c.model.max_passage_length = 256
   c.model.embed_batch_size = 256
-  c.eval.batch_size = 256
   c.eval.index_seeds = (0,)
   c.sharding.num_devices = 0
   return c

@@ -96,14 +96,13 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   if jax.distributed.is_initialized():
     return ProcessInfo(jax.process_index(), jax.process_count(), "already")
-  timeout = int(cfg.initialization_timeout)
   if cfg.coordinator_address and int(cfg.num_processes) > 1:
     source, args = "config", (cfg.coordinator_address, int(cfg.num_processes),
                               int(cfg.process_id))
   elif (env := _from_env()) is not None:
     source, args = "env", env
   elif cfg.auto_detect:
-    jax.distributed.initialize(initialization_timeout=timeout)
+    jax.distributed.initialize()
     return ProcessInfo(jax.process_index(), jax.process_count(), "auto")
   else:
     return ProcessInfo(0, 1, "single")
@@ -111,7 +110,7 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
   if not 0 <= index < count:
     raise ValueError(f"process_id={index} is outside 0..{count - 1}.")
   jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                             process_id=index, initialization_timeout=timeout)
+                             process_id=index)
   return ProcessInfo(jax.process_index(), jax.process_count(), source)
 
 

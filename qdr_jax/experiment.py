@@ -35,6 +35,7 @@ from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import check_writable_dir, workdir_lock, write_json_atomic
 from qdr_jax.train.checkpoint import check_resumable, checkpoint_dir, has_checkpoint
 from qdr_jax.train.loop import train
+from qdr_jax.train.metric_writers import MetricsWriter
 from qdr_jax.train.modes import configured_learn, mode_from_config
 from qdr_jax.train.restore import restore_trained
 from qdr_jax.validation import ConfigError, overlapping_queries, validate_config, validate_runs
@@ -149,7 +150,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                       "before": before["dev"], "after": after["dev"]}
   results["total_seconds"] = time.perf_counter() - start
   write_json_atomic(workdir / "results.json", results)
+  _write_eval_events(workdir, results)
   return results
+
+
+def _write_eval_events(workdir: pathlib.Path, results: dict) -> None:
+  """The evaluations before and after training as TensorBoard scalars ``eval/flat/...``
+  and ``eval/quantized/...`` at step 0 and the last step, beside the training curves."""
+  writer = MetricsWriter(workdir / "metrics.jsonl", enabled=True)
+  for step, metrics in ((0, results["before"]), (results["steps"], results["after"])):
+    writer.write_scalars(step, {"eval": {k: metrics[k] for k in ("flat", "quantized")}})
+  writer.close()
 
 
 def _keeping(indexes: Iterator, seeds: list[int], seed: int, kept: list) -> Iterator:

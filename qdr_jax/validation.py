@@ -31,7 +31,6 @@ from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=prot
 from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
                                        factory_layout)
 from qdr_jax.models.loading import max_input_tokens
-from qdr_jax.train.loss import LOSS_REACHES
 from qdr_jax.train.modes import MODES, mode_from_config
 
 # The enumerated settings and their allowed values.
@@ -43,11 +42,7 @@ ENUMS: dict[str, tuple] = {
     "table.init": ("encode", "npy", "faiss"),
     "table.dtype": ("float32", "bfloat16"),
     "loss.multi_positive": ("mean", "marginal"),
-    "loss.distill_reaches": LOSS_REACHES,
-    "loss.pseudo_reaches": LOSS_REACHES,
     "quant.codes": ("index", "recompute"),
-    "quant.learn_from": ("pool", "positives"),
-    "negatives.pseudo_query_field": ("title", "first_sentence"),
     "negatives.pseudo_query_source": PSEUDO_QUERY_SOURCES,
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -82,17 +77,8 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("negatives.pool_size", 0, False, None),
     ("negatives.max_positives", 1, False, None),
     ("loss.temperature", 0, True, None),
-    ("loss.routing_weight", 0, False, None),
-    ("loss.routing_temperature", 0, True, None),
     ("loss.distill_weight", 0, False, None),
-    ("loss.distill_temperature", 0, True, None),
     ("loss.balance_weight", 0, False, None),
-    ("loss.balance_temperature", 0, True, None),
-    ("loss.balance_rows", 0, False, None),
-    ("loss.distortion_weight", 0, False, None),
-    ("loss.distortion_parallel_weight", 0, False, None),
-    ("loss.norm_ratio_weight", 0, False, None),
-    ("loss.pseudo_weight", 0, False, None),
     ("negatives.pseudo_queries", 0, False, None),
     ("optim.encoder_lr", 0, False, None),
     ("optim.row_lr", 0, False, None),
@@ -103,34 +89,24 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("optim.end_lr_fraction", 0, False, 1),
     ("optim.weight_decay", 0, False, None),
     ("optim.grad_clip", 0, False, None),
-    ("optim.b1", 0, False, 1),
-    ("optim.b2", 0, False, 1),
-    ("optim.eps", 0, True, None),
     ("train.batch_size", 1, False, None),
     ("train.steps", 0, False, None),
     ("train.log_every", 1, False, None),
     ("eval.every", 0, False, None),
     ("eval.depth", 1, False, None),
-    ("eval.batch_size", 1, False, None),
     ("sharding.num_devices", 0, False, None),
     ("distributed.num_processes", 1, False, None),
     ("distributed.process_id", 0, False, None),
-    ("distributed.initialization_timeout", 1, False, None),
     ("checkpoint.every", 0, False, None),
     ("checkpoint.keep", 1, False, None),
     ("checkpoint.keep_best", 0, False, None),
     ("checkpoint.restore_buffer_mib", 1, False, None),
 )
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
-_FLOATS = {"data.test_fraction", "loss.temperature", "loss.routing_weight",
-           "loss.routing_temperature", "loss.distill_weight", "loss.distill_temperature",
-           "loss.balance_weight", "loss.balance_temperature", "loss.distortion_weight",
-           "loss.distortion_parallel_weight",
-           "loss.norm_ratio_weight", "loss.pseudo_weight",
-           "optim.encoder_lr", "optim.row_lr",
+_FLOATS = {"data.test_fraction", "loss.temperature", "loss.distill_weight",
+           "loss.balance_weight", "optim.encoder_lr", "optim.row_lr",
            "optim.codebook_lr", "optim.centroid_lr", "optim.rotation_lr",
-           "optim.end_lr_fraction", "optim.weight_decay",
-           "optim.grad_clip", "optim.b1", "optim.b2", "optim.eps"}
+           "optim.end_lr_fraction", "optim.weight_decay", "optim.grad_clip"}
 # What a table file may hold: floats are cast losslessly enough; integers are not embeddings.
 _TABLE_DTYPES = (np.float16, np.float32, np.float64)
 
@@ -219,6 +195,14 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
       or not all(isinstance(k, int) and k >= 1 for k in ks)):
     problems.append(_problem("eval.answer_ks", ks, "a non-empty tuple of cut-offs >= 1"))
   _check_selection(config, problems)
+  profile, steps = config.train.profile_steps, config.train.steps
+  if (not isinstance(profile, (tuple, list)) or len(profile) != 2
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in profile)
+      or profile[0] > profile[1]
+      or (isinstance(steps, int) and profile[1] > max(steps, profile[0]))):
+    problems.append(_problem("train.profile_steps", profile,
+                             f"(start, stop) with 0 <= start <= stop <= config.train.steps="
+                             f"{steps} (start == stop: no trace)"))
   dist = config.distributed
   if (isinstance(dist.process_id, int) and isinstance(dist.num_processes, int)
       and dist.process_id >= dist.num_processes >= 1):
@@ -245,6 +229,7 @@ def _check_selection(config: ml_collections.ConfigDict, problems: list[str]) -> 
     problems.append(_problem("eval.every", config.eval.every, "0 without a selection split: "
                              "in-loop evaluation reads data.dev_split, never the test split "
                              "(set data.dev_split, and data.dev_queries to carve one)"))
+
 
 def _check_dependencies(config: ml_collections.ConfigDict, problems: list[str]) -> None:
   """Values that depend on the encoder, the metrics or the input files, checked before
@@ -305,39 +290,15 @@ def _check_dependencies(config: ml_collections.ConfigDict, problems: list[str]) 
 
 
 def _check_quantization_terms(config: ml_collections.ConfigDict, warnings: list[str]) -> None:
-  """Distillation, balance, distortion, quant.learn_from and pseudo-queries set where
-  they do nothing (warnings)."""
+  """Optional loss terms and pseudo-queries set where they do nothing (warnings)."""
   loss, mode = config.loss, MODES.get(config.train.mode)
   if mode is None or not mode.trains:
     return
-  pseudo_labelled = (config.negatives.pseudo_queries
-                     and config.negatives.pseudo_query_source == "positive")
-  if not pseudo_labelled and (loss.pseudo_reaches != "all" or loss.pseudo_weight != 1.0):
-    warnings.append(f"config.loss.pseudo_weight={loss.pseudo_weight!r} and "
-                    f"config.loss.pseudo_reaches={loss.pseudo_reaches!r} apply only to "
-                    "pseudo-queries labelled with their own passage "
-                    "(config.negatives.pseudo_queries > 0 and "
-                    "config.negatives.pseudo_query_source='positive'): they change nothing")
   if not mode.quantize:
-    for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
+    for key in ("distill_weight", "balance_weight"):
       if loss[key]:
         warnings.append(f"config.loss.{key}={loss[key]!r}: ignored by the non-quantizing "
                         f"mode {config.train.mode!r}")
-  index_only = {
-      "config.loss.distill_reaches='index'": loss.distill_weight
-                                             and loss.distill_reaches == "index",
-      f"config.loss.distortion_weight={loss.distortion_weight!r}": loss.distortion_weight,
-      f"config.loss.norm_ratio_weight={loss.norm_ratio_weight!r}": loss.norm_ratio_weight,
-      "config.quant.learn_from='positives'": config.quant.learn_from == "positives",
-      "config.loss.pseudo_reaches='index'": loss.pseudo_reaches == "index" and pseudo_labelled}
-  if mode.quantize and any(index_only.values()):
-    try:
-      learns = mode_from_config(config).learns_index
-    except ValueError:  # reported as a problem by _check_settings
-      learns = True
-    for setting in [name for name, on in index_only.items() if on and not learns]:
-      warnings.append(f"{setting} in a mode that learns no index parameter "
-                      "(config.quant.learn is empty): it changes nothing")
   if (config.negatives.pseudo_queries and config.negatives.pseudo_query_source != "positive"
       and not (mode.quantize and loss.distill_weight)):
     warnings.append(f"config.negatives.pseudo_queries={config.negatives.pseudo_queries!r} "
@@ -427,7 +388,7 @@ def _check_rabitq_training(config: ml_collections.ConfigDict, nb_bits: int,
     problems.append(_problem("index.rabitq_qb", config.index.rabitq_qb,
                              f"0 to train a quantizing mode on {factory!r} (the loss "
                              "scores the float query)"))
-  for key in ("distill_weight", "balance_weight", "distortion_weight", "norm_ratio_weight"):
+  for key in ("distill_weight", "balance_weight"):
     if config.loss[key]:
       problems.append(_problem(f"loss.{key}", config.loss[key],
                                f"0 on the RaBitQ index {factory!r} (the term is PQ's)"))

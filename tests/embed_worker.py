@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
     os.environ.update({distributed.ENV_COORDINATOR: f"localhost:{args.port}",
                        distributed.ENV_NUM_PROCESSES: str(args.num_processes),
                        distributed.ENV_PROCESS_ID: str(args.process_id)})
-    config.distributed.update(initialization_timeout=60, cpu_collectives="gloo")
+    config.distributed.cpu_collectives = "gloo"
   info = distributed.initialize_distributed(config)
 
   import pathlib

@@ -238,7 +238,6 @@ def multihost_main(out_path: str, process_id: int, num_processes: int, port: int
   config.distributed.coordinator_address = f"localhost:{port}"
   config.distributed.num_processes = num_processes
   config.distributed.process_id = process_id
-  config.distributed.initialization_timeout = 60
   config.distributed.cpu_collectives = "gloo"
   info = distributed.initialize_distributed(config)
 
@@ -303,7 +302,6 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
     config.distributed.coordinator_address = f"localhost:{args.port}"
     config.distributed.num_processes = args.num_processes
     config.distributed.process_id = args.process_id
-    config.distributed.initialization_timeout = 60
     config.distributed.cpu_collectives = "gloo"
   info = distributed.initialize_distributed(config)
 

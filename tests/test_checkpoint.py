@@ -197,7 +197,7 @@ def test_flipped_array_byte_fails_the_fingerprint(runs, tmp_path):
   src = checkpoint_dir(runs["root"] / "straight") / str(STEPS)
   copy = checkpoint_dir(tmp_path) / str(STEPS)
   shutil.copytree(src, copy)
-  # Arrays are stored uncompressed (checkpoint.compress=False): flip a bit of the table's
+  # Arrays are stored uncompressed (the Checkpointer's default): flip a bit of the table's
   # row 3 where its bytes lie.
   row = np.asarray(restore_trained(runs["root"] / "straight", step=STEPS)["table"][3],
                    np.float32).tobytes()

@@ -275,12 +275,12 @@ def test_compare_mode_spec_overrides_config_values_by_their_type(tiny_config):
   from qdr_jax.experiment import _run_config
   from qdr_jax.validation import ConfigError
   spec = ("dback+centroids@loss.distill_weight=0.5@negatives.pseudo_queries=8"
-          "@loss.distill_reaches=index@negatives.overlap=true@eval.index_seeds=3|4")
+          "@negatives.pseudo_query_source=positive@negatives.overlap=true@eval.index_seeds=3|4")
   run = _run_config(tiny_config, 4, spec, "/tmp/cache", 0)
   assert run.train.mode == "dback" and tuple(run.quant.learn) == ("centroids",)
   assert run.loss.distill_weight == 0.5 and isinstance(run.loss.distill_weight, float)
   assert run.negatives.pseudo_queries == 8 and isinstance(run.negatives.pseudo_queries, int)
-  assert run.loss.distill_reaches == "index" and run.negatives.overlap is True
+  assert run.negatives.pseudo_query_source == "positive" and run.negatives.overlap is True
   assert tuple(run.eval.index_seeds) == (3, 4)
   assert tiny_config.loss.distill_weight == 0.0  # the shared config is untouched
   for bad, named in (("dback@loss.distill_wieght=1", "loss.distill_wieght"),

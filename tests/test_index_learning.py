@@ -207,7 +207,7 @@ def test_modes_with_learned_index_parameters():
   assert get_mode("jpq").learn == ("codebooks",)
   mode = get_mode("query_only", ("rotation", "codebooks"))
   assert mode.learn == ("codebooks", "rotation") and mode.quantize and not mode.update_rows
-  assert get_mode("dback", True).learn == ("codebooks",)  # the learn_codebooks alias
+  assert get_mode("dback", True).learn == ("codebooks",)  # True: the codebooks
   assert get_mode("jpq", ("centroids",)).learn == ("codebooks", "centroids")
   with pytest.raises(ValueError, match="config.quant.learn.*dback_no_ste"):
     get_mode("dback_no_ste", ("codebooks",))
@@ -216,8 +216,7 @@ def test_modes_with_learned_index_parameters():
   with pytest.raises(ValueError, match="config.quant.learn holds"):
     get_mode("dback", ("codebook",))
   config = base_config()
-  config.quant.learn_codebooks = True
-  config.quant.learn = ("centroids",)
+  config.quant.learn = ("centroids", "codebooks")
   assert mode_from_config(config).learn == ("codebooks", "centroids")
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qdr_jax.train.loss import contrastive_loss, routing_loss
+from qdr_jax.train.loss import contrastive_loss
 
 
 def reference_loss(q, t, pos, hidden, valid, temperature, multi_positive):
@@ -88,41 +88,3 @@ def test_in_pool_accuracy_known():
   hidden = np.array([[False, False, False], [False, False, True]])
   _, m = contrastive_loss(q, t, pos, hidden, np.ones(3, bool), temperature=1.0)
   assert float(m["pool_accuracy"]) == 1.0
-
-
-def test_routing_loss_known_values_and_gradient():
-  """Cross-entropy against the positives' lists, checked by hand and by finite differences."""
-  logits = np.array([[2.0, 0.0, -1.0, 0.5],
-                     [0.0, 1.0, 3.0, 2.0],
-                     [1.0, 1.0, 1.0, 1.0]])
-  row_lists = np.array([0, 2, 3, 1, 0])
-  pos = np.zeros((3, 5), bool)
-  pos[0, 0] = True            # list 0: the query's top list
-  pos[1, [1, 2]] = True       # lists 2 and 3, half the target each
-  pos[2, 4] = True            # row 4 is invalid: this query has no positive
-  valid = np.array([True, True, True, True, False])
-
-  def log_softmax(x):
-    return x - np.log(np.exp(x).sum())
-  expected = np.mean([-log_softmax(logits[0])[0],
-                      -0.5 * (log_softmax(logits[1])[2] + log_softmax(logits[1])[3])])
-  loss, metrics = routing_loss(jnp.asarray(logits, jnp.float32), row_lists, pos, valid,
-                               nprobe=1)
-  np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
-  # nprobe=1: query 0 probes list 0 (hit); query 1 probes list 2 only, missing list 3.
-  assert float(metrics["routing_recall"]) == pytest.approx(0.5)
-  _, metrics = routing_loss(jnp.asarray(logits, jnp.float32), row_lists, pos, valid, nprobe=2)
-  assert float(metrics["routing_recall"]) == pytest.approx(1.0)
-
-  x = jnp.asarray(logits, jnp.float64 if jax.config.x64_enabled else jnp.float32)
-  grad = np.asarray(jax.grad(lambda l: routing_loss(l, row_lists, pos, valid, nprobe=1)[0])(x))
-  eps = 1e-3
-  for b, j in [(0, 0), (0, 3), (1, 2), (1, 1), (2, 0)]:
-    bump = np.zeros_like(logits)
-    bump[b, j] = eps
-    fd = (float(routing_loss(jnp.asarray(logits + bump, jnp.float32), row_lists, pos, valid,
-                             nprobe=1)[0])
-          - float(routing_loss(jnp.asarray(logits - bump, jnp.float32), row_lists, pos, valid,
-                               nprobe=1)[0])) / (2 * eps)
-    assert grad[b, j] == pytest.approx(fd, abs=2e-4)
-  assert np.all(grad[2] == 0.0)  # no positive, no gradient

@@ -23,6 +23,11 @@ DEMO_DATA_DIR = Path(__file__).resolve().parent.parent / "demo_data"
 _DEMO_PREFIX = "demo:"
 _HUB_PREFIX = "hf:"
 _FORMATS = ("beir", "dpr", "squad")
+# Seed of the SQuAD article split (format=squad): one fixed split, so that runs compare.
+SQUAD_SPLIT_SEED = 0
+# The dev carve's order (`qdr_jax.data.splits.carve_dev_split`): fixed, so that every
+# training seed and mode of a comparison selects on the same queries.
+DEV_SPLIT_SEED = 0
 
 
 def resolve_path(path: str | os.PathLike) -> str:
@@ -155,8 +160,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     format: 'beir', 'dpr' or 'squad'.
     root: (beir) the BEIR directory, e.g. 'demo:scifact'; (squad) the SQuAD v1.1 JSON
       (.gz), e.g. 'demo:squad/dev-v1.1.json.gz'.
-    test_fraction, split_seed: (squad) share of articles in the test split and its seed
-      (split_seed also orders the dev carve).
+    test_fraction: (squad) share of articles in the test split (`SQUAD_SPLIT_SEED`).
     dev_split, dev_queries: (optional) the selection split; when the data set has no split
       of that name, ``dev_queries`` queries of ``train_split`` are carved into it with no
       positive shared with the remaining training queries (`qdr_jax.data.splits`).
@@ -202,7 +206,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
     dataset = RetrievalDataset(name=name, corpus=corpus, splits=splits)
   elif fmt == "squad":
     dataset = read_squad(resolve_path(_get(cfg, "root", required=True)), name,
-                         float(_get(cfg, "test_fraction", 0.25)), int(_get(cfg, "split_seed", 0)),
+                         float(_get(cfg, "test_fraction", 0.25)), SQUAD_SPLIT_SEED,
                          cache_dir)
   else:
     raise ValueError(f"Data config key 'format' is {fmt!r}; expected one of {list(_FORMATS)}.")
@@ -210,7 +214,7 @@ def load_dataset(cfg: Any) -> RetrievalDataset:
   try:
     splits = with_dev_split(dataset.splits, train_split=str(_get(cfg, "train_split", "train")),
                             dev_split=str(_get(cfg, "dev_split", "") or ""),
-                            num_queries=num_dev, seed=int(_get(cfg, "split_seed", 0)))
+                            num_queries=num_dev, seed=DEV_SPLIT_SEED)
   except ValueError as e:
     raise ValueError(f"Data config key 'dev_queries' is {num_dev}: {e}.") from None
   dataset = RetrievalDataset(name=dataset.name, corpus=dataset.corpus, splits=splits)

@@ -27,8 +27,8 @@ def first_sentence(text: str) -> str:
   return _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
 
 
-def pseudo_query_texts(corpus: Corpus, rows: Sequence[int] | np.ndarray, field: str
-                       ) -> list[str]:
+def pseudo_query_texts(corpus: Corpus, rows: Sequence[int] | np.ndarray,
+                       field: str = "title") -> list[str]:
   """The pseudo-query of each of ``rows``.
 
   Args:
@@ -38,7 +38,7 @@ def pseudo_query_texts(corpus: Corpus, rows: Sequence[int] | np.ndarray, field: 
       'first_sentence'.
   """
   if field not in FIELDS:
-    raise ValueError(f"config.negatives.pseudo_query_field must be one of {FIELDS}; "
+    raise ValueError(f"pseudo-query field must be one of {FIELDS}; "
                      f"got {field!r}")
   texts = corpus.texts.take(rows)
   if field == "first_sentence":

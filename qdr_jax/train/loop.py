@@ -9,7 +9,6 @@ step functions of ``qdr_jax.train.step``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import time
 from typing import Any, Callable
@@ -28,9 +27,9 @@ from qdr_jax.data.answers import AnswerMatcher
 from qdr_jax.data.types import RetrievalDataset
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import IndexLifecycle, placeholder_quantizer
-from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
+from qdr_jax.train.metric_writers import MetricsWriter
 from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, StopSignal,
                                       has_checkpoint, make_metadata, validate_metadata)
 from qdr_jax.train.modes import Mode
@@ -69,29 +68,6 @@ class TrainResult:
   lifecycle: IndexLifecycle | None = None
   train_seconds: float = 0.0
   seconds_per_step: dict[str, float] = dataclasses.field(default_factory=dict)
-
-
-class MetricsWriter:
-  """Appends one JSON object a line to ``metrics.jsonl`` (process 0 only)."""
-
-  def __init__(self, path: pathlib.Path, enabled: bool):
-    self.path = path
-    self.enabled = enabled
-
-  def write(self, record: dict) -> None:
-    if self.enabled:
-      with self.path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-  def truncate_after(self, step: int) -> None:
-    """Drops records of steps after ``step``, so a resumed log has no duplicates; the
-    log is replaced atomically (a full disk keeps the old one)."""
-    if not self.enabled or not self.path.exists():
-      return
-    lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-    keep = [line for line in lines if json.loads(line).get("step", 0) <= step]
-    if len(keep) != len(lines):
-      write_text_atomic(self.path, "".join(line + "\n" for line in keep))
 
 
 def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDataset,
@@ -144,18 +120,22 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
              desc=f"train {config.train.mode}", unit="step", disable=not lead)
   window = (time.perf_counter(), 0)
   train_start, stopping = time.perf_counter(), False
+  profile = _Profile(config.train.profile_steps, workdir / "profile")
   for step in bar:
     done, last = step + 1, step + 1 == steps
     current: StepInputs = inputs
+    profile.before(step)
     tick = time.perf_counter()
-    upcoming = source.encode(done, state.params) if overlap and not last else None
-    state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
-                                current.pool_dev, lifecycle.loss_inputs.quantizer,
-                                lifecycle.loss_inputs.codes)
-    searched = time.perf_counter()
-    inputs = source.negatives(upcoming) if upcoming is not None else None
-    searched = time.perf_counter() - searched  # counted by the source's own timers
-    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+      upcoming = source.encode(done, state.params) if overlap and not last else None
+      state, metrics = fns.update(state, current.encoder_vjp, current.query_emb,
+                                  current.pool_dev, lifecycle.loss_inputs.quantizer,
+                                  lifecycle.loss_inputs.codes)
+      searched = time.perf_counter()
+      inputs = source.negatives(upcoming) if upcoming is not None else None
+      searched = time.perf_counter() - searched  # counted by the source's own timers
+      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+    profile.after(step)
     _stop_if_not_finite(config, done, metrics, bar, ckpt)
     timers.seconds["step"] += time.perf_counter() - tick - searched
     window = (window[0], window[1] + 1)
@@ -195,7 +175,9 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
                 index=None if multi else lifecycle.index, metrics=eval_metrics)
     if stopping:
       break
+  profile.stop()
   bar.close()
+  writer.close()
   stop.release()
   if ckpt is not None:
     ckpt.wait_until_finished()
@@ -282,6 +264,8 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     with timers.time("rebuild"):
       state, start_step = _resume(config, ckpt, state, lifecycle, num_rows, writer, digests)
+  writer.write_config(config, metric_tags=(
+      "loss", f"eval_quantized/{config.eval.primary_metric}"))
 
   fns = make_step_functions(
       lambda p, **tokens: encoders.query_module.apply({"params": p}, **tokens),
@@ -299,6 +283,32 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
 
   return _Run(state, start_step, lifecycle, source, fns, ckpt, writer, timers, encoder_lr,
               row_lr, digests)
+
+
+class _Profile:
+  """A ``jax.profiler`` trace of the steps ``[start, stop)`` (``train.profile_steps``)
+  into ``directory``; ``start == stop`` traces nothing. Each step is also annotated
+  (``StepTraceAnnotation``), so a trace started from outside shows steps too."""
+
+  def __init__(self, steps: tuple[int, int], directory: pathlib.Path):
+    self.start, self.end = (int(s) for s in steps)
+    self.directory, self.running = directory, False
+
+  def before(self, step: int) -> None:
+    if step == self.start and self.start < self.end:
+      jax.profiler.start_trace(str(self.directory))
+      self.running = True
+
+  def after(self, step: int) -> None:
+    if step + 1 == self.end:
+      self.stop()
+
+  def stop(self) -> None:
+    if self.running:
+      jax.profiler.stop_trace()
+      self.running = False
+      logging.info("profile of steps %d-%d written under %s", self.start, self.end - 1,
+                   self.directory)
 
 
 def _stop_if_not_finite(config, step: int, metrics: dict[str, float], bar,

@@ -50,8 +50,7 @@ MODES: dict[str, Mode] = {
 def get_mode(name: str, learn: bool | Sequence[str] = ()) -> Mode:
   """The mode called ``name`` with the index parameters ``learn`` trained as well.
 
-  ``learn`` is ``config.quant.learn`` (True stands for ("codebooks",), the
-  ``quant.learn_codebooks`` alias). Learning needs the quantized forward: a mode that
+  ``learn`` is ``config.quant.learn`` (True stands for ("codebooks",)). Learning needs the quantized forward: a mode that
   does not quantize (query_only) is switched to scoring quantized rows, which leaves its
   rows fixed; dback_no_ste, whose point is an unquantized loss, and posthoc, which does
   not train, are refused.
@@ -75,11 +74,11 @@ def get_mode(name: str, learn: bool | Sequence[str] = ()) -> Mode:
 
 
 def configured_learn(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The index parameters ``config.quant.learn`` names, its ``learn_codebooks`` alias
-  included (not those a mode implies, as jpq its codebooks)."""
-  return tuple(config.quant.learn) + (("codebooks",) if config.quant.learn_codebooks else ())
+  """The index parameters ``config.quant.learn`` names (not those a mode implies, as jpq
+  its codebooks)."""
+  return tuple(config.quant.learn)
 
 
 def mode_from_config(config: ml_collections.ConfigDict) -> Mode:
-  """``config.train.mode`` with ``config.quant.learn`` (and its ``learn_codebooks`` alias)."""
+  """``config.train.mode`` with ``config.quant.learn``."""
   return get_mode(config.train.mode, configured_learn(config))

@@ -220,8 +220,7 @@ class NegativeSource:
     pseudo_rows = np.zeros(0, np.int64)
     if self.num_pseudo:
       pseudo_rows = pseudo_query_rows(step, self.num_rows, self.num_pseudo, self.config.seed)
-      texts += pseudo_query_texts(self.queries.corpus, pseudo_rows,
-                                  self.config.negatives.pseudo_query_field)
+      texts += pseudo_query_texts(self.queries.corpus, pseudo_rows)
     # The whole batch is tokenized on every host, so all pad to the same length; each
     # then places only its own block (one block per process, see distributed.py).
     tokens = query_tokens(self.tokenizer, texts, self.config.model, self.mesh.devices.size)
@@ -256,6 +255,6 @@ class NegativeSource:
                        pool_size=self.pool_size, num_rows=self.num_rows,
                        max_positives=self.config.negatives.max_positives,
                        rng=np.random.default_rng(self.step_seeds[batch.step]),
-                       fill_valid=self.config.negatives.fill_valid, hidden=hidden,
+                       hidden=hidden,
                        relevance_fn=relevance, unlabelled=unlabelled)
     return {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}

@@ -47,15 +47,14 @@ def make_encoder_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
   parts = []
   if cfg.grad_clip > 0:
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay))
+  parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
   return optax.chain(*parts), schedule
 
 
 def make_row_transform(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Direction of a row update (learning rate applied by the caller); state per row."""
   if cfg.row_optimizer == "adam":
-    return optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+    return optax.scale_by_adam()
   if cfg.row_optimizer == "sgd":
     return optax.identity()
   raise ValueError(f"config.optim.row_optimizer must be adam or sgd; got {cfg.row_optimizer!r}")
@@ -125,6 +124,5 @@ def make_index_optimizer(cfg: ml_collections.ConfigDict, total_steps: int,
   (and schedule) per parameter from ``cfg``'s `INDEX_LR_KEYS`; returns (tx, schedules)."""
   schedules = {name: make_schedule(cfg[INDEX_LR_KEYS[name]], cfg, total_steps)
                for name in learn}
-  transforms = {name: optax.adam(schedules[name], b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
-                for name in learn}
+  transforms = {name: optax.adam(schedules[name]) for name in learn}
   return optax.multi_transform(transforms, lambda params: {k: k for k in params}), schedules

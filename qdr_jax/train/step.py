@@ -20,14 +20,13 @@ import optax
 
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qdr_jax.quant import (Quantizer, assign_coarse, coarse_scores, decode, orthogonalize,
-                           quantize, with_index_params)
+from qdr_jax.quant import Quantizer, decode, orthogonalize, quantize, with_index_params
 from qdr_jax.quant import rabitq
 from qdr_jax.quant.rabitq import RaBitQ
 from qdr_jax import distributed
+from qdr_jax.experimental.loss_terms import TermInputs, loss_terms
 from qdr_jax.sharding import DATA_AXIS
-from qdr_jax.train.loss import (contrastive_loss, index_reconstruction, quantization_terms,
-                                routing_loss)
+from qdr_jax.train.loss import contrastive_loss
 from qdr_jax.train.modes import Mode
 from qdr_jax.train import optim
 from qdr_jax.train.optim import Schedule
@@ -83,16 +82,6 @@ def pool_bias(rows: jax.Array, quantizer: Quantizer | RaBitQ | None,
   return rabitq.row_bias(quantizer, *rabitq.codes_of(quantizer, frozen, codes, lists))
 
 
-def index_taught_only_by(targets: jax.Array, rows: jax.Array, teaches: jax.Array
-                         ) -> jax.Array:
-  """``targets`` (`pool_targets`) whose path to the learned index parameters is kept for
-  the rows ``teaches`` (P,) marks and cut for the others; values and the straight-through
-  path to the rows are unchanged."""
-  reconstruction = jax.lax.stop_gradient(index_reconstruction(targets, rows))
-  constant = rows - jax.lax.stop_gradient(rows) + reconstruction
-  return jnp.where(teaches[:, None], targets, constant)
-
-
 def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
                         config: ml_collections.ConfigDict,
                         encoder_tx: optax.GradientTransformation,
@@ -104,7 +93,9 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   Args:
     apply_encoder: ``(params, input_ids, attention_mask, token_type_ids) -> (B, d)``.
     mode: what is trained.
-    config: the full config (``loss``, ``optim``, ``table`` sections are read).
+    config: the full config (``loss``, ``negatives``, ``train``, ``table`` sections are
+      read); the optional terms it turns on (``qdr_jax.experimental.loss_terms``) are
+      added to the paper's loss.
     encoder_tx: encoder optimizer.
     row_tx: per-row update direction (vmapped over rows here).
     row_schedule: row learning rate by global step.
@@ -116,21 +107,11 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   split_pool = mesh is not None and mesh.devices.size > 1
   temperature = float(config.loss.temperature)
   multi_positive = config.loss.multi_positive
-  normalize_rows = bool(config.table.normalize_rows)
-  routing_weight = float(config.loss.routing_weight)
-  routing_temperature = float(config.loss.routing_temperature)
-  nprobe = int(config.index.nprobe)
   rounding = optim.bf16_update(config.table)
-  # Distillation, balance and distortion: they compare with or act on the quantizer, so
-  # they apply to quantizing modes only.
-  extra_terms = quantization_terms(config.loss) if mode.quantize else None
-  learn_from_positives = mode.learns_index and config.quant.learn_from == "positives"
-  # The last queries of a batch may be pseudo-queries labelled with their own passage:
-  # they get their own contrastive term, so that its weight and reach are the config's.
-  num_pseudo_labelled = (int(config.negatives.pseudo_queries)
-                         if config.negatives.pseudo_query_source == "positive" else 0)
-  pseudo_weight = float(config.loss.pseudo_weight)
-  pseudo_index_only = config.loss.pseudo_reaches == "index"
+  terms = loss_terms(config, mode)
+  # The training queries come first; the pseudo-queries (negatives.pseudo_queries) follow
+  # and reach the optional terms only.
+  num_pseudo = int(config.negatives.pseudo_queries)
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -150,57 +131,31 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     if index_codes is not None:
       codes, lists = index_codes["codes"][row_ids], index_codes["lists"][row_ids]
 
-    route = routing_weight > 0 and mode.quantize and quantizer is not None \
-        and quantizer.has_ivf
-
     def loss_fn(q, rows, learned):
-      # The quantizer as trained so far (learned index parameters in place of the index's).
-      current = None if quantizer is None else with_index_params(quantizer, learned)
-      # The reconstruction, with its gradient to the learned index parameters only, then
-      # the straight-through targets; a term that may move the index alone uses the
-      # former, so no row gradient cancels inexactly in float.
-      frozen = jax.lax.stop_gradient(rows)
-      reconstruction = pool_targets(frozen, quantizer if mode.quantize else None, learned,
-                                    codes, lists)
-      bias = pool_bias(frozen, quantizer if mode.quantize else None, learned, codes, lists)
-      targets = rows - frozen + reconstruction
-      ranked, ranked_bias = targets, bias
-      labelled = q.shape[0] - num_pseudo_labelled  # the training queries come first
+      # Straight-through targets: reconstructions forward, the rows' gradient unchanged,
+      # and the learned index parameters' gradient through the reconstruction.
+      targets = pool_targets(rows, quantizer if mode.quantize else None, learned, codes,
+                             lists)
+      # What the served score adds per row (RaBitQ's constant; None for PQ).
+      bias = pool_bias(rows, quantizer if mode.quantize else None, learned, codes, lists)
       positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
-      if learn_from_positives:  # every positive teaches, labelled pseudo-queries' included
-        teaches = positive_mask.any(axis=0)
-        ranked = index_taught_only_by(targets, rows, teaches)
-        if bias is not None:
-          ranked_bias = jnp.where(teaches, bias, jax.lax.stop_gradient(bias))
-      loss, metrics = contrastive_loss(q[:labelled], ranked, positive_mask[:labelled],
-                                       hidden_mask[:labelled], valid,
+      num_training = q.shape[0] - num_pseudo
+      loss, metrics = contrastive_loss(q[:num_training], targets, positive_mask[:num_training],
+                                       hidden_mask[:num_training], valid,
                                        temperature=temperature, multi_positive=multi_positive,
-                                       row_bias=ranked_bias)
+                                       row_bias=bias)
       metrics["contrastive_loss"] = loss
-      if num_pseudo_labelled:
-        pseudo_q, pseudo_targets, pseudo_bias = q[labelled:], ranked, ranked_bias
-        if pseudo_index_only:
-          pseudo_q = jax.lax.stop_gradient(pseudo_q)
-          pseudo_targets, pseudo_bias = reconstruction, bias
-        pseudo_loss, pseudo_metrics = contrastive_loss(
-            pseudo_q, pseudo_targets, positive_mask[labelled:], hidden_mask[labelled:], valid,
-            temperature=temperature, multi_positive=multi_positive, row_bias=pseudo_bias)
-        metrics.update(pseudo_loss=pseudo_loss,
-                       pseudo_pool_accuracy=pseudo_metrics["pool_accuracy"])
-        loss = loss + pseudo_weight * pseudo_loss
-      if route:
-        row_lists = lists if lists is not None else assign_coarse(
-            current, jax.lax.stop_gradient(rows))
-        extra, route_metrics = routing_loss(
-            coarse_scores(current, q[:labelled]) / routing_temperature, row_lists,
-            positive_mask[:labelled], valid, nprobe=nprobe)
-        metrics.update(route_metrics)
-        loss = loss + routing_weight * extra
-      if extra_terms is not None and current is not None:
-        active = valid[None, :] & ~hidden_mask
-        extra, extra_metrics = extra_terms(q, rows, targets, active, valid, current)
-        metrics.update(extra_metrics)
-        loss = loss + extra
+      if terms:
+        # The quantizer as trained so far (learned index parameters in place of the index's).
+        current = None if quantizer is None else with_index_params(quantizer, learned)
+        inputs = TermInputs(q, num_training, rows, targets, positive_mask, hidden_mask, valid,
+                            current if mode.quantize else None, bias)
+        for term in terms:
+          if term.needs_quantizer and inputs.quantizer is None:
+            continue
+          value, part = term(inputs)
+          metrics.update(part)
+          loss = loss + term.weight * value
       metrics["loss"] = loss
       return loss, metrics
 
@@ -215,8 +170,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
     if mode.update_rows:
       new["table"], new["row_opt_state"] = _update_rows(
-          state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), normalize_rows,
-          rounding)
+          state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), rounding)
       metrics["row_grad_norm"] = optax.tree.norm(g_rows)
       metrics["row_lr"] = row_schedule(state.step)
     if mode.learns_index:
@@ -244,8 +198,8 @@ def _update_index_params(state: TrainState, grads: dict[str, jax.Array],
 
 def _written_finite(new: dict[str, Any], row_ids: jax.Array) -> jax.Array:
   """Whether what this step wrote is finite: the encoder, the pooled rows and the learned
-  index parameters. Finite gradients do not imply it: an infinite learning rate or the
-  re-normalisation of a zero row do not show in the loss before the next step. Computed
+  index parameters. Finite gradients do not imply it: an infinite learning rate does not
+  show in the loss before the next step. Computed
   here, on the values already in hand, rather than by a second pass over the state."""
   parts = [jnp.isfinite(x).all()
            for x in jax.tree.leaves((new.get("params"), new.get("index_params")))]
@@ -259,7 +213,7 @@ def _written_finite(new: dict[str, Any], row_ids: jax.Array) -> jax.Array:
 _ROUNDING_STREAM = 0x5B16
 
 
-def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr, normalize_rows,
+def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr,
                  rounding: str | None = None):
   """Applies the per-row optimizer to the pooled rows and scatters them back.
 
@@ -276,8 +230,6 @@ def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr, no
   gathered = jax.tree.map(lambda s: s[row_ids], opt_state)
   direction, new_state = jax.vmap(row_tx.update)(g_rows, gathered, params)
   new_rows = params - lr * direction
-  if normalize_rows:
-    new_rows = new_rows / jnp.linalg.norm(new_rows, axis=-1, keepdims=True).clip(1e-12)
   keep = valid[:, None]
   new_rows = jnp.where(keep, new_rows, params)
   new_state = jax.tree.map(

@@ -1,7 +1,7 @@
-"""Label-free distillation of the flat ranking into the quantized one, the codeword/list
-balance penalty, pseudo-queries from the corpus, and a tiny run with both terms on."""
+"""The optional loss terms (qdr_jax.experimental): label-free distillation of the flat
+ranking into the quantized one, the codeword/list balance penalty, pseudo-queries from the
+corpus and their own contrastive term, and a tiny run with the terms on."""
 
-import functools
 import json
 
 import jax
@@ -13,12 +13,10 @@ from jax.test_util import check_grads
 from qdr_jax.data.pseudo import first_sentence, pseudo_query_texts
 from qdr_jax.data.types import Corpus
 from qdr_jax.negatives.pool import build_pool
-from qdr_jax.quant import Quantizer, decode, encode_with_lists
-from qdr_jax.train.loss import (balance_penalty, distillation_loss, distortion_penalty,
-                                norm_ratio_penalty,
-                                kl_divergence)
+from qdr_jax.experimental import balance_penalty, distillation_loss, kl_divergence
+from qdr_jax.quant import Quantizer, encode_with_lists
 from qdr_jax.train.negatives import pseudo_query_rows
-from qdr_jax.train.step import index_taught_only_by, pool_targets
+from qdr_jax.train.step import pool_targets
 from test_train_families import inputs  # noqa: F401  (the tiny run's data, table, encoder)
 
 
@@ -93,32 +91,6 @@ def test_distillation_gradient_matches_finite_differences():
   assert np.all(np.asarray(grad_t)[5] == 0)  # inactive for every query
 
 
-def test_distillation_reaching_only_the_index_moves_only_the_shared_parameters():
-  """reaches="index": the same value and the same codebook gradient as "all", none for the
-  query or the rows, whose straight-through path the "all" variant does feed."""
-  rng = np.random.default_rng(3)
-  q, rows, _, active = _case(seed=3)
-  codebook = jnp.asarray(rng.normal(size=(4, rows.shape[1])))
-  codes = jnp.asarray(rng.integers(0, 4, rows.shape[0]))
-
-  def loss(a, r, c, reaches):
-    targets = r - jax.lax.stop_gradient(r) + c[codes]  # pool_targets' straight-through form
-    return distillation_loss(a, r, targets, active, temperature=0.5, reaches=reaches)[0]
-
-  with jax.enable_x64(True):
-    args = (jnp.asarray(q), jnp.asarray(rows), codebook)
-    everything = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args, "all")
-    index_only = jax.value_and_grad(loss, argnums=(0, 1, 2))(*args, "index")
-  (v_all, (gq_all, gr_all, gc_all)), (v_idx, (gq_idx, gr_idx, gc_idx)) = everything, index_only
-  assert float(v_all) == pytest.approx(float(v_idx), rel=1e-12) and float(v_idx) > 0
-  np.testing.assert_allclose(np.asarray(gc_idx), np.asarray(gc_all), rtol=1e-10, atol=1e-14)
-  assert np.abs(np.asarray(gc_idx)).max() > 1e-3
-  assert np.abs(np.asarray(gq_all)).max() > 1e-3 and np.abs(np.asarray(gr_all)).max() > 1e-3
-  assert np.abs(np.asarray(gq_idx)).max() == 0 and np.abs(np.asarray(gr_idx)).max() == 0
-  with pytest.raises(ValueError, match="reaches"):
-    distillation_loss(*args[:2], args[1], active, temperature=0.5, reaches="rows")
-
-
 def test_kl_divergence_gradient_both_sides():
   rng = np.random.default_rng(2)
   mask = np.ones((2, 5), bool)
@@ -184,127 +156,6 @@ def test_balance_penalty_on_strided_rows():
   assert float(capped) == float(strided) and float(full) != float(capped)
 
 
-def _distortion_case(seed=3):
-  """Rows of dim 4 (two sub-vectors of 2), codes over 3 codewords per sub-codebook,
-  an invalid last row."""
-  rng = np.random.default_rng(seed)
-  rows = rng.normal(size=(7, 4))
-  codes = np.array([[0, 1], [0, 2], [1, 1], [2, 0], [1, 2], [0, 0], [2, 2]], np.int32)
-  valid = np.array([1, 1, 1, 1, 1, 1, 0], bool)
-  return rows, codes, valid
-
-
-def _pool_penalty(penalty):
-  """``(rows, codebooks, codes, valid) -> scalar``: a pool term on a PQ-only quantizer."""
-  def value(rows, codebooks, codes, valid):
-    targets = pool_targets(rows, Quantizer(codebooks=codebooks), None, codes, None)
-    return penalty(rows, targets, valid)[0]
-  return value
-
-
-def _decoded(codebooks, codes):
-  return np.concatenate([codebooks[0][codes[:, 0]], codebooks[1][codes[:, 1]]], axis=1)
-
-
-_distortion = _pool_penalty(distortion_penalty)
-_anisotropic = _pool_penalty(functools.partial(distortion_penalty, parallel_weight=5.0))
-_norm_ratio = _pool_penalty(norm_ratio_penalty)
-
-
-def _expected_distortion(rows, recon, valid, parallel_weight=1.0):
-  error = recon - rows
-  unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
-  parallel = np.sum(error * unit, axis=1, keepdims=True) * unit
-  orthogonal = error - parallel
-  weighted = parallel_weight * np.sum(parallel ** 2, 1) + np.sum(orthogonal ** 2, 1)
-  return np.mean(weighted[valid])
-
-
-def _expected_norm_ratio(rows, recon, valid):
-  return np.var((np.linalg.norm(recon, axis=1) / np.linalg.norm(rows, axis=1))[valid])
-
-
-@pytest.mark.parametrize("term, expected, rtol, grad_rtol",
-                         [(_distortion, _expected_distortion, 1e-12, 1e-8),
-                          (_anisotropic, functools.partial(_expected_distortion,
-                                                           parallel_weight=5.0), 1e-12, 1e-8),
-                          (_norm_ratio, _expected_norm_ratio, 1e-9, 1e-7)],
-                         ids=["distortion", "anisotropic_distortion", "norm_ratio"])
-def test_pool_term_value_and_pull_on_the_codewords_only(term, expected, rtol, grad_rtol):
-  """The index-only pool terms: the value by hand, no pull on the rows, and the codebook
-  gradient against finite differences."""
-  rows, codes, valid = _distortion_case()
-  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
-  with jax.enable_x64(True):
-    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
-    value = term(r, c, codes, valid)
-    assert float(value) == pytest.approx(expected(rows, _decoded(codebooks, codes), valid),
-                                         rel=rtol)
-    g_rows = jax.grad(term)(r, c, codes, valid)
-    assert np.abs(np.asarray(g_rows)).max() == 0  # the rows are not pulled to their codes
-    check_grads(lambda cb: term(r, cb, codes, valid), (c,), order=1, modes=("rev",),
-                eps=1e-6, atol=1e-8, rtol=grad_rtol)
-
-
-def test_distortion_is_zero_gradient_at_the_kmeans_codewords():
-  rows, codes, valid = _distortion_case()
-  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
-  with jax.enable_x64(True):
-    r, c = jnp.asarray(rows), jnp.asarray(codebooks)
-    recon = _decoded(codebooks, codes)
-    expected = _expected_distortion(rows, recon, valid)
-    # Zero exactly where k-means' update puts the codewords: each at the mean of the
-    # valid sub-vectors it encodes (the invalid row does not count).
-    means = codebooks.copy()
-    for m in range(2):
-      sub = rows[:, 2 * m:2 * m + 2]
-      for k in range(3):
-        members = valid & (codes[:, m] == k)
-        means[m, k] = sub[members].mean(axis=0)
-    at_means = jax.grad(_distortion, argnums=1)(r, jnp.asarray(means), codes, valid)
-    assert np.abs(np.asarray(at_means)).max() < 1e-12
-    assert float(_distortion(r, jnp.asarray(means), codes, valid)) < expected
-    np.testing.assert_allclose(np.asarray(decode(Quantizer(codebooks=c), jnp.asarray(codes))),
-                               recon, rtol=1e-12)
-
-
-def test_norm_ratio_is_zero_when_every_row_keeps_the_same_share():
-  rows, codes, valid = _distortion_case()
-  codebooks = np.random.default_rng(4).normal(size=(2, 3, 2))
-  with jax.enable_x64(True):
-    c = jnp.asarray(codebooks)
-    # Rows twice their reconstructions all keep half their length: nothing to pull.
-    scaled = jnp.asarray(2.0 * _decoded(codebooks, codes))
-    assert float(_norm_ratio(scaled, c, codes, valid)) == pytest.approx(0.0, abs=1e-20)
-    assert np.abs(np.asarray(jax.grad(_norm_ratio, argnums=1)(scaled, c, codes, valid))
-                  ).max() < 1e-12
-
-
-def test_index_taught_only_by_the_marked_rows():
-  """quant.learn_from='positives': the same values and row gradients, and a codebook
-  gradient equal to that of the marked rows' scores alone."""
-  rows, codes, _ = _distortion_case()
-  teaches = np.array([1, 0, 0, 1, 0, 1, 0], bool)
-  weights = np.random.default_rng(5).normal(size=rows.shape)
-  with jax.enable_x64(True):
-    r, c = jnp.asarray(rows), jnp.asarray(np.random.default_rng(6).normal(size=(2, 3, 2)))
-
-    def score(r, cb, mark, keep):
-      targets = pool_targets(r, Quantizer(codebooks=cb), None, codes, None)
-      if mark is not None:
-        targets = index_taught_only_by(targets, r, mark)
-      return jnp.sum(jnp.where(keep[:, None], weights * targets, 0.0))
-
-    every = np.ones(len(rows), bool)
-    (v_all, (gr_all, gc_all)) = jax.value_and_grad(score, argnums=(0, 1))(r, c, None, every)
-    (v_pos, (gr_pos, gc_pos)) = jax.value_and_grad(score, argnums=(0, 1))(r, c, teaches, every)
-    gc_marked = jax.grad(score, argnums=1)(r, c, None, teaches)
-  assert float(v_pos) == float(v_all)
-  np.testing.assert_array_equal(np.asarray(gr_pos), np.asarray(gr_all))
-  np.testing.assert_allclose(np.asarray(gc_pos), np.asarray(gc_marked), rtol=1e-12, atol=1e-15)
-  assert np.abs(np.asarray(gc_pos) - np.asarray(gc_all)).max() > 1e-3
-
-
 def test_pseudo_query_rows_reproducible_from_seed_and_step():
   a = pseudo_query_rows(7, 1000, 16, seed=3)
   np.testing.assert_array_equal(a, pseudo_query_rows(7, 1000, 16, seed=3))
@@ -322,7 +173,7 @@ def test_pseudo_query_texts_title_or_first_sentence():
   assert pseudo_query_texts(corpus, [1, 0], "first_sentence") == [
       "No title here!", "Aspirin lowers risk."]
   assert first_sentence("  no end  ") == "no end"
-  with pytest.raises(ValueError, match="pseudo_query_field"):
+  with pytest.raises(ValueError, match="pseudo-query field"):
     pseudo_query_texts(corpus, [0], "text")
 
 
@@ -373,8 +224,7 @@ def test_recomputed_codes_follow_the_rows():
   assert not np.array_equal(np.asarray(live[0]), np.asarray(stale[0]))
 
 
-def test_tiny_run_with_distillation_pseudo_queries_balance_distortion_norm_ratio(inputs,
-                                                                                 tmp_path):
+def test_tiny_run_with_distillation_pseudo_queries_and_balance(inputs, tmp_path):
   from qdr_jax.train.loop import train
   from qdr_jax.train.modes import mode_from_config
   base, dataset, encoders, table0 = inputs
@@ -384,10 +234,7 @@ def test_tiny_run_with_distillation_pseudo_queries_balance_distortion_norm_ratio
   config.negatives.pseudo_queries = 8
   config.loss.distill_weight = 1.0
   config.loss.balance_weight = 0.1
-  config.loss.distortion_weight = 2.0
-  config.loss.norm_ratio_weight = 30.0
   config.quant.learn = ("codebooks",)
-  config.quant.learn_from = "positives"
   config.lock()
   assert config.quant.codes == "recompute"  # the live forward is the default
   result = train(config, mode_from_config(config), dataset, encoders, table0, tmp_path)
@@ -395,63 +242,50 @@ def test_tiny_run_with_distillation_pseudo_queries_balance_distortion_norm_ratio
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert len(records) == 6
   for r in records:
-    assert r["distill_loss"] > 0 and r["balance_loss"] > 0 and r["distortion"] > 0
-    assert r["norm_ratio_var"] > 0 and 0.5 < r["norm_ratio_mean"] < 1.5
-    expected = (r["contrastive_loss"] + r["distill_loss"] + 0.1 * r["balance_loss"]
-                + 2.0 * r["distortion"] + 30.0 * r["norm_ratio_var"])
+    assert r["distill_loss"] > 0 and r["balance_loss"] > 0 and "pseudo_loss" not in r
+    expected = r["contrastive_loss"] + r["distill_loss"] + 0.1 * r["balance_loss"]
     np.testing.assert_allclose(r["loss"], expected, rtol=1e-5)
   table = result.lifecycle.table_to_lead(result.state.table)
   assert (np.abs(table - table0).max(axis=1) > 0).sum() > 50
 
 
-def test_validation_of_the_new_settings():
+def test_loss_terms_follow_the_config_and_the_mode():
+  from qdr_jax.config import base_config
+  from qdr_jax.experimental import (Balance, Distillation, LabelledPseudoQueries,
+                                    loss_terms)
+  from qdr_jax.train.modes import MODES
+  config = base_config()
+  assert loss_terms(config, MODES["dback"]) == []  # the paper's loss
+  config.loss.distill_weight = 0.5
+  config.loss.balance_weight = 2.0
+  config.negatives.pseudo_queries = 4
+  terms = loss_terms(config, MODES["dback"])
+  assert [type(t) for t in terms] == [Distillation, Balance]
+  assert [t.weight for t in terms] == [0.5, 2.0]
+  config.negatives.pseudo_query_source = "positive"
+  assert [type(t) for t in loss_terms(config, MODES["query_only"])] == [LabelledPseudoQueries]
+
+
+def test_validation_of_the_experimental_settings():
   from qdr_jax.config import base_config
   from qdr_jax.validation import ConfigError, validate_config
   config = base_config()
-  config.loss.distill_temperature = 0.0
-  config.negatives.pseudo_query_field = "body"
   config.negatives.pseudo_query_source = "label"
-  config.loss.balance_rows = -1
-  config.loss.pseudo_weight = -1.0
-  config.loss.pseudo_reaches = "rows"
+  config.loss.distill_weight = -1.0
+  config.loss.balance_weight = float("nan")
   with pytest.raises(ConfigError) as e:
     validate_config(config)
   text = str(e.value)
-  assert "loss.distill_temperature=0.0" in text and "pseudo_query_field='body'" in text
-  assert "pseudo_query_source='label'" in text
-  assert "loss.pseudo_weight=-1.0" in text and "pseudo_reaches='rows'" in text
-  assert "loss.balance_rows=-1" in text
+  assert "pseudo_query_source='label'" in text and "loss.distill_weight=-1.0" in text
+  assert "loss.balance_weight=nan" in text
   config = base_config()
   config.train.mode = "query_only"
   config.loss.distill_weight = 1.0
+  config.loss.balance_weight = 0.5
   config.negatives.pseudo_queries = 4
-  config.loss.distortion_weight = 0.5
-  config.loss.norm_ratio_weight = 3.0
   warnings = validate_config(config)
   assert any("distill_weight=1.0: ignored" in w for w in warnings)
-  assert any("distortion_weight=0.5: ignored" in w for w in warnings)
-  assert any("norm_ratio_weight=3.0: ignored" in w for w in warnings)
+  assert any("balance_weight=0.5: ignored" in w for w in warnings)
   assert any("pseudo_queries=4 without the distillation term" in w for w in warnings)
-  config.loss.pseudo_reaches = "index"  # set, but no pseudo-query is labelled
-  assert any("pseudo_reaches='index' apply only to pseudo-queries labelled" in w
-             for w in validate_config(config))
-  config.negatives.pseudo_query_source = "positive"  # then they train the contrastive loss
-  warnings = validate_config(config)
-  assert not any("pseudo_queries" in w or "apply only" in w for w in warnings)
-  config.loss.pseudo_reaches = "all"
-  config.negatives.pseudo_query_source = "hide"
-  config.train.mode = "dback"  # quantizing, but nothing learned for the term to move
-  config.quant.learn_from = "positives"
-  warnings = validate_config(config)
-  assert any("distortion_weight=0.5 in a mode that learns no index" in w for w in warnings)
-  assert any("norm_ratio_weight=3.0 in a mode that learns no index" in w for w in warnings)
-  assert any("learn_from='positives' in a mode that learns no index" in w for w in warnings)
-  config.quant.learn = ("centroids",)
-  assert not any("distortion" in w or "norm_ratio" in w for w in validate_config(config))
-  config.loss.norm_ratio_weight = -2.0
-  with pytest.raises(ConfigError, match="loss.norm_ratio_weight=-2.0"):
-    validate_config(config)
-  config.loss.norm_ratio_weight = 0.0
-  config.loss.distortion_weight = -1.0
-  with pytest.raises(ConfigError, match="loss.distortion_weight=-1.0"):
-    validate_config(config)
+  config.negatives.pseudo_query_source = "positive"  # then they train a contrastive term
+  assert not any("pseudo_queries" in w for w in validate_config(config))
