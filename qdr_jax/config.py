@@ -83,8 +83,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100
   c.negatives.pool_size = 0       # 0 = batch_size * k
-  c.negatives.max_positives = 4
+  # Labelled positives a training query trains with: the first this many in the order its
+  # labels list them (DPR's positive_ctxs order); the others are left unlabelled, as
+  # passages no label names (the reference recipe reads one). 0 = all.
+  c.negatives.max_positives = 0
   c.negatives.fill_valid = True   # filler rows act as random negatives
+  # True: a candidate several queries of the batch return joins the pool once, and the
+  # rows left free are filled (fill_valid). False: as the reference recipe, the pool holds
+  # pool_size returns drawn from all the batch's (a row returned n times weighs n in each
+  # query's softmax, as n equal columns would) and rows left free by repeats stay filler.
+  c.negatives.dedup = True
   c.negatives.hide_answer_matches = True  # QA data: hide candidates containing the answer
   c.negatives.overlap = False     # search the next batch while the device steps (1-step stale)
   # Label-free pseudo-queries per step: corpus passages drawn by (seed, step) whose title
@@ -173,14 +181,22 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"     # cosine | linear | constant
   c.optim.warmup_steps = 20
   c.optim.end_lr_fraction = 0.0
+  c.optim.decay_steps = 0         # step the decay reaches its end and holds; 0 = train.steps
+  # The rows' learning rate: 'shared' = row_lr on the encoder's warmup and decay;
+  # 'constant' = row_lr at every step from the first (the reference recipe).
+  c.optim.row_schedule = "shared"
   c.optim.weight_decay = 0.01
   c.optim.grad_clip = 1.0
+  # What grad_clip's global norm covers: 'encoder' = the encoder's gradient alone; 'all' =
+  # the encoder's, the pooled rows' and the learned index parameters' together (the
+  # reference recipe clips every trained tensor at once).
+  c.optim.clip_scope = "encoder"
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
 
   c.train = ml_collections.ConfigDict()
-  c.train.mode = "dback"          # dback | dback_no_ste | jpq | query_only | posthoc
+  c.train.mode = "dback"          # dback | dback_no_ste | jpq | query_only | posthoc | rows_only
   c.train.batch_size = 32
   c.train.steps = 200
   c.train.log_every = 10

@@ -98,6 +98,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   routing_temperature = float(config.loss.routing_temperature)
   nprobe = int(config.index.nprobe)
   rounding = optim.bf16_update(config.table)
+  grad_clip = float(config.optim.grad_clip)
+  clip_all = grad_clip > 0 and config.optim.clip_scope == "all"
   # Distillation, balance and distortion: they compare with or act on the quantizer, so
   # they apply to quantizing modes only.
   extra_terms = quantization_terms(config.loss) if mode.quantize else None
@@ -145,9 +147,11 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
       if learn_from_positives:  # every positive teaches, labelled pseudo-queries' included
         ranked = index_taught_only_by(targets, rows, positive_mask.any(axis=0))
+      multiplicity = pool.get("multiplicity")  # a pool that keeps repeats
       loss, metrics = contrastive_loss(q[:labelled], ranked, positive_mask[:labelled],
                                        hidden_mask[:labelled], valid,
-                                       temperature=temperature, multi_positive=multi_positive)
+                                       temperature=temperature, multi_positive=multi_positive,
+                                       multiplicity=multiplicity)
       metrics["contrastive_loss"] = loss
       if num_pseudo_labelled:
         pseudo_q, pseudo_targets = q[labelled:], ranked
@@ -156,7 +160,7 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
           pseudo_targets = reconstruction
         pseudo_loss, pseudo_metrics = contrastive_loss(
             pseudo_q, pseudo_targets, positive_mask[labelled:], hidden_mask[labelled:], valid,
-            temperature=temperature, multi_positive=multi_positive)
+            temperature=temperature, multi_positive=multi_positive, multiplicity=multiplicity)
         metrics.update(pseudo_loss=pseudo_loss,
                        pseudo_pool_accuracy=pseudo_metrics["pool_accuracy"])
         loss = loss + pseudo_weight * pseudo_loss
@@ -179,22 +183,29 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     (_, metrics), (g_query, g_rows, g_learned) = jax.value_and_grad(
         loss_fn, argnums=(0, 1, 2), has_aux=True)(query_emb, rows, learned)
     new = {}
+    g_params = encoder_vjp(g_query)[0] if mode.update_encoder else None
     if mode.update_encoder:
-      (g_params,) = encoder_vjp(g_query)
+      metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
+    if mode.update_rows:
+      metrics["row_grad_norm"] = optax.tree.norm(g_rows)
+    if mode.learns_index:
+      metrics["index_grad_norm"] = optax.tree.norm(g_learned)
+    if clip_all:  # one global norm over every gradient the step applies (norms above: before)
+      g_params, g_rows, g_learned = optim.clip_jointly(
+          (g_params, g_rows if mode.update_rows else None,
+           g_learned if mode.learns_index else None), grad_clip)[0]
+    if mode.update_encoder:
       updates, new["encoder_opt_state"] = encoder_tx.update(
           g_params, state.encoder_opt_state, state.params)
       new["params"] = optax.apply_updates(state.params, updates)
-      metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
     if mode.update_rows:
       new["table"], new["row_opt_state"] = _update_rows(
           state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), normalize_rows,
           rounding)
-      metrics["row_grad_norm"] = optax.tree.norm(g_rows)
       metrics["row_lr"] = row_schedule(state.step)
     if mode.learns_index:
       new["index_params"], new["index_opt_state"] = _update_index_params(
           state, g_learned, index_tx)
-      metrics["index_grad_norm"] = optax.tree.norm(g_learned)
     metrics["updates_finite"] = _written_finite(new, row_ids)
     return state.replace(step=state.step + 1, **new), metrics
 
