@@ -444,12 +444,14 @@ def test_clip_scope_all_scales_the_rows_by_the_joint_norm(scope):
     return np.asarray(new_state.table) - table, metrics
 
   free, metrics = row_step(0.0)
-  bound = 1e-3
-  joint = float(np.hypot(metrics["encoder_grad_norm"], metrics["row_grad_norm"]))
-  assert joint > 10 * bound and np.abs(free).max() > 0
-  clipped, clipped_metrics = row_step(bound)
-  scale = bound / joint if scope == "all" else 1.0
-  np.testing.assert_allclose(clipped, free * scale, rtol=1e-4, atol=1e-10)
+  encoder_norm, row_norm = float(metrics["encoder_grad_norm"]), float(metrics["row_grad_norm"])
+  bound = np.hypot(encoder_norm, row_norm) / 4
+  # The rows' own norm is under the bound: only the joint norm can scale them.
+  assert row_norm < bound
+  clipped, clipped_metrics = row_step(float(bound))
+  scale = 0.25 if scope == "all" else 1.0
+  assert np.abs(free).max() > 1e-3  # steps far above the table's float32 spacing
+  np.testing.assert_allclose(clipped, free * scale, rtol=1e-3, atol=2e-6)
   # The logged norms are the gradients' before the clip.
   np.testing.assert_allclose(clipped_metrics["row_grad_norm"], metrics["row_grad_norm"],
                              rtol=1e-6)
