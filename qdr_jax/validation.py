@@ -46,6 +46,8 @@ ENUMS: dict[str, tuple] = {
     "negatives.pseudo_query_source": PSEUDO_QUERY_SOURCES,
     "optim.row_optimizer": ("adam", "sgd"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.row_schedule": ("shared", "constant"),
+    "optim.clip_scope": ("encoder", "all"),
     "train.mode": tuple(MODES),
     "checkpoint.best_mode": ("max", "min"),
     "distributed.cpu_collectives": ("", "gloo", "mpi"),
@@ -75,7 +77,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("index.stream_rows", 1, False, None),
     ("negatives.k", 1, False, None),
     ("negatives.pool_size", 0, False, None),
-    ("negatives.max_positives", 1, False, None),
+    ("negatives.max_positives", 0, False, None),
     ("loss.temperature", 0, True, None),
     ("loss.distill_weight", 0, False, None),
     ("loss.balance_weight", 0, False, None),
@@ -86,6 +88,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("optim.centroid_lr", 0, False, None),
     ("optim.rotation_lr", 0, False, None),
     ("optim.warmup_steps", 0, False, None),
+    ("optim.decay_steps", 0, False, None),
     ("optim.end_lr_fraction", 0, False, 1),
     ("optim.weight_decay", 0, False, None),
     ("optim.grad_clip", 0, False, None),
@@ -167,6 +170,11 @@ def _check_settings(config: ml_collections.ConfigDict, problems: list[str]) -> N
     problems.append(_problem("index.full_rebuild_every", index.full_rebuild_every,
                              f"a multiple of config.index.rebuild_every="
                              f"{index.rebuild_every} (or 0)"))
+  optim = config.optim
+  if (isinstance(optim.decay_steps, int) and isinstance(optim.warmup_steps, int)
+      and 0 < optim.decay_steps <= optim.warmup_steps):
+    problems.append(_problem("optim.decay_steps", optim.decay_steps,
+                             f"0 or > config.optim.warmup_steps={optim.warmup_steps}"))
   learn = config.quant.learn
   if not isinstance(learn, (tuple, list)) or not all(isinstance(p, str) for p in learn):
     problems.append(_problem("quant.learn", learn, 'a tuple of "codebooks", "centroids", '

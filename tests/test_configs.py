@@ -34,7 +34,7 @@ def test_dpr_configs_differ_only_where_the_paper_does():
   nq, trivia = (_load(p) for p in CONFIGS if p.stem in ("nq", "trivia"))
   assert (nq.loss.temperature, trivia.loss.temperature) == (8.0, 16.0)
   assert (nq.index.rebuild_every, trivia.index.rebuild_every) == (800, 1600)
-  assert nq.index.factory == trivia.index.factory == "IVF4096_HNSW32,PQ128x8"
+  assert nq.index.factory == trivia.index.factory == "IVF4096_HNSW128,PQ128x8"
   assert nq.model.passage_encoder.startswith("facebook/dpr-ctx_encoder")
 
 

@@ -393,3 +393,64 @@ def test_bf16_table_trains_end_to_end_like_float32(tiny_config, tmp_path):
     assert np.any(moves[kind] != 0, axis=1).sum() > 0.95 * moved32
     along = np.sum(moves[kind] * d32) / np.sum(d32 * d32)
     assert 0.8 < along < 1.2, (kind, along)
+
+
+@pytest.mark.parametrize("scope", ["encoder", "all"])
+def test_clip_scope_all_scales_the_rows_by_the_joint_norm(scope):
+  """With optim.clip_scope='all' the rows' step is scaled by clip / |(encoder, rows)|
+  (plain SGD rows show the scale exactly); with 'encoder' the rows are not clipped."""
+  def row_step(grad_clip):
+    *_, table, quantizer, state, fns, tokens, pool, _ = _setup(
+        "dback_no_ste", **{"optim.row_optimizer": "sgd", "optim.clip_scope": scope,
+                           "optim.grad_clip": grad_clip})
+    q, vjp = fns.encode(state.params, tokens)
+    arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+    new_state, metrics = fns.update(state, vjp, q, arrays, quantizer)
+    return np.asarray(new_state.table) - table, metrics
+
+  free, metrics = row_step(0.0)
+  encoder_norm, row_norm = float(metrics["encoder_grad_norm"]), float(metrics["row_grad_norm"])
+  bound = np.hypot(encoder_norm, row_norm) / 4
+  # The rows' own norm is under the bound: only the joint norm can scale them.
+  assert row_norm < bound
+  clipped, clipped_metrics = row_step(float(bound))
+  scale = 0.25 if scope == "all" else 1.0
+  assert np.abs(free).max() > 1e-3  # steps far above the table's float32 spacing
+  np.testing.assert_allclose(clipped, free * scale, rtol=1e-3, atol=2e-6)
+  # The logged norms are the gradients' before the clip.
+  np.testing.assert_allclose(clipped_metrics["row_grad_norm"], metrics["row_grad_norm"],
+                             rtol=1e-6)
+
+
+def test_rows_only_moves_the_pooled_rows_and_not_the_encoder():
+  *_, params, table, quantizer, state, fns, tokens, pool, _ = _setup("rows_only")
+  q, vjp = fns.encode(state.params, tokens)
+  arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+  new_state, metrics = fns.update(state, vjp, q, arrays, quantizer)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new_state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  changed = np.flatnonzero(np.any(np.asarray(new_state.table) != table, axis=1))
+  assert set(changed.tolist()) == set(pool.row_ids[pool.valid].tolist())
+  assert "encoder_grad_norm" not in metrics and new_state.encoder_opt_state is None
+
+
+def test_step_scores_a_pool_with_repeats():
+  """A pool that keeps repeats (negatives.dedup=False) reaches the jitted loss: the
+  step's loss is the multiplicity-weighted one."""
+  config, *_, table, quantizer, state, fns, tokens, _, _ = _setup("dback_no_ste")
+  rng = np.random.default_rng(1)
+  pool = build_pool(rng.integers(0, 8, (BATCH, 6)) + BATCH,
+                    [np.array([i]) for i in range(BATCH)], pool_size=16, num_rows=ROWS,
+                    max_positives=1, rng=rng, fill_valid=False, dedup=False)
+  assert pool.multiplicity.max() > 1
+  q, vjp = fns.encode(state.params, tokens)
+  arrays = {k: jnp.asarray(v) for k, v in pool.arrays().items()}
+  rows = jnp.asarray(table)[arrays["row_ids"]]
+  expected = contrastive_loss(q, rows, arrays["positive_mask"], arrays["hidden_mask"],
+                              arrays["valid"], temperature=config.loss.temperature,
+                              multiplicity=arrays["multiplicity"])[0]
+  unweighted = contrastive_loss(q, rows, arrays["positive_mask"], arrays["hidden_mask"],
+                                arrays["valid"], temperature=config.loss.temperature)[0]
+  _, metrics = fns.update(state, vjp, q, arrays, quantizer)
+  np.testing.assert_allclose(metrics["loss"], expected, rtol=1e-5)
+  assert abs(float(expected) - float(unweighted)) > 1e-3

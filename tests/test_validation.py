@@ -192,7 +192,8 @@ def test_compare_validates_every_run(tiny_config):
   with pytest.raises(ConfigError) as e:
     validate_runs(runs, lambda c: f"mode {c.train.mode!r}")
   assert e.value.problems == ["mode 'bogus': config.train.mode='bogus': expected one of "
-                              "'dback', 'dback_no_ste', 'jpq', 'query_only', 'posthoc'"]
+                              "'dback', 'dback_no_ste', 'jpq', 'query_only', 'posthoc', "
+                              "'rows_only'"]
 
 
 def test_int8_cached_table_not_cast(tmp_path):

@@ -47,6 +47,7 @@ class TermInputs:
     modes that do not quantize.
   row_bias: (P,) what the served score adds to ``query . target`` per row (RaBitQ's
     constant, ``train.step.pool_bias``); None for PQ.
+  multiplicity: (P,) times each row stands in a pool that keeps repeats; None = once.
   """
   query_emb: jax.Array
   num_training: int
@@ -57,6 +58,7 @@ class TermInputs:
   valid: jax.Array
   quantizer: Quantizer | None
   row_bias: jax.Array | None = None
+  multiplicity: jax.Array | None = None
 
   @property
   def active(self) -> jax.Array:
@@ -113,7 +115,8 @@ class LabelledPseudoQueries:
     value, metrics = contrastive_loss(
         inputs.query_emb[n:], inputs.targets, inputs.positive_mask[n:],
         inputs.hidden_mask[n:], inputs.valid, temperature=self.temperature,
-        multi_positive=self.multi_positive, row_bias=inputs.row_bias)
+        multi_positive=self.multi_positive, row_bias=inputs.row_bias,
+        multiplicity=inputs.multiplicity)
     return value, {"pseudo_loss": value, "pseudo_pool_accuracy": metrics["pool_accuracy"]}
 
 

@@ -5,6 +5,8 @@ candidates of all queries are pooled, de-duplicated, stripped of every batch pos
 cut or filled to a fixed size, and the batch positives are put in front. Every query
 then scores every row of the pool (B x P), which approximates the full softmax over the
 corpus with the passages that matter most: those the index would actually serve.
+Without de-duplication (the reference recipe's pool) the cut draws from every return,
+repeats included, and a row drawn n times weighs n in the softmax (``multiplicity``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class Pool:
     positive_positions: (B, max_positives) int32 pool positions of each query's
       positives, -1 padded.
     num_candidates: unique candidate rows the index returned before cutting/filling.
+    multiplicity: (P,) float32 times each row stands in the pool (its draws among the
+      batch's returns; 1 for positives and filler), or None for a de-duplicated pool.
   """
   row_ids: np.ndarray
   valid: np.ndarray
@@ -39,11 +43,15 @@ class Pool:
   hidden_mask: np.ndarray
   positive_positions: np.ndarray
   num_candidates: int
+  multiplicity: np.ndarray | None = None
 
   def arrays(self) -> dict[str, np.ndarray]:
     """The fields the jitted step consumes."""
-    return {"row_ids": self.row_ids, "valid": self.valid,
-            "positive_mask": self.positive_mask, "hidden_mask": self.hidden_mask}
+    arrays = {"row_ids": self.row_ids, "valid": self.valid,
+              "positive_mask": self.positive_mask, "hidden_mask": self.hidden_mask}
+    if self.multiplicity is not None:
+      arrays["multiplicity"] = self.multiplicity
+    return arrays
 
 
 def _membership(pool_rows: np.ndarray, query_of: np.ndarray, rows: np.ndarray,
@@ -70,7 +78,8 @@ def build_pool(candidates: np.ndarray,
                fill_valid: bool = True,
                hidden: Sequence[np.ndarray] | None = None,
                relevance_fn: RelevanceFn | None = None,
-               unlabelled: int = 0) -> Pool:
+               unlabelled: int = 0,
+               dedup: bool = True) -> Pool:
   """Pools the index's candidates of a batch into one static-shape set of rows.
 
   Args:
@@ -90,6 +99,9 @@ def build_pool(candidates: np.ndarray,
       query's candidates (or the filler) brought it into the pool.
     unlabelled: the last this many queries have no labels (label-free pseudo-queries):
       their candidates join the pool, their ``positive_mask`` rows are all False.
+    dedup: True - each candidate row once, the free rows filled; False - the budget is
+      drawn from the returns themselves (a row several queries return can be drawn
+      several times: ``multiplicity``), and only the rows repeats leave free are filler.
 
   Returns:
     A ``Pool``.
@@ -113,12 +125,19 @@ def build_pool(candidates: np.ndarray,
                      f"config.negatives.pool_size is {pool_size}.")
 
   flat = candidates.reshape(-1).astype(np.int64)
-  flat = np.unique(flat[flat >= 0])
-  negatives = np.setdiff1d(flat, pos_rows, assume_unique=True)
-  num_candidates = int(flat.size)
   budget = pool_size - pos_rows.size
-  if negatives.size > budget:
-    negatives = np.sort(rng.choice(negatives, size=budget, replace=False))
+  if dedup:
+    flat = np.unique(flat[flat >= 0])
+    negatives = np.setdiff1d(flat, pos_rows, assume_unique=True)
+    num_candidates = int(flat.size)
+    if negatives.size > budget:
+      negatives = np.sort(rng.choice(negatives, size=budget, replace=False))
+  else:
+    returns = flat[(flat >= 0) & ~np.isin(flat, pos_rows)]
+    num_candidates = int(np.unique(flat[flat >= 0]).size)
+    if returns.size > budget:
+      returns = returns[rng.choice(returns.size, size=budget, replace=False)]
+    negatives, draws = np.unique(returns, return_counts=True)
   num_fill = budget - negatives.size
   fill = _draw_fill(num_fill, num_rows, np.concatenate([pos_rows, negatives]), rng)
 
@@ -150,9 +169,13 @@ def build_pool(candidates: np.ndarray,
   keep = slot < max_positives
   positive_positions[qs[keep], slot[keep]] = ps[keep]
 
+  multiplicity = None
+  if not dedup:
+    multiplicity = np.ones(pool_size, np.float32)
+    multiplicity[pos_rows.size:pos_rows.size + negatives.size] = draws
   return Pool(row_ids=row_ids.astype(np.int32), valid=valid, positive_mask=positive_mask,
               hidden_mask=hidden_mask, positive_positions=positive_positions,
-              num_candidates=num_candidates)
+              num_candidates=num_candidates, multiplicity=multiplicity)
 
 
 def _draw_fill(count: int, num_rows: int, taken: np.ndarray, rng: np.random.Generator

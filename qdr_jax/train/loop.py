@@ -223,10 +223,11 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
   if config.train.batch_size % mesh.devices.size:
     raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
                      f"by the {mesh.devices.size} devices of the mesh.")
-  queries = training_queries(dataset.split(config.data.train_split), corpus)
+  queries = training_queries(dataset.split(config.data.train_split), corpus,
+                             config.negatives.max_positives)
   encoder_tx, encoder_lr = optim.make_encoder_optimizer(config.optim, steps)
   row_tx = optim.make_row_transform(config.optim)
-  row_lr = optim.make_schedule(config.optim.row_lr, config.optim, steps)
+  row_lr = optim.make_row_schedule(config.optim, steps)
   index_tx = (optim.make_index_optimizer(config.optim, steps, mode.learn)[0]
               if mode.learns_index else None)
   timers = PhaseTimers()

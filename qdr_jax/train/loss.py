@@ -18,7 +18,8 @@ NEG_INF = -1e9  # finite, so rows masked everywhere give zero gradient rather th
 
 def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: jax.Array,
                      hidden_mask: jax.Array, valid: jax.Array, *, temperature: float,
-                     multi_positive: str = "mean", row_bias: jax.Array | None = None
+                     multi_positive: str = "mean", row_bias: jax.Array | None = None,
+                     multiplicity: jax.Array | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Softmax cross-entropy of each query over the pool.
 
@@ -33,6 +34,8 @@ def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: ja
       its positives; 'marginal' - -log of the total probability of the positives.
     row_bias: (P,) added to every query's score of a row before the temperature (RaBitQ's
       estimate: ``step.pool_bias``), or None.
+    multiplicity: (P,) times each row stands in the pool (`Pool.multiplicity`): a
+      negative counts that many times in the softmax's denominator; None = once.
 
   Returns:
     (scalar loss, metrics) with the in-pool accuracy (top-scored row is a positive).
@@ -44,7 +47,8 @@ def contrastive_loss(query_emb: jax.Array, targets: jax.Array, positive_mask: ja
   active = valid[None, :] & ~hidden_mask
   positive = positive_mask & active
   negative = active & ~positive
-  neg_lse = jax.nn.logsumexp(jnp.where(negative, scores, NEG_INF), axis=1)  # (B,)
+  repeated = scores if multiplicity is None else scores + jnp.log(multiplicity)[None, :]
+  neg_lse = jax.nn.logsumexp(jnp.where(negative, repeated, NEG_INF), axis=1)  # (B,)
   num_pos = positive.sum(axis=1)
   has_pos = num_pos > 0
   if multi_positive == "mean":

@@ -44,6 +44,9 @@ MODES: dict[str, Mode] = {
     "jpq": Mode(update_encoder=True, update_rows=False, quantize=True, learn=("codebooks",)),
     "query_only": Mode(update_encoder=True, update_rows=False, quantize=False),
     "posthoc": Mode(update_encoder=False, update_rows=False, quantize=False, trains=False),
+    # The rows alone on the float loss, the query encoder frozen: the reference recipe's
+    # MS MARCO script encodes its training queries without a gradient.
+    "rows_only": Mode(update_encoder=False, update_rows=True, quantize=False),
 }
 
 
@@ -52,8 +55,8 @@ def get_mode(name: str, learn: bool | Sequence[str] = ()) -> Mode:
 
   ``learn`` is ``config.quant.learn`` (True stands for ("codebooks",)). Learning needs the quantized forward: a mode that
   does not quantize (query_only) is switched to scoring quantized rows, which leaves its
-  rows fixed; dback_no_ste, whose point is an unquantized loss, and posthoc, which does
-  not train, are refused.
+  rows fixed; dback_no_ste and rows_only, whose point is an unquantized loss, and
+  posthoc, which does not train, are refused.
   """
   if name not in MODES:
     raise ValueError(f"config.train.mode must be one of {sorted(MODES)}; got {name!r}")
@@ -67,9 +70,9 @@ def get_mode(name: str, learn: bool | Sequence[str] = ()) -> Mode:
     return mode
   if not mode.trains:
     raise ValueError(f"config.quant.learn={learned} needs a training mode, not {name!r}")
-  if name == "dback_no_ste":
+  if name in ("dback_no_ste", "rows_only"):
     raise ValueError(f"config.quant.learn={learned} needs the quantized forward that "
-                     "dback_no_ste leaves out by definition: use mode dback (or query_only)")
+                     f"{name} leaves out by definition: use mode dback (or query_only)")
   return dataclasses.replace(mode, quantize=True, learn=learned)
 
 

@@ -40,14 +40,17 @@ class TrainQueries:
   corpus: Corpus | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
-def training_queries(split: Split, corpus: Corpus) -> TrainQueries:
+def training_queries(split: Split, corpus: Corpus, max_positives: int = 0) -> TrainQueries:
+  """The queries of ``split`` with a positive in ``corpus``, each with its first
+  ``max_positives`` distinct positive rows in label order (0: all), sorted."""
   texts, positives, answers = [], [], []
   for qid, text in zip(split.queries.ids, split.queries.texts):
-    rows = [corpus.row_of[d] for d in split.positives(qid) if d in corpus.row_of]
+    rows = list(dict.fromkeys(corpus.row_of[d] for d in split.positives(qid)
+                              if d in corpus.row_of))
     if not rows:
       continue
     texts.append(text)
-    positives.append(np.asarray(sorted(set(rows)), dtype=np.int64))
+    positives.append(np.asarray(sorted(rows[:max_positives or None]), dtype=np.int64))
     if split.answers is not None:
       answers.append(list(split.answers.get(qid, ())))
   if not texts:
@@ -253,8 +256,9 @@ class NegativeSource:
         self.config.negatives.pseudo_query_source)
     built = build_pool(candidates, positives,
                        pool_size=self.pool_size, num_rows=self.num_rows,
-                       max_positives=self.config.negatives.max_positives,
+                       max_positives=max(len(p) for p in positives + [[0]]),
                        rng=np.random.default_rng(self.step_seeds[batch.step]),
-                       hidden=hidden,
-                       relevance_fn=relevance, unlabelled=unlabelled)
+                       fill_valid=self.config.negatives.dedup, hidden=hidden,
+                       relevance_fn=relevance, unlabelled=unlabelled,
+                       dedup=self.config.negatives.dedup)
     return {**built.arrays(), "num_candidates": np.asarray(built.num_candidates, np.int32)}

@@ -25,9 +25,14 @@ Schedule = Callable[[jax.Array], jax.Array]
 
 
 def make_schedule(peak: float, cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
-  """Linear warmup to ``peak`` then ``cfg.schedule`` ('cosine', 'linear' or 'constant')."""
+  """Linear warmup to ``peak`` then ``cfg.schedule`` ('cosine', 'linear' or 'constant').
+
+  The decay reaches ``peak * cfg.end_lr_fraction`` at step ``cfg.decay_steps`` (0: at
+  ``total_steps``) and holds there: a horizon past the run's end leaves the run on the
+  upper part of the curve, as the reference recipe's 60,000-iteration decay does.
+  """
   warmup = int(cfg.warmup_steps)
-  decay_steps = max(total_steps, warmup + 1)
+  decay_steps = max(int(cfg.decay_steps) or total_steps, warmup + 1)
   end = peak * cfg.end_lr_fraction
   if cfg.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, decay_steps, end)
@@ -41,20 +46,43 @@ def make_schedule(peak: float, cfg: ml_collections.ConfigDict, total_steps: int)
   raise ValueError(f"config.optim.schedule must be cosine, linear or constant; got {cfg.schedule!r}")
 
 
+def make_row_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> Schedule:
+  """The rows' learning rate: ``cfg.row_lr`` on the encoder's warmup and decay
+  (``row_schedule='shared'``) or at every step from the first (``'constant'``)."""
+  if cfg.row_schedule == "constant":
+    return optax.constant_schedule(cfg.row_lr)
+  if cfg.row_schedule == "shared":
+    return make_schedule(cfg.row_lr, cfg, total_steps)
+  raise ValueError(f"config.optim.row_schedule must be shared or constant; got "
+                   f"{cfg.row_schedule!r}")
+
+
 def make_encoder_optimizer(cfg: ml_collections.ConfigDict, total_steps: int
                            ) -> tuple[optax.GradientTransformation, Schedule]:
+  """AdamW on the encoder; it clips the encoder's gradient itself only with
+  ``clip_scope='encoder'`` (with 'all' the step clips every gradient together,
+  `clip_jointly`)."""
   schedule = make_schedule(cfg.encoder_lr, cfg, total_steps)
   parts = []
-  if cfg.grad_clip > 0:
+  if cfg.grad_clip > 0 and cfg.clip_scope == "encoder":
     parts.append(optax.clip_by_global_norm(cfg.grad_clip))
-  parts.append(optax.adamw(schedule, weight_decay=cfg.weight_decay))
+  parts.append(optax.adamw(schedule, b2=cfg.b2, weight_decay=cfg.weight_decay))
   return optax.chain(*parts), schedule
+
+
+def clip_jointly(grads: Any, max_norm: float) -> tuple[Any, jax.Array]:
+  """``grads`` (any pytree: the encoder's, the pooled rows' and the index parameters'
+  gradients together) scaled by ``min(1, max_norm / global norm)``, as one
+  ``clip_grad_norm_`` over every trained tensor; returns (clipped, norm before)."""
+  norm = optax.tree.norm(grads)
+  scale = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+  return jax.tree.map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
 def make_row_transform(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Direction of a row update (learning rate applied by the caller); state per row."""
   if cfg.row_optimizer == "adam":
-    return optax.scale_by_adam()
+    return optax.scale_by_adam(b2=cfg.b2)
   if cfg.row_optimizer == "sgd":
     return optax.identity()
   raise ValueError(f"config.optim.row_optimizer must be adam or sgd; got {cfg.row_optimizer!r}")

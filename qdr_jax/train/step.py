@@ -112,6 +112,8 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
   # The training queries come first; the pseudo-queries (negatives.pseudo_queries) follow
   # and reach the optional terms only.
   num_pseudo = int(config.negatives.pseudo_queries)
+  grad_clip = float(config.optim.grad_clip)
+  clip_all = grad_clip > 0 and config.optim.clip_scope == "all"
 
   def encode(params, tokens):
     return jax.vjp(lambda p: apply_encoder(p, **tokens), params)
@@ -140,16 +142,17 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
       bias = pool_bias(rows, quantizer if mode.quantize else None, learned, codes, lists)
       positive_mask, hidden_mask = pool["positive_mask"], pool["hidden_mask"]
       num_training = q.shape[0] - num_pseudo
+      multiplicity = pool.get("multiplicity")  # a pool that keeps repeats
       loss, metrics = contrastive_loss(q[:num_training], targets, positive_mask[:num_training],
                                        hidden_mask[:num_training], valid,
                                        temperature=temperature, multi_positive=multi_positive,
-                                       row_bias=bias)
+                                       row_bias=bias, multiplicity=multiplicity)
       metrics["contrastive_loss"] = loss
       if terms:
         # The quantizer as trained so far (learned index parameters in place of the index's).
         current = None if quantizer is None else with_index_params(quantizer, learned)
         inputs = TermInputs(q, num_training, rows, targets, positive_mask, hidden_mask, valid,
-                            current if mode.quantize else None, bias)
+                            current if mode.quantize else None, bias, multiplicity)
         for term in terms:
           if term.needs_quantizer and inputs.quantizer is None:
             continue
@@ -162,27 +165,48 @@ def make_step_functions(apply_encoder: Callable[..., jax.Array], mode: Mode,
     (_, metrics), (g_query, g_rows, g_learned) = jax.value_and_grad(
         loss_fn, argnums=(0, 1, 2), has_aux=True)(query_emb, rows, learned)
     new = {}
+    if clip_all:  # one global norm over every gradient the step applies
+      g_params = encoder_vjp(g_query)[0] if mode.update_encoder else None
+      g_params, g_rows, g_learned = _clip_jointly(mode, g_params, g_rows, g_learned,
+                                                  grad_clip, metrics)
     if mode.update_encoder:
-      (g_params,) = encoder_vjp(g_query)
+      if not clip_all:
+        (g_params,) = encoder_vjp(g_query)
       updates, new["encoder_opt_state"] = encoder_tx.update(
           g_params, state.encoder_opt_state, state.params)
       new["params"] = optax.apply_updates(state.params, updates)
-      metrics["encoder_grad_norm"] = optax.tree.norm(g_params)
+      metrics.setdefault("encoder_grad_norm", optax.tree.norm(g_params))
     if mode.update_rows:
       new["table"], new["row_opt_state"] = _update_rows(
           state, row_ids, valid, rows, g_rows, row_tx, row_schedule(state.step), rounding)
-      metrics["row_grad_norm"] = optax.tree.norm(g_rows)
+      metrics.setdefault("row_grad_norm", optax.tree.norm(g_rows))
       metrics["row_lr"] = row_schedule(state.step)
     if mode.learns_index:
       new["index_params"], new["index_opt_state"] = _update_index_params(
           state, g_learned, index_tx)
-      metrics["index_grad_norm"] = optax.tree.norm(g_learned)
+      metrics.setdefault("index_grad_norm", optax.tree.norm(g_learned))
     metrics["updates_finite"] = _written_finite(new, row_ids)
     return state.replace(step=state.step + 1, **new), metrics
 
   return StepFunctions(
       encode=distributed.CompileThenMeet(jax.jit(encode), "query forward"),
       update=distributed.CompileThenMeet(jax.jit(update, donate_argnums=(0,)), "update"))
+
+
+def _clip_jointly(mode: Mode, g_params, g_rows, g_learned, grad_clip: float,
+                  metrics: dict[str, jax.Array]):
+  """The gradients the step applies (encoder, rows, index parameters, as ``mode``
+  trains them) clipped by one global norm (``optim.clip_scope='all'``); their norms
+  before the clip go into ``metrics``."""
+  trained = {"encoder": g_params if mode.update_encoder else None,
+             "row": g_rows if mode.update_rows else None,
+             "index": g_learned if mode.learns_index else None}
+  for name, grads in trained.items():
+    if grads is not None:
+      metrics[f"{name}_grad_norm"] = optax.tree.norm(grads)
+  clipped = optim.clip_jointly(trained, grad_clip)[0]
+  return (clipped["encoder"], g_rows if clipped["row"] is None else clipped["row"],
+          g_learned if clipped["index"] is None else clipped["index"])
 
 
 def _update_index_params(state: TrainState, grads: dict[str, jax.Array],
