@@ -16,6 +16,10 @@ def get_config():
   c.data.format = "beir"
   c.data.root = "data/msmarco"
   c.data.eval_split = "dev"
+  # MS MARCO's dev queries are the evaluated split: selection reads 2,000 training queries
+  # held out with their positives.
+  c.data.dev_split = "heldout"
+  c.data.dev_queries = 2000
   c.model.query_encoder = "castorini/ance-msmarco-passage"
   c.model.passage_style = "concat"
   c.eval.measures = ("MRR@10", "R@10", "R@100", "R@1000", "nDCG@10")

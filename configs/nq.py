@@ -13,6 +13,7 @@ from qdr_jax.config import dpr_qa_config
 
 def get_config():
   return dpr_qa_config("nq", train_file="data/nq/biencoder-nq-train.json",
+                       dev_file="data/nq/biencoder-nq-dev.json",
                        test_file="data/nq/nq-test.csv",
                        query_encoder="facebook/dpr-question_encoder-single-nq-base",
                        passage_encoder="facebook/dpr-ctx_encoder-single-nq-base",

@@ -12,6 +12,7 @@ from qdr_jax.config import dpr_qa_config
 
 def get_config():
   return dpr_qa_config("trivia", train_file="data/trivia/biencoder-trivia-train.json",
+                       dev_file="data/trivia/biencoder-trivia-dev.json",
                        test_file="data/trivia/trivia-test.csv",
                        query_encoder="castorini/ance-dpr-question-multi",
                        passage_encoder="castorini/ance-dpr-context-multi",

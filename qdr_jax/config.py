@@ -381,18 +381,20 @@ def apply_minilm_setup(c: ml_collections.ConfigDict, *, steps: int, mode: str
   return apply_mode_spec(c, mode)  # last: the spec's overrides win
 
 
-def dpr_qa_config(name: str, *, train_file: str, test_file: str, query_encoder: str,
-                  passage_encoder: str, temperature: float, rebuild_every: int,
-                  steps: int) -> ml_collections.ConfigDict:
+def dpr_qa_config(name: str, *, train_file: str, dev_file: str, test_file: str,
+                  query_encoder: str, passage_encoder: str, temperature: float,
+                  rebuild_every: int, steps: int) -> ml_collections.ConfigDict:
   """The reference recipe's open-domain QA setup (NQ, TriviaQA): Wikipedia
   ``psgs_w100.tsv``, a DPR-architecture question encoder (the table from its passage
-  encoder, title/text as a sentence pair), top-k answer accuracy; the rest as
+  encoder, title/text as a sentence pair), top-k answer accuracy; DPR's own dev file is
+  the selection split (in-loop evaluation, best checkpoints); the rest as
   `apply_paper_setup`."""
   c = base_config()
   c.data.name = name
   c.data.format = "dpr"
   c.data.corpus = "data/psgs_w100.tsv"
-  c.data.splits = {"train": train_file, "test": test_file}
+  c.data.splits = {"train": train_file, "dev": dev_file, "test": test_file}
+  c.data.dev_split = "dev"
   c.data.allow_missing_positives = True
   c.model.query_encoder = query_encoder
   c.model.passage_encoder = passage_encoder

@@ -72,6 +72,8 @@ PER_DATASET = {
         "data.corpus": "data/psgs_w100.tsv",
         "data.splits.train": "data/nq/biencoder-nq-train.json",
         "data.splits.test": "data/nq/nq-test.csv",
+        "data.splits.dev": "data/nq/biencoder-nq-dev.json",   # selection, never test
+        "data.dev_split": "dev",
         "data.allow_missing_positives": True,
         "eval.primary_metric": "top20",
         "eval.answer_ks": (1, 5, 20, 100),
@@ -91,6 +93,8 @@ PER_DATASET = {
         "data.corpus": "data/psgs_w100.tsv",
         "data.splits.train": "data/trivia/biencoder-trivia-train.json",
         "data.splits.test": "data/trivia/trivia-test.csv",
+        "data.splits.dev": "data/trivia/biencoder-trivia-dev.json",
+        "data.dev_split": "dev",
         "data.allow_missing_positives": True,
         "eval.primary_metric": "top20",
         "eval.answer_ks": (1, 5, 20, 100),
@@ -108,6 +112,8 @@ PER_DATASET = {
         "data.format": "beir",
         "data.root": "data/msmarco",
         "data.eval_split": "dev",              # train_ms.py eval on the dev split
+        "data.dev_split": "heldout",           # selection on held-out training queries
+        "data.dev_queries": 2000,
         "eval.measures": ("MRR@10", "R@10", "R@100", "R@1000", "nDCG@10"),
         "eval.primary_metric": "MRR@10",
     },
