@@ -56,20 +56,24 @@ def test_demo_mode_argument_names_the_learned_index_parameters():
     module.get_config("steps=ten")
 
 
-def test_demo_runs_the_best_mode_by_default_and_plain_dback_one_argument_away():
+def test_demo_runs_plain_dback_by_default_and_the_learned_index_one_argument_away():
   from qdr_jax.config import split_mode_spec
   module = _module("demo")
-  best, plain = module.get_config(), module.get_config("mode=dback")
-  name, learn, overrides = split_mode_spec(module.BEST_MODE)
-  assert best.train.mode == plain.train.mode == name == "dback"
-  assert tuple(best.quant.learn) == learn == ("codebooks", "centroids")
-  assert tuple(plain.quant.learn) == ()
-  # The default differs from plain dback in exactly the spec's overrides.
-  flat_best, flat_plain = _flatten(best.to_dict()), _flatten(plain.to_dict())
-  differing = {k for k in flat_best if flat_best[k] != flat_plain[k]}
+  plain = module.get_config()
+  learned = module.get_config(f"mode={module.LEARNED_INDEX_MODE}")
+  name, learn, overrides = split_mode_spec(module.LEARNED_INDEX_MODE)
+  assert plain.train.mode == learned.train.mode == name == "dback"
+  assert tuple(plain.quant.learn) == () and tuple(learned.quant.learn) == learn == (
+      "codebooks", "centroids")
+  # The rates chosen on the dev split, and the dev split they were chosen on.
+  assert (plain.optim.encoder_lr, plain.optim.row_lr) == (5e-6, 1e-5)
+  assert (plain.data.dev_split, plain.data.dev_queries) == ("dev", 150)
+  # The learned-index mode differs from plain dback in exactly the spec's overrides.
+  flat_learned, flat_plain = _flatten(learned.to_dict()), _flatten(plain.to_dict())
+  differing = {k for k in flat_learned if flat_learned[k] != flat_plain[k]}
   assert differing == {"quant.learn", *overrides}
-  assert (best.loss.balance_weight, best.optim.codebook_lr, best.optim.centroid_lr) == (
-      1.0, 3e-4, 3e-4)
+  assert (learned.loss.balance_weight, learned.optim.codebook_lr,
+          learned.optim.centroid_lr) == (1.0, 3e-4, 3e-4)
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

@@ -179,7 +179,7 @@ def test_valid_configs_validate_cleanly_and_fast(tiny_config, tiny_dataset):
                       "training points for the PQ4x8 sub-quantizers (256 centroids), fewer "
                       "than the 9984 FAISS recommends (39 per centroid)"]
   demo = importlib.import_module("configs.demo")
-  assert validate_config(demo.get_config(), dim=384) == []  # its default, BEST_MODE
+  assert validate_config(demo.get_config(), dim=384) == []  # its default mode
   for mode in ("dback", "jpq", "posthoc"):
     assert validate_config(demo.get_config(f"mode={mode}"), dim=384) == []
   for name, dim in (("squad", 384), ("nq", 768), ("trivia", 768), ("msmarco", 768)):
