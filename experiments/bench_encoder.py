@@ -10,7 +10,7 @@ Times, for all-MiniLM-L6-v2 (mean pooling, L2-normalised):
 - train_queries: the same on a real training batch (``--queries``: the bundled SciFact
   demo's first batch of training queries, as training draws it), each framework
   batching it its own way: JAX as the training step does (packed several to a row,
-  ``model.pack_query_rows`` of ``--queries``), PyTorch padded to the longest query, as
+  ``PACK_QUERY_ROWS`` of ``--queries``), PyTorch padded to the longest query, as
   the paper's recipe and transformers do. Ratio ``ratio_train_queries``.
 PyTorch (``pip install -e ".[bench]"``) runs transformers' BertModel in eval mode
 (dropout off, as the JAX encoder has none) with ``torch.set_num_threads(--threads)``;

@@ -27,7 +27,7 @@ from qdr_jax import host_memory, platform
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
-from qdr_jax.models import passage_inputs
+from qdr_jax.models import LENGTH_BUCKET, passage_inputs
 from qdr_jax.targets.embed import embed_texts
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
@@ -92,7 +92,7 @@ def main(argv):
     return apply(params, ids, mask, types)
 
   kwargs = dict(pair_texts=pairs, max_length=config.model.max_passage_length,
-                batch_size=config.model.embed_batch_size, bucket=config.model.length_bucket,
+                batch_size=config.model.embed_batch_size, bucket=LENGTH_BUCKET,
                 progress=False)
   embed_texts(None, encoders.passage_params, encoders.tokenizer, texts, jitted=apply, **kwargs)
   start = time.perf_counter()

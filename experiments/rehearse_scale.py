@@ -153,7 +153,6 @@ def rehearsal_config(out: pathlib.Path, passages: int):
   c.model.query_encoder = str(out / "data" / "encoder")
   c.model.max_query_length = 16
   c.model.max_passage_length = 32
-  c.model.length_bucket = 16
   c.model.embed_batch_size = 256
   c.table.cache_dir = str(out / "cache")
   c.index.factory = _FACTORY.value
@@ -167,7 +166,6 @@ def rehearsal_config(out: pathlib.Path, passages: int):
   c.train.steps = _STEPS.value
   c.train.log_every = 5
   c.checkpoint.every = _STEPS.value // 2
-  c.checkpoint.async_save = False
   c.eval.index_seeds = (0,)
   c.sharding.num_devices = 0
   return c
@@ -216,8 +214,11 @@ def job_main(out: pathlib.Path) -> None:
   from qdr_jax.index.lifecycle import IndexLifecycle
   from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
   from qdr_jax.targets.table import build_or_load_table
+  from qdr_jax.train import checkpoint
   from qdr_jax.train.loop import train
   from qdr_jax.train.modes import get_mode
+
+  checkpoint.ASYNC_SAVE = False  # each save is whole on disk when the driver sees it
 
   stage = _STAGE.value
   log = PhaseLog(out / f"phases-{stage}.jsonl", jax.process_index())

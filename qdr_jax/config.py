@@ -47,12 +47,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.max_passage_length = 256  # tokens
   c.model.passage_style = "concat"  # concat (title + text) | pair (DPR segments)
   c.model.embed_batch_size = 32   # texts per forward when embedding passages or eval queries
-  c.model.length_bucket = 32      # token lengths padded to a multiple (fewer compiled shapes)
-  # Training queries are packed several to a row of max_query_length tokens, in a multiple
-  # of this many rows (rounded to the device count); 0 = one query per padded row. Packed
-  # queries encode as they would alone (the attention keeps them apart), at a fraction of
-  # the padded compute: SciFact's 32 queries average 23 tokens and fill 12-16 rows of 64.
-  c.model.pack_query_rows = 4
 
   c.table = ml_collections.ConfigDict()
   c.table.init = "encode"         # encode | npy | faiss
@@ -81,17 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.index.train_size = 0          # rows sampled to train the quantizer; 0 = all
   c.index.seed = 0                # k-means seed of the training index
   c.index.opq_niter = 10          # OPQ training iterations
-  # Bits a RaBitQ index rounds each query to before its sign-bit product (FAISS's default
-  # is 4); 0 scores the float query, which is what the straight-through loss scores.
-  c.index.rabitq_qb = 0
-  c.index.threads = 0             # 0 = FAISS default
   c.index.rebuild_every = 100     # steps between index refreshes during training
   # Steps between full rebuilds (quantizer retrained); the refreshes in between only
   # re-encode the rows changed since the last one (qdr_jax.index.refresh). 0 = always full.
   c.index.full_rebuild_every = 0  # >0: refreshes between full rebuilds re-add moved rows only
-  # Rows per chunk when the table streams from the devices to the index's owner (process
-  # 0) for a build: bounds that host's extra memory to chunk x d floats.
-  c.index.stream_rows = 65536
 
   c.negatives = ml_collections.ConfigDict()
   c.negatives.k = 100             # candidates searched per query
@@ -206,13 +193,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = no checkpoints (nor resume saves on SIGTERM)
   c.checkpoint.keep = 2           # most recent checkpoints kept
-  c.checkpoint.keep_best = 1      # plus the best by best_metric among saves with an eval
-  c.checkpoint.best_metric = ""   # in-training quantized eval measure; "" = eval.primary_metric
-  c.checkpoint.best_mode = "max"  # max | min
-  c.checkpoint.async_save = True  # write files in the background after the host copy
-  # Host memory a restore may stage at once (at least the largest shard it reads); without
-  # a bound, all of a process's table rows and their optimizer state are staged at once.
-  c.checkpoint.restore_buffer_mib = 256
+  c.checkpoint.keep_best = 1      # plus the best by eval.primary_metric among saves with an eval
   return c
 
 

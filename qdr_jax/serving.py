@@ -35,9 +35,9 @@ import numpy as np
 
 from qdr_jax.data.types import DataFormatError
 from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
-from qdr_jax.index.faiss_index import (build_quantized, describe_index, load_index, save_index,
-                                       search, set_search_params)
-from qdr_jax.models import load_encoder, load_tokenizer, save_encoder_hf
+from qdr_jax.index.faiss_index import (RABITQ_QB, build_quantized, describe_index, load_index,
+                                       save_index, search, set_search_params)
+from qdr_jax.models import LENGTH_BUCKET, load_encoder, load_tokenizer, save_encoder_hf
 from qdr_jax.quant import quantizer_from_faiss, with_index_params, write_quantizer_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply
 from qdr_jax.train.restore import restore_trained
@@ -89,7 +89,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
     index = write_quantizer_to_faiss(trained["index"], quantizer, table)
     set_search_params(index, nprobe=config.index.nprobe,
                       ef_search=config.index.ef_search or None,
-                      rabitq_qb=config.index.get("rabitq_qb", 0), strict=False)
+                      rabitq_qb=RABITQ_QB, strict=False)
   else:
     index = build_quantized(table, config.index, config.index.seed)
   module = trained["encoders"].query_module
@@ -114,7 +114,7 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
         "format": BUNDLE_FORMAT,
         "model": {"pooling": enc.pooling, "normalize": bool(enc.normalize),
                   "max_query_length": int(config.model.max_query_length),
-                  "length_bucket": int(config.model.length_bucket),
+                  "length_bucket": LENGTH_BUCKET,
                   "dtype": config.model.dtype, "dim": int(enc.hidden_size)},
         "index": {"factory": config.index.factory, "nprobe": int(config.index.nprobe),
                   "ef_search": int(config.index.ef_search or 0),

@@ -49,7 +49,6 @@ ENUMS: dict[str, tuple] = {
     "optim.row_schedule": ("shared", "constant"),
     "optim.clip_scope": ("encoder", "all"),
     "train.mode": tuple(MODES),
-    "checkpoint.best_mode": ("max", "min"),
     "distributed.cpu_collectives": ("", "gloo", "mpi"),
 }
 
@@ -62,19 +61,14 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("model.max_query_length", 1, False, None),
     ("model.max_passage_length", 1, False, None),
     ("model.embed_batch_size", 1, False, None),
-    ("model.length_bucket", 1, False, None),
     ("table.embed_chunk_rows", 0, False, None),
-    ("model.pack_query_rows", 0, False, None),
     ("index.nprobe", 1, False, None),
     ("index.ef_search", 0, False, None),
     ("index.train_size", 0, False, None),
     ("index.opq_niter", 1, False, None),
-    ("index.rabitq_qb", 0, False, 8),
-    ("index.threads", 0, False, None),
     ("eval.concurrent_builds", 1, False, None),
     ("index.rebuild_every", 0, False, None),
     ("index.full_rebuild_every", 0, False, None),
-    ("index.stream_rows", 1, False, None),
     ("negatives.k", 1, False, None),
     ("negatives.pool_size", 0, False, None),
     ("negatives.max_positives", 0, False, None),
@@ -103,7 +97,6 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("checkpoint.every", 0, False, None),
     ("checkpoint.keep", 1, False, None),
     ("checkpoint.keep_best", 0, False, None),
-    ("checkpoint.restore_buffer_mib", 1, False, None),
 )
 # Keys that must hold whole numbers (the others of _RANGES may be floats).
 _FLOATS = {"data.test_fraction", "loss.temperature", "loss.distill_weight",
@@ -384,18 +377,14 @@ def _check_index(config: ml_collections.ConfigDict, dim: int, num_rows: int | No
 
 def _check_rabitq_training(config: ml_collections.ConfigDict, nb_bits: int,
                            problems: list[str]) -> None:
-  """What the straight-through loss cannot score on a RaBitQ index: 1-bit codes of
-  quantized queries, multi-bit codes it would have to encode, and the terms that read PQ
-  codebooks or score without RaBitQ's per-row constant."""
+  """What the straight-through loss cannot score on a RaBitQ index: multi-bit codes it
+  would have to encode, and the terms that read PQ codebooks or score without RaBitQ's
+  per-row constant."""
   factory = config.index.factory
   if nb_bits > 1 and config.quant.codes != "index":
     problems.append(_problem("quant.codes", config.quant.codes,
                              f"'index' on the {nb_bits}-bit RaBitQ index {factory!r} (JAX "
                              "reads its codes, it does not encode them)"))
-  if config.index.rabitq_qb and nb_bits == 1:
-    problems.append(_problem("index.rabitq_qb", config.index.rabitq_qb,
-                             f"0 to train a quantizing mode on {factory!r} (the loss "
-                             "scores the float query)"))
   for key in ("distill_weight", "balance_weight"):
     if config.loss[key]:
       problems.append(_problem(f"loss.{key}", config.loss[key],

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.models.tokenization import passage_inputs, tokenize
+from qdr_jax.models.tokenization import LENGTH_BUCKET, passage_inputs, tokenize
 from qdr_jax.targets.embed import Batching, embed_corpus, embed_texts, partial_path
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
@@ -46,7 +46,7 @@ def _per_batch_reference(setup) -> np.ndarray:
   for start in range(0, len(texts), size):
     tokens = tokenize(encoders.tokenizer, texts[start:start + size],
                       config.model.max_passage_length,
-                      pad_to_multiple_of=config.model.length_bucket)
+                      pad_to_multiple_of=LENGTH_BUCKET)
     real = tokens["input_ids"].shape[0]
     tokens = {k: np.pad(v, ((0, size - real), (0, 0))) for k, v in tokens.items()}
     emb = encoders.passage_apply(encoders.passage_params, tokens["input_ids"],

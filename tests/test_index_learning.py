@@ -11,6 +11,7 @@ from jax.test_util import check_grads
 
 from qdr_jax import quant, sharding
 from qdr_jax.config import base_config
+from qdr_jax.index import lifecycle as index_lifecycle
 from qdr_jax.index.faiss_index import build_quantized
 from qdr_jax.index.lifecycle import IndexLifecycle, encoded_like_index, placeholder_quantizer
 from qdr_jax.train import optim
@@ -27,13 +28,17 @@ def _table(seed=0, rows=ROWS):
   return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+@pytest.fixture(autouse=True)
+def _small_stream_chunks(monkeypatch):
+  monkeypatch.setattr(index_lifecycle, "STREAM_ROWS", 700)  # several chunks, the last one short
+
+
 def _index_cfg(factory):
   c = base_config().index
   c.factory = factory
   c.nprobe = 4
   c.rebuild_every = 3
   c.full_rebuild_every = 0
-  c.stream_rows = 700
   return c
 
 

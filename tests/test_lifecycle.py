@@ -9,11 +9,17 @@ import pytest
 
 from qdr_jax import sharding
 from qdr_jax.config import base_config
+from qdr_jax.index import lifecycle as index_lifecycle
 from qdr_jax.index.faiss_index import build_quantized, build_quantized_seeds, search
 from qdr_jax.index.lifecycle import IndexLifecycle, encoded_like_index, pq_codebook_shape
 from qdr_jax.quant import stored_codes
 
 ROWS, DIM = 3000, 32
+
+
+@pytest.fixture(autouse=True)
+def _small_stream_chunks(monkeypatch):
+  monkeypatch.setattr(index_lifecycle, "STREAM_ROWS", 700)  # several chunks, the last one short
 
 
 def _index_cfg(factory="IVF16,PQ8x8", **overrides):
@@ -22,7 +28,6 @@ def _index_cfg(factory="IVF16,PQ8x8", **overrides):
   c.nprobe = 4
   c.rebuild_every = 5
   c.full_rebuild_every = 10
-  c.stream_rows = 700  # several chunks, the last one short
   for name, value in overrides.items():
     c[name] = value
   return c

@@ -120,7 +120,7 @@ def test_loss_scores_what_the_index_serves():
   the gradient reaches each row unchanged (straight-through) and the learned centroids."""
   x, queries = _data(1)
   index, inner = _build("RR36,IVF8,RaBitQ", x=x)
-  inner.qb = 0  # as training builds it (index.rabitq_qb)
+  inner.qb = 0  # as training builds it (RABITQ_QB)
   q = quant.quantizer_from_faiss(index)
   raw, lists = quant.stored_codes(index)
   distances, ids = index.search(queries, len(x))
@@ -200,10 +200,8 @@ def test_placeholder_and_layout_checks():
 
 
 @pytest.mark.parametrize("overrides,message", [
-    ({"index.rabitq_qb": 4}, r"config.index.rabitq_qb=4: expected 0 to train"),
     ({"loss.distill_weight": 0.5}, r"config.loss.distill_weight=0.5: expected 0 on the RaBitQ"),
     ({"quant.learn": ("codebooks",)}, "RaBitQ, which has no codebooks"),
-    ({"index.rabitq_qb": 9}, r"config.index.rabitq_qb=9: expected a number in \[0, 8\]"),
     ({"index.factory": "IVF8,RaBitQ4"}, r"config.quant.codes='recompute': expected 'index' "
                                          "on the 4-bit RaBitQ index"),
 ])

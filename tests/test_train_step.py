@@ -338,7 +338,7 @@ def test_stochastic_rounding_bits_come_from_the_key_and_step():
   assert not np.array_equal(first, table_after(3, 1))
 
 
-def test_bf16_table_trains_end_to_end_like_float32(tiny_config, tmp_path):
+def test_bf16_table_trains_end_to_end_like_float32(tiny_config, tmp_path, monkeypatch):
   """80 steps on the tiny BEIR data with float32, stochastically rounded and master-row
   bfloat16 tables: the bfloat16 runs' rows move as much as float32's and their metrics
   are within seed noise of it; the checkpointed table is bfloat16.
@@ -352,13 +352,14 @@ def test_bf16_table_trains_end_to_end_like_float32(tiny_config, tmp_path):
   """
   import jax
   import shutil
+  from qdr_jax.train import checkpoint
   from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
   from qdr_jax.experiment import train_and_evaluate
   tiny_config.data.eval_split = "train"  # a random tiny encoder only learns what it sees
   tiny_config.optim.row_lr = 3e-4
   tiny_config.quant.codes = "index"  # the tolerance below was calibrated with stored codes
   tiny_config.checkpoint.every = 40  # keeps steps 40 and 80: the rows' last 40 steps
-  tiny_config.checkpoint.async_save = False
+  monkeypatch.setattr(checkpoint, "ASYNC_SAVE", False)
   results, moves, rows = {}, {}, 600
   for kind in ("f32", "stochastic", "master"):
     tiny_config.table.dtype = "float32" if kind == "f32" else "bfloat16"

@@ -713,18 +713,26 @@ def reconstruct_all(index: faiss.Index, *, return_ids: bool = False):
 # ----------------------------------------------------------------------------- configs
 
 
+# Bits a RaBitQ index rounds each query to (FAISS's default is 4): 0 scores the float
+# query, which is what the straight-through loss scores, so training and search agree.
+RABITQ_QB = 0
+# FAISS threads for the config's builds; 0 keeps FAISS's default, which users set with
+# OMP_NUM_THREADS.
+FAISS_THREADS = 0
+
+
 def index_options(index_cfg) -> dict:
   """`train_index` / `build_index` keyword arguments from a config's `index` section
   (everything but the factory string, the seed and the training sample)."""
   return dict(nprobe=index_cfg.nprobe, ef_search=index_cfg.ef_search or None,
-              opq_niter=index_cfg.opq_niter, threads=index_cfg.threads or None,
-              rabitq_qb=index_cfg.get("rabitq_qb", 0))
+              opq_niter=index_cfg.opq_niter, threads=FAISS_THREADS or None,
+              rabitq_qb=RABITQ_QB)
 
 
 def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None = None,
                     *, threads: int | None = None) -> faiss.Index:
   """The config's quantized index over `table` with k-means seed `seed` (`threads`
-  overrides `index.threads`)."""
+  overrides `FAISS_THREADS`)."""
   options = index_options(index_cfg)
   if threads is not None:
     options["threads"] = threads
@@ -742,7 +750,7 @@ def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
   A FAISS k-means leaves cores idle between its many small calls: on 2 cores three
   single-threaded builds of the demo's IVF64,PQ48x8 at once took 17.6 s, three 2-thread
   builds in a row 26.0 s. Concurrent builds run in threads (FAISS releases the GIL) that
-  split the FAISS thread budget (`index.threads`, or every core) between them. IVF and PQ
+  split the FAISS thread budget (`FAISS_THREADS`, or every core) between them. IVF and PQ
   k-means do not depend on the thread count, so each index is the one `build_quantized`
   builds, bit for bit (tested). OPQ training and HNSW graphs do depend on it, so layouts
   with either are built one after another.
@@ -755,7 +763,7 @@ def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
       workers = 1
   if workers == 1:
     return (build_quantized(table, index_cfg, seed) for seed in seeds)
-  budget = index_cfg.threads or faiss.omp_get_max_threads()
+  budget = FAISS_THREADS or faiss.omp_get_max_threads()
   threads = max(1, budget // workers)
   # OpenMP thread counts are per calling thread: each worker sets its own in build_index.
   with ThreadPoolExecutor(workers, thread_name_prefix="faiss-build") as pool:

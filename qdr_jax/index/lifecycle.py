@@ -8,7 +8,7 @@ process 0 through collectives), so the same code runs on one host or many.
 
 What each refresh costs:
   * full: the quantizer is retrained on ``index.train_size`` rows and the table is
-    streamed to process 0 in chunks of ``index.stream_rows`` rows; no host ever holds
+    streamed to process 0 in chunks of ``STREAM_ROWS`` rows; no host ever holds
     the whole float table, only the index's codes.
   * incremental: only the rows moved since the last refresh are gathered, re-encoded in
     FAISS (``incremental_refresh``) and rewritten in the devices' code array.
@@ -34,8 +34,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from qdr_jax import distributed, sharding
-from qdr_jax.index.faiss_index import (add_vectors, index_options, set_search_params,
-                                       train_index, training_rows)
+from qdr_jax.index.faiss_index import (FAISS_THREADS, RABITQ_QB, add_vectors, index_options,
+                                       set_search_params, train_index, training_rows)
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.quant import (Quantizer, quantizer_from_faiss, stored_codes, with_index_params,
                            write_quantizer_to_faiss)
@@ -43,6 +43,10 @@ from qdr_jax.quant.faiss_bridge import is_rabitq, unpack_codes
 from qdr_jax.quant.rabitq import RaBitQ
 
 RefreshOutcome = Literal["full", "incremental", "learned", "skipped"]
+
+# Rows per chunk when the table streams from the devices to the index's owner (process 0)
+# for a build: bounds that host's extra memory to chunk x d floats.
+STREAM_ROWS = 65536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +141,7 @@ class IndexLifecycle:
         raise ValueError(f"IndexLifecycle.adopt: the index holds {index.ntotal} rows, the "
                          f"table {self.num_rows}.")
       set_search_params(index, nprobe=self.cfg.nprobe, ef_search=self.cfg.ef_search or None,
-                        rabitq_qb=index_options(self.cfg)["rabitq_qb"], strict=False)
+                        rabitq_qb=RABITQ_QB, strict=False)
     self.index = index
     if moved_since:
       self.changed.add(np.arange(self.num_rows))
@@ -231,18 +235,18 @@ class IndexLifecycle:
 
   def _gather_chunks(self, table, rows: np.ndarray) -> np.ndarray | None:
     """``table[rows]`` as float32 on process 0 (None elsewhere), gathered in chunks."""
-    chunk = int(self.cfg.stream_rows)
+    chunk = STREAM_ROWS
     parts = [self._rows(table, rows[start:start + chunk])
              for start in range(0, rows.size, chunk)]
     return np.concatenate(parts) if self.lead else None
 
   def _add_table(self, index: faiss.Index | None, table) -> faiss.Index | None:
     """Streams every row of ``table`` into ``index`` (process 0) in chunks."""
-    chunk = int(self.cfg.stream_rows)
+    chunk = STREAM_ROWS
     for start in range(0, self.num_rows, chunk):
       part = self._rows(table, np.arange(start, min(start + chunk, self.num_rows)))
       if self.lead:
-        add_vectors(index, part, threads=self.cfg.threads or None)
+        add_vectors(index, part, threads=FAISS_THREADS or None)
     return index
 
   def _sync_loss_inputs(self) -> None:

@@ -9,6 +9,9 @@ import numpy as np
 from qdr_jax.models.loading import resolve_model_path
 
 PASSAGE_STYLES = ('pair', 'concat')
+# Padded token lengths round up to a multiple of this: few enough distinct shapes that
+# jit compiles a handful of programs, little enough padding to cost little compute.
+LENGTH_BUCKET = 32
 
 
 def load_tokenizer(name_or_path: str) -> Any:

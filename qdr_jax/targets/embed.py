@@ -37,7 +37,7 @@ from qdr_jax import distributed
 from qdr_jax.checksums import ALGORITHM, block_digest, set_aside, verify_table, write_sums
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models.staged import make_staged_apply, use_staged_forward
-from qdr_jax.models.tokenization import passage_inputs
+from qdr_jax.models.tokenization import LENGTH_BUCKET, passage_inputs
 from qdr_jax.sharding import DATA_AXIS
 
 ApplyFn = Callable[..., jax.Array]
@@ -77,7 +77,7 @@ class Batching:
   """
   max_length: int
   batch_size: int
-  bucket: int = 32
+  bucket: int = LENGTH_BUCKET
   row_bucket: int = 8
 
 
@@ -199,7 +199,7 @@ def _encode_stream(encode: Callable, params: Any, batches: Iterable, mesh: Mesh
 
 def embed_texts(apply_fn: ApplyFn | None, params: Any, tokenizer, texts: Sequence[str], *,
                 pair_texts: Sequence[str] | None = None, max_length: int, batch_size: int,
-                bucket: int = 32, row_bucket: int = 8, chunk_size: int = 4096,
+                bucket: int = LENGTH_BUCKET, row_bucket: int = 8, chunk_size: int = 4096,
                 desc: str = "embed", progress: bool = True,
                 jitted: Callable | None = None) -> np.ndarray:
   """Encodes ``texts`` (optionally as sentence pairs) into a float32 (N, d) array.

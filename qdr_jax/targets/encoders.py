@@ -10,7 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from qdr_jax.models import load_encoder, load_tokenizer
+from qdr_jax.models import LENGTH_BUCKET, load_encoder, load_tokenizer
 from qdr_jax.targets.embed import (
   Batching,
   embed_corpus,
@@ -58,7 +58,7 @@ def embed_queries(encoders: Encoders, params: Any, texts: Sequence[str],
   return embed_texts(None, params, encoders.tokenizer, texts, jitted=encoders.query_apply,
                      max_length=config.model.max_query_length,
                      batch_size=config.model.embed_batch_size,
-                     bucket=config.model.length_bucket, row_bucket=EMBED_ROW_BUCKET, desc=desc)
+                     bucket=LENGTH_BUCKET, row_bucket=EMBED_ROW_BUCKET, desc=desc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +75,7 @@ class PassageEmbedder:
   def batching(self) -> Batching:
     model = self.config.model
     return Batching(max_length=model.max_passage_length, batch_size=model.embed_batch_size,
-                    bucket=model.length_bucket, row_bucket=EMBED_ROW_BUCKET)
+                    bucket=LENGTH_BUCKET, row_bucket=EMBED_ROW_BUCKET)
 
   def __call__(self, texts: Sequence[str], pair_texts: Sequence[str] | None = None
                ) -> np.ndarray:

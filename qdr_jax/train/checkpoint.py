@@ -52,6 +52,15 @@ CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "corrupt"
 FORMAT_VERSION = 1
 _STATE, _INDEX, _META = "state", "index", "meta"
+# Checkpoints are ranked by eval.primary_metric, and every measure it may name (nDCG,
+# recall, top-k answer accuracy, ...) is higher-is-better.
+BEST_MODE = "max"
+# Saves write files in a background thread after the device-to-host copy, so training
+# continues while they are written.
+ASYNC_SAVE = True
+# Host memory a restore may stage at once (at least the largest shard it reads); without
+# a bound, all of a process's table rows and their optimizer state are staged at once.
+RESTORE_BUFFER_MIB = 256
 
 
 class CheckpointError(RuntimeError):
@@ -118,11 +127,10 @@ def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: 
 #   distributed.*        how the processes find each other, not what they compute;
 #   sharding.num_devices restore re-pads the table rows for the new device count;
 #   table.cache_dir, data.cache_dir  where caches live (their content is keyed by
-#                        fingerprint and checked against the checkpoint's);
-#   index.threads, index.stream_rows FAISS threads and streaming chunk size, speed only.
+#                        fingerprint and checked against the checkpoint's).
 RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.profile_steps", "eval.*", "checkpoint.*",
                   "distributed.*", "sharding.num_devices", "table.cache_dir",
-                  "data.cache_dir", "index.threads", "index.stream_rows")
+                  "data.cache_dir")
 _ABSENT = "<absent>"
 
 
@@ -418,8 +426,8 @@ class Checkpointer:
     keep: most recent checkpoints kept.
     keep_best: checkpoints kept for the best ``best_metric`` (0 = none); only saves that
       were given ``metrics`` compete.
-    best_metric: key of the ``metrics`` dict passed to `save` that ranks checkpoints.
-    best_mode: "max" (higher is better) or "min".
+    best_metric: key of the ``metrics`` dict passed to `save` that ranks checkpoints
+      (higher is better: ``BEST_MODE``).
     async_save: write in a background thread after the device-to-host copy. Meanwhile a
       second copy of the local state exists: the host copy on accelerators; on CPU, where
       the "copy" is the device buffer itself, the next step cannot donate buffers that are
@@ -434,11 +442,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | pathlib.Path, *, keep: int = 2, keep_best: int = 0,
-               best_metric: str = "", best_mode: str = "max", async_save: bool = True,
-               compress: bool = False, restore_buffer_bytes: int = 256 << 20,
+               best_metric: str = "", async_save: bool = True,
+               compress: bool = False, restore_buffer_bytes: int = RESTORE_BUFFER_MIB << 20,
                read_only: bool = False):
-    if best_mode not in ("max", "min"):
-      raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}.")
     self.directory = pathlib.Path(directory).absolute()
     self.read_only = read_only
     self.compress, self.restore_buffer_bytes = bool(compress), int(restore_buffer_bytes)
@@ -448,7 +454,7 @@ class Checkpointer:
       cp = ocp.checkpoint_managers
       policies = [cp.LatestN(n=max(int(keep), 1))]
       if self.best_metric:
-        policies.append(cp.BestN(get_metric_fn=self._metric, reverse=best_mode == "min",
+        policies.append(cp.BestN(get_metric_fn=self._metric, reverse=BEST_MODE == "min",
                                  n=int(keep_best), keep_checkpoints_without_metrics=False))
       policy = cp.AnyPreservationPolicy(policies)
     # Orbax's main-thread barriers default to device collectives: on CPU those are Gloo's,
@@ -466,7 +472,7 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         read_only=read_only, create=not read_only and not multiprocess,
         preservation_policy=policy,
-        best_fn=self._metric if self.best_metric else None, best_mode=best_mode,
+        best_fn=self._metric if self.best_metric else None, best_mode=BEST_MODE,
         enable_async_checkpointing=async_save, multiprocessing_options=processes,
         # Leftovers of a killed save are never valid; remove them when we may write.
         cleanup_tmp_directories=not read_only)
@@ -483,10 +489,9 @@ class Checkpointer:
                   read_only: bool = False) -> "Checkpointer":
     ck = config.checkpoint
     return cls(checkpoint_dir(workdir), keep=ck.keep, keep_best=ck.get("keep_best", 0),
-               best_metric=ck.get("best_metric", "") or config.eval.primary_metric,
-               best_mode=ck.get("best_mode", "max"), async_save=ck.get("async_save", True),
+               best_metric=config.eval.primary_metric, async_save=ASYNC_SAVE,
                compress=ck.get("compress", False),
-               restore_buffer_bytes=ck.get("restore_buffer_mib", 256) << 20,
+               restore_buffer_bytes=RESTORE_BUFFER_MIB << 20,
                read_only=read_only)
 
   def _metric(self, metrics: Mapping[str, Any]) -> float:
