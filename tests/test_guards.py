@@ -183,7 +183,7 @@ def test_full_disk_during_results_leaves_no_results_file(tiny_config, tmp_path, 
   assert not (workdir / "results.json").exists()
   assert _leftovers(workdir) == []
   before = json.loads((workdir / "eval_before.json").read_text())  # written before: whole
-  assert set(before["before"]) >= {"flat", "quantized"}
+  assert set(before["before"]["eval"]) >= {"flat", "quantized"}
   monkeypatch.undo()
   results = experiment.train_and_evaluate(tiny_config, workdir)  # the lock was released
   assert json.loads((workdir / "results.json").read_text()) == results
