@@ -17,7 +17,7 @@ on a CPU process and nothing elsewhere, and logs one line saying what it set:
 * ``--xla_cpu_experimental_ynn_fusion_type=`` appended to ``XLA_FLAGS``: XLA:CPU's
   YNNPACK library fusions ran the encoder's GEMMs at 15-20 GFLOP/s on the training
   shapes where XLA's own dot kernels reach ~100 (the MiniLM forward at 32x256 27-34%
-  less time without them; experiments/bench_encoder.py). XLA reads its flags when JAX
+  less time without them; benchmarks/bench_encoder.py). XLA reads its flags when JAX
   creates its first backend, so this takes effect only before the first computation.
 * glibc's malloc keeping freed memory mapped (`qdr_jax.host_memory`).
 

@@ -120,8 +120,8 @@ def share_in_top(ranked_rows: np.ndarray, member: np.ndarray) -> float:
   """Fraction of the returned rows of a (Q, k) result that belong to a set of rows.
 
   For example the share of training positives in the top 10 that unseen test queries get,
-  flat against quantized (`experiments/trained_share.py`): a learned index that serves
-  trained passages to every query shows as a larger share than its flat index gives.
+  flat against quantized: a learned index that serves trained passages to every query
+  shows as a larger share than its flat index gives.
 
   Args:
     ranked_rows: (Q, k) table rows per query; -1 (FAISS found fewer than k) is skipped.

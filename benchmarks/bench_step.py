@@ -1,6 +1,6 @@
 r"""Seconds per train step, split by phase, against the encoder's forward+backward floor.
 
-  python experiments/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo --steps=30
+  python benchmarks/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo --steps=30
 
 Runs ``--steps`` real training steps of the config's mode on its data, reusing the table
 cache of the workdir (``mode=dback``: the paper's step, which docs/benchmarks.md compares with
@@ -11,7 +11,7 @@ encoder alone: a train step cannot cost less than that. Prints and writes
 
 Overlapped search at scale, on a CPU-only host:
 
-  python experiments/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo \
+  python benchmarks/bench_step.py --config=configs/demo.py:mode=dback --workdir=runs/demo \
       --synthetic_rows=1000000 --emulate_device_core --config.negatives.k=500 \
       --config.index.factory=IVF1024_HNSW32,PQ48x8 --config.index.nprobe=128 \
       --config.negatives.overlap=True

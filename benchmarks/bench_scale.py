@@ -1,7 +1,7 @@
 r"""Scale-out benchmark: sharded table memory, data-parallel step rate, incremental refresh.
 
-  python experiments/bench_scale.py --out=runs/bench_scale.json            # 1M x 384
-  python experiments/bench_scale.py --rows=200000 --out=/tmp/bench.json   # quick
+  python benchmarks/bench_scale.py --out=runs/bench_scale.json            # 1M x 384
+  python benchmarks/bench_scale.py --rows=200000 --out=/tmp/bench.json   # quick
 
 Reports, for a synthetic table of ``--rows`` x ``--dim``:
 

@@ -1,6 +1,6 @@
 r"""Share of rows whose exact coarse list differs from an HNSW coarse quantizer's.
 
-  python experiments/hnsw_coarse_share.py --rows=50000 --nlist=1024 --out=hnsw.json
+  python benchmarks/hnsw_coarse_share.py --rows=50000 --nlist=1024 --out=hnsw.json
 
 The live codes (`qdr_jax.quant.pq.encode_with_lists`) assign each row to its exact
 nearest coarse centroid; an ``IVF..._HNSW32`` index assigns it with an approximate HNSW

@@ -1,6 +1,6 @@
 r"""Tabulates and plots rehearsals at several corpus sizes (log-log).
 
-  python experiments/plot_rehearsal.py runs/rehearsal/250k runs/rehearsal/500k \
+  python benchmarks/plot_rehearsal.py runs/rehearsal/250k runs/rehearsal/500k \
       runs/rehearsal/1m runs/rehearsal/2m --out=runs/rehearsal/scaling.png
 
 Reads each ``{dir}/rehearsal.json`` (``experiments/rehearse_scale.py``); prints a Markdown

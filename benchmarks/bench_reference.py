@@ -1,6 +1,6 @@
 r"""A lower bound on the paper's PyTorch recipe's step time, measured on this machine.
 
-  PYTHONPATH=$PWD:<torch site> python experiments/bench_reference.py \
+  PYTHONPATH=$PWD:<torch site> python benchmarks/bench_reference.py \
       --config=configs/demo.py:mode=dback --workdir=runs/demo --k=100 --out=runs/reference_k100.json
 
 qdr_jax's whole training step is compared with the paper's public PyTorch recipe, run

@@ -1,6 +1,6 @@
 r"""Corpus-embedding throughput against the machine's matmul floor; index build and search.
 
-  python experiments/bench_retrieval.py --config=configs/demo.py --workdir=runs/demo
+  python benchmarks/bench_retrieval.py --config=configs/demo.py --workdir=runs/demo
 
 1. Measures the jitted float32 matmul rate (GFLOP/s) of this machine, before and after
    the embedding (the higher one is the floor: a shared machine's rate drifts).

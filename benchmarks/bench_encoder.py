@@ -1,6 +1,6 @@
 r"""The JAX encoder against PyTorch's BertModel on the same weights, same threads, one run.
 
-  OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python experiments/bench_encoder.py \
+  OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 python benchmarks/bench_encoder.py \
       --out=runs/bench_encoder.json
 
 Times, for all-MiniLM-L6-v2 (mean pooling, L2-normalised):

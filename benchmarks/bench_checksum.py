@@ -1,6 +1,6 @@
 r"""Seconds to record and to verify the block checksums of a cached table.
 
-  python experiments/bench_checksum.py --rows=1000000 --dim=384
+  python benchmarks/bench_checksum.py --rows=1000000 --dim=384
 
 Writes a random float32 (rows, dim) table into a temporary directory with its checksums
 (`qdr_jax.checksums.save_table_with_sums`), then times, separately: hashing the table in
