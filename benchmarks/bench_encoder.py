@@ -112,7 +112,7 @@ def make_batch(rng: np.random.Generator, batch: int, length: int,
 def training_query_texts(config) -> list[str]:
   """The first training batch of a config's data, as the train loop draws it."""
   from qdr_jax.data.loader import load_dataset  # pylint: disable=g-import-not-at-top
-  from qdr_jax.train.negatives import batch_indices, training_queries  # pylint: disable=g-import-not-at-top
+  from qdr_jax.negatives.source import batch_indices, training_queries  # pylint: disable=g-import-not-at-top
   dataset = load_dataset(config.data)
   queries = training_queries(dataset.split(config.data.train_split), dataset.corpus)
   rows = batch_indices(0, len(queries.texts), _BATCH.value, config.seed)
@@ -206,7 +206,7 @@ def main(argv):
   w_np = rng.standard_normal((_BATCH.value, module.config.hidden_size)).astype(np.float32)
   if _TRAIN_QUERIES.value:
     from qdr_jax.models import load_tokenizer, tokenize  # pylint: disable=g-import-not-at-top
-    from qdr_jax.train.negatives import query_tokens  # pylint: disable=g-import-not-at-top
+    from qdr_jax.negatives.source import query_tokens  # pylint: disable=g-import-not-at-top
     config = _QUERIES.value
     texts = training_query_texts(config)
     tokenizer = load_tokenizer(_MODEL.value)

@@ -52,7 +52,7 @@ from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import resolve_model_path
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
-from qdr_jax.train.negatives import batch_indices, training_queries
+from qdr_jax.negatives.source import batch_indices, training_queries
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)

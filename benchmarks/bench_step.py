@@ -43,7 +43,7 @@ from qdr_jax.index import set_num_threads
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.train.loop import train
-from qdr_jax.train.negatives import batch_indices, query_tokens, training_queries
+from qdr_jax.negatives.source import batch_indices, query_tokens, training_queries
 from qdr_jax.train.modes import mode_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",

@@ -393,7 +393,7 @@ def _check_rabitq_training(config: ml_collections.ConfigDict, nb_bits: int,
 
 def _queries_with_positives(split: Split, corpus: Corpus) -> int:
   """How many queries of ``split`` train: those with a positive passage in the corpus
-  (as `qdr_jax.train.negatives.training_queries` selects them), in one vectorised lookup."""
+  (as `qdr_jax.negatives.source.training_queries` selects them), in one vectorised lookup."""
   owners, doc_ids = [], []
   for q, qid in enumerate(split.queries.ids):
     positives = split.positives(qid)

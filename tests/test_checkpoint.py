@@ -19,7 +19,7 @@ from qdr_jax.train.restore import restore_trained
 from qdr_jax.models import load_encoder
 from qdr_jax.serving import export_bundle, load_bundle
 from qdr_jax import experiment
-from qdr_jax.train import negatives
+from qdr_jax.negatives import source as negatives
 from qdr_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointWarning,
                                       MetadataMismatchError, checkpoint_dir)
 

@@ -15,7 +15,7 @@ from qdr_jax.data.types import Corpus
 from qdr_jax.negatives.pool import build_pool
 from qdr_jax.experimental import balance_penalty, distillation_loss, kl_divergence
 from qdr_jax.quant import Quantizer, encode_with_lists
-from qdr_jax.train.negatives import pseudo_query_rows
+from qdr_jax.negatives.source import pseudo_query_rows
 from qdr_jax.train.step import pool_targets
 from test_train_families import inputs  # noqa: F401  (the tiny run's data, table, encoder)
 
@@ -194,7 +194,7 @@ def test_pool_with_unlabelled_queries():
 
 @pytest.mark.parametrize("source", ["positive", "hide", "candidate"])
 def test_pseudo_query_source_labels_hides_or_leaves_the_passage(source):
-  from qdr_jax.train.negatives import pseudo_query_labels
+  from qdr_jax.negatives.source import pseudo_query_labels
   candidates = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9]])  # the last query is a pseudo-query
   positives, hidden, unlabelled = pseudo_query_labels(
       [np.array([1]), np.array([4, 5])], np.array([8]), source)

@@ -18,7 +18,7 @@ from qdr_jax.data.types import Corpus, Queries, Split
 from qdr_jax.negatives.pool import build_pool
 from qdr_jax.train import optim
 from qdr_jax.train.loss import contrastive_loss
-from qdr_jax.train.negatives import training_queries
+from qdr_jax.negatives.source import training_queries
 from qdr_jax.validation import ConfigError, validate_config
 from test_configs import _flatten
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qdr_jax.experiment import train_and_evaluate
-from qdr_jax.train.negatives import batch_indices
+from qdr_jax.negatives.source import batch_indices
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["exact", "overlap-incremental"])

@@ -27,14 +27,14 @@ from qdr_jax.data.answers import AnswerMatcher
 from qdr_jax.data.types import RetrievalDataset
 from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import IndexLifecycle, placeholder_quantizer
+from qdr_jax.negatives.source import (NegativeSource, PhaseTimers, StepInputs, batch_indices,
+                                      training_queries)
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
 from qdr_jax.train.metric_writers import MetricsWriter
 from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, StopSignal,
                                       has_checkpoint, make_metadata, validate_metadata)
 from qdr_jax.train.modes import Mode
-from qdr_jax.train.negatives import (NegativeSource, PhaseTimers, StepInputs, batch_indices,
-                                     training_queries)
 from qdr_jax.train.state import TrainState, init_state
 from qdr_jax.train.step import StepFunctions, make_step_functions
 
