@@ -44,7 +44,7 @@ def make_state(num_devices: int, seed: int = 0):
 
 
 def metadata(config, state, step: int) -> dict:
-  from qdr_jax.train.checkpoint import make_metadata  # pylint: disable=g-import-not-at-top
+  from qdr_jax.train.resume import make_metadata  # pylint: disable=g-import-not-at-top
   return make_metadata(config, step=step, corpus_size=NUM_ROWS,
                        table_rows=state.table.shape[0], dim=DIM, table_dtype="float32",
                        has_codebooks=False)

@@ -21,7 +21,8 @@ from qdr_jax.serving import export_bundle, load_bundle
 from qdr_jax import experiment
 from qdr_jax.negatives import source as negatives
 from qdr_jax.train.checkpoint import (Checkpointer, CheckpointError, CorruptCheckpointWarning,
-                                      MetadataMismatchError, checkpoint_dir)
+                                      checkpoint_dir)
+from qdr_jax.train.resume import MetadataMismatchError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS, STOP_AT = 8, 6  # the stop falls between saves (every 4) and index rebuilds (every 4)

@@ -280,7 +280,8 @@ def test_resume_refuses_a_checkpoint_from_before_index_params(tmp_path):
   """A run that learned codebooks before quant.learn saved them as ``codebooks``; resuming
   it is refused with a message naming the change (not an Orbax error)."""
   from qdr_jax.train import loop
-  from qdr_jax.train.checkpoint import Checkpointer, MetadataMismatchError, make_metadata
+  from qdr_jax.train.checkpoint import Checkpointer
+  from qdr_jax.train.resume import MetadataMismatchError, make_metadata
   config = base_config()
   config.train.mode = "jpq"
   state = {"table": np.zeros((8, 4), np.float32), "codebooks": np.zeros((2, 4, 2), np.float32)}

@@ -21,8 +21,8 @@ from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, para
 from qdr_jax.serving import export_bundle, load_bundle
 from qdr_jax.targets.table import table_cache_key
 from qdr_jax.train import checkpoint, optim
-from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, checkpoint_dir,
-                                      validate_metadata)
+from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
+from qdr_jax.train.resume import MetadataMismatchError, validate_metadata
 from qdr_jax.train.modes import get_mode
 from qdr_jax.train.state import init_state
 

@@ -21,17 +21,15 @@ so a save killed part way leaves the previous steps untouched and is ignored (an
 up) by the next manager. A checkpoint that fails to restore or verify is reported and,
 when restoring "the latest", set aside to ``corrupt/`` (process 0, writable managers) and
 the previous one is tried; a mismatch with the config stops at once and moves nothing.
+The metadata, the array fingerprints and the rules they are checked by live in
+`qdr_jax.train.resume`; this module is the Orbax I/O and the manager.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pathlib
 import shutil
-import signal
-import threading
 import time
 import warnings
 import zlib
@@ -39,18 +37,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import faiss
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from qdr_jax import distributed, fingerprint
-from qdr_jax.config import base_config
+from qdr_jax import distributed
+from qdr_jax.train.resume import (FORMAT_VERSION, MetadataMismatchError, fingerprints,
+                                  is_prng_key, path_name, structure, structure_mismatches,
+                                  validate_metadata)
 
 CHECKPOINT_SUBDIR = "checkpoints"
 CORRUPT_SUBDIR = "corrupt"
-FORMAT_VERSION = 1
 _STATE, _INDEX, _META = "state", "index", "meta"
 # Checkpoints are ranked by eval.primary_metric, and every measure it may name (nDCG,
 # recall, top-k answer accuracy, ...) is higher-is-better.
@@ -67,11 +65,6 @@ class CheckpointError(RuntimeError):
   """No readable checkpoint (missing, corrupt, truncated or failing verification)."""
 
 
-class MetadataMismatchError(ValueError):
-  """A checkpoint was written for another model, table dimension, corpus, encoder, config
-  or state structure: a good checkpoint of another run, never set aside as corrupt."""
-
-
 class CorruptCheckpointWarning(RuntimeWarning):
   """A checkpoint could not be restored; an older one was used instead."""
 
@@ -86,146 +79,7 @@ def has_checkpoint(workdir: str | pathlib.Path) -> bool:
   return directory.is_dir() and any(p.name.isdigit() for p in directory.iterdir())
 
 
-# ----------------------------------------------------------------------------- metadata
-
-
-def make_metadata(config: ml_collections.ConfigDict, *, step: int, corpus_size: int,
-                  table_rows: int, dim: int, table_dtype: str, has_codebooks: bool,
-                  inputs: Mapping[str, str] | None = None,
-                  index_params: Sequence[str] = ()) -> dict:
-  """The JSON stored next to a state: enough to rebuild the run and to refuse misuse.
-
-  ``inputs`` are the run's `qdr_jax.fingerprint.input_fingerprints` (corpus, encoder);
-  ``index_params`` the names of the learned index parameters in the state
-  (``TrainState.index_params``; the key's presence marks a state with that field).
-  """
-  return {
-      "format": FORMAT_VERSION,
-      "step": int(step),
-      "dataset": config.data.name,
-      "corpus_size": int(corpus_size),
-      "table_rows": int(table_rows),
-      "table_dim": int(dim),
-      "table_dtype": str(table_dtype),
-      "model": config.model.query_encoder,
-      "mode": config.train.mode,
-      "index_factory": config.index.factory,
-      "has_codebooks": bool(has_codebooks),
-      "index_params": list(index_params),
-      "input_fingerprints": dict(inputs or {}),
-      "config": json.loads(config.to_json_best_effort()),
-  }
-
-
-# Config keys a resumed run may change; any other difference is refused. Each leaves the
-# restored state, the saved index and the data order meaning what they meant:
-#   train.steps          the run's length (the schedules then differ: a warning says so);
-#   train.log_every, train.profile_steps  logging and profiling only;
-#   eval.*               in-loop and final evaluation only (the best-checkpoint ranking
-#                        may then mix measures: that is retention, not training);
-#   checkpoint.*         how often and how many checkpoints are written and kept;
-#   distributed.*        how the processes find each other, not what they compute;
-#   sharding.num_devices restore re-pads the table rows for the new device count;
-#   table.cache_dir, data.cache_dir  where caches live (their content is keyed by
-#                        fingerprint and checked against the checkpoint's).
-RESUMABLE_KEYS = ("train.steps", "train.log_every", "train.profile_steps", "eval.*", "checkpoint.*",
-                  "distributed.*", "sharding.num_devices", "table.cache_dir",
-                  "data.cache_dir")
-_ABSENT = "<absent>"
-
-
-def _config_value(config: ml_collections.ConfigDict, dotted: str):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, Mapping) and value:
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def _resumable(key: str, allowed: Sequence[str]) -> bool:
-  return any(key == a or (a.endswith(".*") and key.startswith(a[:-1])) for a in allowed)
-
-
-def config_differences(saved: Mapping[str, Any], config: ml_collections.ConfigDict, *,
-                       allowed: Sequence[str] = RESUMABLE_KEYS
-                       ) -> list[tuple[str, Any, Any]]:
-  """(key, checkpoint's value, config's value) of every differing key not in ``allowed``.
-
-  The checkpoint's config is merged into today's defaults first, so a key added to
-  `base_config` since it was written compares as its default.
-  """
-  then = _flatten(json.loads(config_from_metadata(saved).to_json_best_effort()))
-  now = _flatten(json.loads(config.to_json_best_effort()))
-  return [(key, then.get(key, _ABSENT), now.get(key, _ABSENT))
-          for key in sorted(set(then) | set(now))
-          if then.get(key, _ABSENT) != now.get(key, _ABSENT)
-          and not _resumable(key, allowed)]
-
-
-def _same_model(saved: str | None, current: str) -> tuple[str | None, str]:
-  """(saved, current), equal when both name the same local directory."""
-  if saved and os.path.isdir(saved) and os.path.isdir(current):
-    if os.path.realpath(saved) == os.path.realpath(current):
-      return saved, saved
-  return saved, current
-
-
-def validate_metadata(saved: Mapping[str, Any], config: ml_collections.ConfigDict,
-                      corpus_size: int, dim: int, *, also: Sequence[str] = (),
-                      inputs: Mapping[str, str] | None = None, resume: bool = False) -> None:
-  """Refuses a checkpoint written for another model, table dimension, corpus or config.
-
-  Args:
-    saved: the checkpoint's metadata (`Checkpointer.read_metadata`).
-    config: the config about to be used with it.
-    corpus_size: passages in the corpus that ``config`` loads.
-    dim: embedding dimension of ``config``'s encoder.
-    also: further dotted config keys that must be equal (e.g. ``"train.mode"``).
-    inputs: the `qdr_jax.fingerprint.input_fingerprints` of the corpus and encoder that
-      ``config`` loads; compared with the ones the checkpoint recorded (when it did).
-    resume: the run continues training from it: every config key outside
-      `RESUMABLE_KEYS` must be equal.
-
-  Raises:
-    MetadataMismatchError: naming every mismatched field with both values (and the file
-      of every changed input), in one message.
-  """
-  checks = [("model", *_same_model(saved.get("model"), config.model.query_encoder)),
-            ("dim", saved.get("table_dim"), int(dim)),
-            ("corpus_size", saved.get("corpus_size"), int(corpus_size))]
-  saved_config = saved.get("config") or {}
-  for key in also:
-    try:
-      old = _config_value(saved_config, key)
-    except (KeyError, TypeError):
-      old = None
-    new = _config_value(config, key)
-    checks.append((key, list(old) if isinstance(old, tuple) else old,
-                   list(new) if isinstance(new, tuple) else new))
-  if resume:
-    # The query encoder was compared above as "model" (equal when the same directory).
-    checks += [d for d in config_differences(saved, config) if d[0] != "model.query_encoder"]
-  problems = list(dict.fromkeys(f"{name}: checkpoint has {old!r}, config has {new!r}"
-                                for name, old, new in checks if old != new))
-  if inputs is not None:
-    problems += fingerprint.mismatches(saved.get("input_fingerprints"), inputs,
-                                       fingerprint.input_sources(config),
-                                       recorded_by=f"the checkpoint of step {saved.get('step')}")
-  if problems:
-    hint = (f" (keys that may change on resume: {', '.join(RESUMABLE_KEYS)})"
-            if resume else "")
-    raise MetadataMismatchError(
-        f"checkpoint at step {saved.get('step')} does not match the config ("
-        + "; ".join(problems) + ")" + hint)
+# ----------------------------------------------------------------------------- resume
 
 
 def check_resumable(config: ml_collections.ConfigDict, workdir: str | pathlib.Path, *,
@@ -246,145 +100,22 @@ def check_resumable(config: ml_collections.ConfigDict, workdir: str | pathlib.Pa
   validate_metadata(saved, config, corpus_size, dim, inputs=inputs, resume=True)
 
 
-def config_from_metadata(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """The locked config a checkpoint was trained with (base defaults for keys it lacks)."""
-
-  def merge(node: ml_collections.ConfigDict, values: Mapping[str, Any]):
-    for key, value in values.items():
-      if isinstance(value, dict) and isinstance(node.get(key), ml_collections.ConfigDict):
-        merge(node[key], value)
-      elif isinstance(value, list) and isinstance(node.get(key), tuple):
-        node[key] = tuple(value)  # JSON has no tuples; keep the base's type
-      else:
-        with node.ignore_type():
-          node[key] = value
-
-  config = base_config()
-  merge(config, saved.get("config") or {})
-  config.lock()
-  return config
-
-
 # ----------------------------------------------------------------------------- arrays
 
 
-def _path_name(path) -> str:
-  """A key path as ``a/b/0``: the same for a dataclass field and a dict key, so that a
-  partial restore into plain dicts checks the fingerprints of a full save."""
-  parts = []
-  for entry in path:
-    for attr in ("name", "key", "idx"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
-
-
-def _is_key(x) -> bool:
-  return (isinstance(x, (jax.Array, jax.ShapeDtypeStruct))
-          and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
-
-
-def _unsigned(x: jax.Array) -> jax.Array:
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  bits = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
-  if bits is None:  # 8-byte types (x64 mode): fold the two halves
-    return jax.lax.bitcast_convert_type(x, jnp.uint32).sum(-1, dtype=jnp.uint32)
-  return jax.lax.bitcast_convert_type(x, bits).astype(jnp.uint32)
-
-
-@jax.jit
-def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
-  """Sum of (bits * (2 * flat_index + 1)) mod 2**32 per array.
-
-  Odd weights make any single changed word change the sum. Zero rows appended to the
-  table (padding for another device count) leave it unchanged, and it is computed where
-  the array lives (no host copy, sharded arrays reduce across devices).
-  """
-  out = []
-  for x in leaves:
-    x = jnp.asarray(x)
-    u = _unsigned(x)
-    flat = jnp.zeros(u.shape, jnp.uint32)
-    stride = 1
-    for axis in range(u.ndim - 1, -1, -1):
-      flat = flat + jax.lax.broadcasted_iota(jnp.uint32, u.shape, axis) * jnp.uint32(stride)
-      stride *= u.shape[axis]
-    out.append(jnp.sum(u * (flat * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32))
-  return out
-
-
-def fingerprints(tree) -> dict[str, int]:
-  """``{path: fingerprint}`` of every array leaf of ``tree`` (typed keys as key data)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  if not flat:
-    return {}
-  # Row-sized leaves one program each: in one program over all leaves, XLA keeps the
-  # temporaries of every leaf's reduction alive together (a fraction of the state).
-  alone = [np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) >= _FINGERPRINT_ALONE_BYTES
-           for _, x in flat]
-  together = [x for (_, x), a in zip(flat, alone) if not a]
-  values = iter(_fingerprint_leaves(together) if together else [])
-  per_leaf = [_fingerprint_leaves([x])[0] if a else next(values)
-              for (_, x), a in zip(flat, alone)]
-  return {_path_name(path): int(v) for (path, _), v in zip(flat, jax.device_get(per_leaf))}
-
-
-# Leaves at least this large get their own fingerprint program (see `fingerprints`).
-_FINGERPRINT_ALONE_BYTES = 16 << 20
-
-
-def structure(tree) -> dict[str, dict]:
-  """``{path: {"shape", "dtype"}}`` of every leaf (arrays or ShapeDtypeStructs)."""
-  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(p): {"shape": [int(n) for n in np.shape(x)], "dtype": str(x.dtype)}
-          for p, x in flat}
-
-
-def structure_mismatches(saved: Mapping[str, Mapping], expected: Mapping[str, Mapping], *,
-                         partial: bool, row_leaf: Callable[[Sequence[int]], bool]
-                         ) -> list[str]:
-  """How the expected state differs from the saved one (paths, shapes, dtypes).
-
-  Args:
-    saved, expected: `structure` of the checkpoint's state and of the restore target.
-    partial: only ``expected``'s paths are restored (others may be saved).
-    row_leaf: whether a leaf of that expected shape is a table-row leaf, whose first
-      dimension may differ (padding for another device count).
-  """
-  problems = [f"{path}: expected by the config, absent from the checkpoint"
-              for path in expected if path not in saved]
-  if not partial:
-    problems += [f"{path}: in the checkpoint, absent from the state the config builds"
-                 for path in saved if path not in expected]
-  for path, want in expected.items():
-    have = saved.get(path)
-    if have is None:
-      continue
-    shapes_agree = (have["shape"] == want["shape"] or (
-        row_leaf(want["shape"]) and have["shape"][1:] == want["shape"][1:]))
-    if not shapes_agree or have["dtype"] != want["dtype"]:
-      problems.append(f"{path}: checkpoint has {have['dtype']}{tuple(have['shape'])}, "
-                      f"config builds {want['dtype']}{tuple(want['shape'])}")
-  return problems
-
-
 def _to_saveable(tree):
-  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+  return jax.tree.map(lambda x: jax.random.key_data(x) if is_prng_key(x) else x, tree)
 
 
 def _key_impls(tree) -> dict[str, str]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {_path_name(p): str(jax.random.key_impl(x)) for p, x in flat if _is_key(x)}
+  return {path_name(p): str(jax.random.key_impl(x)) for p, x in flat if is_prng_key(x)}
 
 
 def _abstract(leaf, default_sharding) -> jax.ShapeDtypeStruct:
   """A restore target for ``leaf`` (array or ShapeDtypeStruct), key data for keys."""
   sharding = getattr(leaf, "sharding", None) or default_sharding
-  if _is_key(leaf):
+  if is_prng_key(leaf):
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
   return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
@@ -700,8 +431,8 @@ class Checkpointer:
     impls = meta.get("prng_impls", {})
     flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
     targets = jax.tree.leaves(target)
-    leaves = [jax.random.wrap_key_data(x, impl=impls.get(_path_name(p), "threefry2x32"))
-              if _is_key(t) else x for (p, x), t in zip(flat, targets)]
+    leaves = [jax.random.wrap_key_data(x, impl=impls.get(path_name(p), "threefry2x32"))
+              if is_prng_key(t) else x for (p, x), t in zip(flat, targets)]
     index = None
     if load_index:
       blob = np.asarray(out[_INDEX]["faiss"], dtype=np.uint8)
@@ -710,57 +441,3 @@ class Checkpointer:
       index = faiss.deserialize_index(blob)
     return Restored(step=step, state=jax.tree.unflatten(treedef, leaves), metadata=meta,
                     index=index)
-
-
-# ----------------------------------------------------------------------------- preemption
-
-
-class StopSignal:
-  """Turns SIGTERM and SIGINT (Ctrl-C) into a request the training loop honours after the
-  current step.
-
-  Installed only while the ``with`` block runs and only in the main thread (where
-  Python delivers signals); the previous handlers are restored on exit, so the signals
-  act as usual outside the loop. A second Ctrl-C while the step finishes interrupts at
-  once (``KeyboardInterrupt``), as a user pressing it again expects.
-  """
-
-  def __init__(self, enabled: bool = True,
-               signals: Sequence[int] = (signal.SIGTERM, signal.SIGINT)):
-    self.enabled = enabled and threading.current_thread() is threading.main_thread()
-    self.signals = tuple(signals)
-    self.requested = False
-    self._previous: dict[int, Any] = {}
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt
-    logging.warning("received signal %d: saving a checkpoint after this step (Ctrl-C again "
-                    "stops at once, without saving)", signum)
-    self.requested = True
-    self._signum = signum
-
-  def __enter__(self) -> "StopSignal":
-    self._acknowledged, self._signum = False, None
-    if self.enabled:
-      for s in self.signals:
-        self._previous[s] = signal.signal(s, self._handle)
-    return self
-
-  def release(self) -> None:
-    """Restores the previous handlers (the loop is over); idempotent."""
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-    self._previous.clear()
-
-  def acknowledge(self) -> None:
-    """The loop saved and is stopping because of the signal."""
-    self._acknowledged = True
-
-  def __exit__(self, *exc) -> None:
-    self.release()
-    if self.requested and not self._acknowledged and self._signum is not None:
-      # The signal came too late for the loop to act on it: deliver it as if we had
-      # never caught it (by default, SIGTERM terminates).
-      signal.raise_signal(self._signum)

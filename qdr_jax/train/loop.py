@@ -32,9 +32,10 @@ from qdr_jax.negatives.source import (NegativeSource, PhaseTimers, StepInputs, b
 from qdr_jax.targets.encoders import Encoders
 from qdr_jax.train import optim
 from qdr_jax.train.metric_writers import MetricsWriter
-from qdr_jax.train.checkpoint import (Checkpointer, MetadataMismatchError, StopSignal,
-                                      has_checkpoint, make_metadata, validate_metadata)
+from qdr_jax.train.checkpoint import Checkpointer, has_checkpoint
 from qdr_jax.train.modes import Mode
+from qdr_jax.train.resume import MetadataMismatchError, make_metadata, validate_metadata
+from qdr_jax.train.signals import StopSignal
 from qdr_jax.train.state import TrainState, init_state
 from qdr_jax.train.step import StepFunctions, make_step_functions
 

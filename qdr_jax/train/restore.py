@@ -13,8 +13,8 @@ from qdr_jax.fingerprint import input_fingerprints
 from qdr_jax.index.lifecycle import pq_codebook_shape, placeholder_quantizer
 from qdr_jax.quant import index_params as select_index_params
 from qdr_jax.targets.encoders import load_encoders
-from qdr_jax.train.checkpoint import (Checkpointer, checkpoint_dir, config_from_metadata,
-                                      validate_metadata)
+from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
+from qdr_jax.train.resume import config_from_metadata, validate_metadata
 
 
 def restore_trained(workdir: str | pathlib.Path, *, step: int | None = None,
