@@ -83,6 +83,7 @@ def test_tiny_run_writes_event_files_and_a_profile(tiny_config, tmp_path):
   tiny_config.train.steps = 4
   tiny_config.index.rebuild_every = 2
   tiny_config.eval.every = 2
+  tiny_config.data.dev_split, tiny_config.data.dev_queries = "dev", 16  # what eval.every reads
   tiny_config.train.profile_steps = (1, 3)
   workdir = tmp_path / "run"
   train_and_evaluate(tiny_config, workdir)
