@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-import uuid
 from typing import Any, Iterator, Mapping
 
 import ml_collections
@@ -70,10 +69,13 @@ class MetricsWriter:
     if self._tensorboard is None:
       from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
       # The file name has the time in seconds only: without a suffix of its own, a second
-      # writer opened within the same second (the final evaluation's) would replace it.
+      # writer opened within the same second (the final evaluation's, a resume's) would
+      # replace it. The suffix counts the files already there, so that names sort in the
+      # order the files were written, as TensorBoard reads them.
+      count = len(list(self.path.parent.glob("events.out.tfevents.*")))
       self._tensorboard = SummaryWriter(logdir=str(self.path.parent),
                                         purge_step=self._purge_step, flush_secs=30,
-                                        filename_suffix=f".{uuid.uuid4().hex[:8]}")
+                                        filename_suffix=f".{count:04d}")
     return self._tensorboard
 
   def write(self, record: dict) -> None:
