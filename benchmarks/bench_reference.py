@@ -47,7 +47,7 @@ from ml_collections import config_flags
 from qdr_jax import host_memory
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.index.faiss_index import build_quantized
+from qdr_jax.index.build import build_quantized
 from qdr_jax.io_utils import write_text_atomic
 from qdr_jax.models import resolve_model_path
 from qdr_jax.targets.encoders import embed_passages, load_encoders

@@ -26,7 +26,9 @@ from ml_collections import config_flags
 from qdr_jax import host_memory, platform
 from qdr_jax.cli import run_main
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.index.faiss_index import build_quantized, bytes_per_vector, search
+from qdr_jax.index.build import build_quantized
+from qdr_jax.index.layout import bytes_per_vector
+from qdr_jax.index.searching import search
 from qdr_jax.models import LENGTH_BUCKET, passage_inputs
 from qdr_jax.targets.embed import embed_texts
 from qdr_jax.targets.encoders import embed_passages, load_encoders

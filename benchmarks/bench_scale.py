@@ -215,8 +215,9 @@ def bench_refresh() -> dict:
   import faiss
   import numpy as np
 
-  from qdr_jax.index.faiss_index import build_index, search
+  from qdr_jax.index.build import build_index
   from qdr_jax.index.refresh import emptied_copy, incremental_refresh
+  from qdr_jax.index.searching import search
 
   rows, dim = _ROWS.value, _DIM.value
   if _FAISS_THREADS.value:

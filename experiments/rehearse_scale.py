@@ -210,8 +210,8 @@ def job_main(out: pathlib.Path) -> None:
   from qdr_jax import sharding
   from qdr_jax.data.loader import load_dataset
   from qdr_jax.index.exact import exact_search
-  from qdr_jax.index.faiss_index import search
   from qdr_jax.index.lifecycle import IndexLifecycle
+  from qdr_jax.index.searching import search
   from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
   from qdr_jax.targets.table import build_or_load_table
   from qdr_jax.train import checkpoint

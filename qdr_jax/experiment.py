@@ -29,7 +29,7 @@ from qdr_jax.eval.table_eval import (EvalQueries, evaluate_splits, evaluate_tabl
                                      mean_and_spread, run_files)
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
-from qdr_jax.index.faiss_index import build_quantized_seeds
+from qdr_jax.index.build import build_quantized_seeds
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import check_writable_dir, workdir_lock, write_json_atomic

@@ -35,8 +35,10 @@ import numpy as np
 
 from qdr_jax.data.types import DataFormatError
 from qdr_jax.fingerprint import FingerprintMismatchError, file_fingerprint, params_fingerprint
-from qdr_jax.index.faiss_index import (RABITQ_QB, build_quantized, describe_index, load_index,
-                                       save_index, search, set_search_params)
+from qdr_jax.index.build import RABITQ_QB, build_quantized
+from qdr_jax.index.files import load_index, save_index
+from qdr_jax.index.layout import describe_index
+from qdr_jax.index.searching import search, set_search_params
 from qdr_jax.models import LENGTH_BUCKET, load_encoder, load_tokenizer, save_encoder_hf
 from qdr_jax.quant import quantizer_from_faiss, with_index_params, write_quantizer_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply

@@ -28,8 +28,9 @@ from qdr_jax.data.pseudo import PSEUDO_QUERY_SOURCES
 from qdr_jax.data.types import Corpus, RetrievalDataset, Split
 # The evaluator's own parser, so that validation accepts exactly what it will.
 from qdr_jax.eval.metrics import _parse as parse_measure  # pylint: disable=protected-access
-from qdr_jax.index.faiss_index import (MIN_POINTS_PER_CENTROID, check_index_for_mode,
-                                       factory_layout)
+from qdr_jax.index.build import MIN_POINTS_PER_CENTROID
+from qdr_jax.index.layout import factory_layout
+from qdr_jax.index.rules import check_index_for_mode
 from qdr_jax.models.loading import max_input_tokens
 from qdr_jax.train.modes import MODES, mode_from_config
 

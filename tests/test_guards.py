@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from qdr_jax import experiment, io_utils
-from qdr_jax.index.faiss_index import build_quantized
+from qdr_jax.index.build import build_quantized
 from qdr_jax.io_utils import WorkdirLockedError, workdir_lock
 from qdr_jax.quant import quantizer_from_faiss, stored_codes
 from qdr_jax.train import loop

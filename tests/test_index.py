@@ -6,7 +6,6 @@ import faiss
 import numpy as np
 import pytest
 
-from qdr_jax.index import faiss_index as fi
 from qdr_jax.index import (
     build_index,
     bytes_per_vector,
@@ -254,7 +253,7 @@ def test_failed_write_leaves_old_file_and_no_partial(tmp_path, monkeypatch):
       f.write(b"IxF2 partial")
     raise RuntimeError("disk full")
 
-  monkeypatch.setattr(fi.faiss, "write_index", broken_write)
+  monkeypatch.setattr(faiss, "write_index", broken_write)
   with pytest.raises(RuntimeError, match="disk full"):
     save_index(build_index(np.eye(8, D, dtype=np.float32), "Flat"), path)
   assert path.read_bytes() == before

@@ -12,7 +12,7 @@ from jax.test_util import check_grads
 from qdr_jax import quant, sharding
 from qdr_jax.config import base_config
 from qdr_jax.index import lifecycle as index_lifecycle
-from qdr_jax.index.faiss_index import build_quantized
+from qdr_jax.index.build import build_quantized
 from qdr_jax.index.lifecycle import IndexLifecycle, encoded_like_index, placeholder_quantizer
 from qdr_jax.train import optim
 from qdr_jax.train.modes import get_mode, mode_from_config

@@ -10,8 +10,9 @@ import pytest
 from qdr_jax import sharding
 from qdr_jax.config import base_config
 from qdr_jax.index import lifecycle as index_lifecycle
-from qdr_jax.index.faiss_index import build_quantized, build_quantized_seeds, search
+from qdr_jax.index.build import build_quantized, build_quantized_seeds
 from qdr_jax.index.lifecycle import IndexLifecycle, encoded_like_index, pq_codebook_shape
+from qdr_jax.index.searching import search
 from qdr_jax.quant import stored_codes
 
 ROWS, DIM = 3000, 32

@@ -12,8 +12,8 @@ import pytest
 
 from qdr_jax import quant
 from qdr_jax.config import base_config
-from qdr_jax.index.faiss_index import check_index_for_mode
 from qdr_jax.index.lifecycle import encoded_like_index, placeholder_quantizer
+from qdr_jax.index.rules import check_index_for_mode
 from qdr_jax.quant import rabitq
 from qdr_jax.train.loss import contrastive_loss
 from qdr_jax.train.step import pool_bias, pool_targets

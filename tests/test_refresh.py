@@ -3,9 +3,10 @@
 import numpy as np
 import pytest
 
-from qdr_jax.index.faiss_index import build_index, search
+from qdr_jax.index.build import build_index
 from qdr_jax.index.refresh import (ChangedRows, emptied_copy, incremental_refresh,
                                    refresh_kind)
+from qdr_jax.index.searching import search
 from qdr_jax.quant.faiss_bridge import stored_codes
 
 ROWS, DIM = 3000, 32

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qdr_jax.data.loader import load_dataset
-from qdr_jax.index.faiss_index import describe_index
+from qdr_jax.index.layout import describe_index
 from qdr_jax.quant import stored_codes
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table

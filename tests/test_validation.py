@@ -19,7 +19,7 @@ from qdr_jax.config import base_config
 from qdr_jax.data.beir import read_beir_corpus
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.data.types import DataFormatError, Queries
-from qdr_jax.index.faiss_index import build_index
+from qdr_jax.index.build import build_index
 from qdr_jax.targets.table import load_npy_table
 from qdr_jax.validation import ConfigError, validate_config, validate_runs
 

@@ -11,7 +11,7 @@ import numpy as np
 from qdr_jax.data.types import Corpus, Split
 from qdr_jax.data.answers import DEFAULT_KS, AnswerMatcher, accuracy_from_ranks
 from qdr_jax.eval.metrics import DEFAULT_MEASURES, per_query_ranking, run_from_search
-from qdr_jax.index.faiss_index import search
+from qdr_jax.index.searching import search
 
 
 @dataclasses.dataclass(frozen=True)

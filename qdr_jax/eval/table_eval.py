@@ -20,7 +20,8 @@ from qdr_jax.data.types import Corpus, Split
 from qdr_jax.eval.evaluator import IndexScores, score_index
 from qdr_jax.eval.metrics import subset_means
 from qdr_jax.eval.trec import write_trec_run
-from qdr_jax.index.faiss_index import build_index, build_quantized_seeds, describe_index
+from qdr_jax.index.build import build_index, build_quantized_seeds
+from qdr_jax.index.layout import describe_index
 
 
 def _eval_kwargs(eval_cfg: ml_collections.ConfigDict) -> dict:

@@ -1,21 +1,9 @@
 """FAISS indexes over the target-embedding table: build, tune, search, save, describe."""
 
-from qdr_jax.index.faiss_index import (
-    build_index,
-    check_index_for_mode,
-    bytes_per_vector,
-    compression_ratio,
-    describe_index,
-    factory_string,
-    load_index,
-    num_threads,
-    rebuild_index,
-    reconstruct_all,
-    save_index,
-    search,
-    set_num_threads,
-    set_search_params,
-)
+from qdr_jax.index.build import build_index, rebuild_index
+from qdr_jax.index.files import load_index, save_index
+from qdr_jax.index.layout import (bytes_per_vector, compression_ratio, describe_index,
+                                  factory_string, reconstruct_all)
 from qdr_jax.index.refresh import (
     ChangedRows,
     emptied_copy,
@@ -23,6 +11,8 @@ from qdr_jax.index.refresh import (
     refresh_kind,
     supports_incremental_refresh,
 )
+from qdr_jax.index.rules import check_index_for_mode
+from qdr_jax.index.searching import num_threads, search, set_num_threads, set_search_params
 
 __all__ = [
     "ChangedRows",

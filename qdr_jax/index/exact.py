@@ -72,7 +72,7 @@ def exact_search(table: jax.Array, queries: np.ndarray, k: int, mesh: Mesh, num_
   device, whatever the corpus size.
 
   Returns:
-    scores (Q, k) float32 and ids (Q, k) int64, best first, as ``faiss_index.search``.
+    scores (Q, k) float32 and ids (Q, k) int64, best first, as ``qdr_jax.index.searching.search``.
   """
   queries = np.ascontiguousarray(queries, np.float32)
   k = min(k, num_rows)

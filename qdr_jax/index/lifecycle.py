@@ -34,9 +34,10 @@ from absl import logging
 from jax.sharding import Mesh
 
 from qdr_jax import distributed, sharding
-from qdr_jax.index.faiss_index import (FAISS_THREADS, RABITQ_QB, add_vectors, index_options,
-                                       set_search_params, train_index, training_rows)
+from qdr_jax.index.build import (FAISS_THREADS, RABITQ_QB, add_vectors, index_options, train_index,
+                                 training_rows)
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
+from qdr_jax.index.searching import set_search_params
 from qdr_jax.quant import (Quantizer, quantizer_from_faiss, stored_codes, with_index_params,
                            write_quantizer_to_faiss)
 from qdr_jax.quant.faiss_bridge import is_rabitq, unpack_codes

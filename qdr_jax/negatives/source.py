@@ -24,8 +24,8 @@ from jax.sharding import Mesh
 from qdr_jax import distributed
 from qdr_jax.data.pseudo import PSEUDO_QUERY_SOURCES, pseudo_query_texts
 from qdr_jax.data.types import Corpus, Split
-from qdr_jax.index.faiss_index import search
 from qdr_jax.index.lifecycle import IndexLifecycle
+from qdr_jax.index.searching import search
 from qdr_jax.models import LENGTH_BUCKET, tokenize
 from qdr_jax.negatives.pool import build_pool
 

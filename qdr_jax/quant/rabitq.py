@@ -23,7 +23,7 @@ per-vector constant. `estimate` reproduces the search's scores; `reconstruct` an
 Query quantization (``qb``, FAISS's default 4): FAISS rounds ``q - c`` to ``qb`` bits
 between its minimum and maximum before the sign-bit product; ``qb = 0`` scores the float
 query. `estimate` does either; the loss scores the float query, so a run serves
-``qb = 0`` (``qdr_jax.index.faiss_index.RABITQ_QB``) to train on what the index returns.
+``qb = 0`` (``qdr_jax.index.build.RABITQ_QB``) to train on what the index returns.
 
 Multi-bit codes (``RaBitQ{b}``, ``nb_bits = b > 1``) add ``b - 1`` bits a dimension and
 two factors; FAISS scores them ``<q, c> + f_add + f_rescale <q - c, u>`` with

@@ -64,7 +64,8 @@ def load_npy_table(path: str | os.PathLike, num_rows: int | None = None) -> np.n
 
 
 def table_from_faiss(path: str | os.PathLike, num_rows: int) -> np.ndarray:
-  from qdr_jax.index.faiss_index import load_index, reconstruct_all
+  from qdr_jax.index.files import load_index
+  from qdr_jax.index.layout import reconstruct_all
   table = reconstruct_all(load_index(str(path)))
   if table.shape[0] != num_rows:
     raise ValueError(f"{path}: index holds {table.shape[0]} vectors but the corpus has "
