@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import time
 from typing import Any, Iterator, Mapping
 
 import ml_collections
@@ -76,6 +77,14 @@ class MetricsWriter:
       self._tensorboard = SummaryWriter(logdir=str(self.path.parent),
                                         purge_step=self._purge_step, flush_secs=30,
                                         filename_suffix=f".{count:04d}")
+      if count == 0 and self._purge_step is None:
+        # TensorBoard takes a run's first SessionLog.START for its start and purges only at
+        # a later one (the START a resume's purge_step writes): mark the start, or the
+        # steps a resume drops would still show.
+        from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._tensorboard.file_writer.add_event(event_pb2.Event(
+            wall_time=time.time(), step=0, session_log=start))
     return self._tensorboard
 
   def write(self, record: dict) -> None:
