@@ -17,19 +17,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from qdr_jax import distributed
+from qdr_jax import distributed, sharding
 from qdr_jax.config import apply_mode_spec
 from qdr_jax.data.loader import load_dataset
 from qdr_jax.eval.compare import (paired_comparison, summarize_seeds,
                                   with_pq_subquantizers)
-from qdr_jax.eval.evaluator import evaluate_index
+from qdr_jax.eval.evaluator import evaluate_index, search_depth
 from qdr_jax.eval.metrics import split_seen
 from qdr_jax.eval.report import compare_table, format_table, subset_table
 from qdr_jax.eval.table_eval import (EvalQueries, evaluate_splits, evaluate_table,
                                      mean_and_spread, run_files)
 from qdr_jax.data.types import RetrievalDataset, Split
 from qdr_jax.fingerprint import input_fingerprints
-from qdr_jax.index.build import build_quantized_seeds
+from qdr_jax.index.exact import exact_search
+from qdr_jax.index.lifecycle import IndexLifecycle
 from qdr_jax.targets.encoders import Encoders, embed_passages, embed_queries, load_encoders
 from qdr_jax.targets.table import build_or_load_table
 from qdr_jax.io_utils import check_writable_dir, workdir_lock, write_json_atomic
@@ -94,21 +95,25 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                           measures=tuple(config.eval.measures))
 
   start = time.perf_counter()
-  before, start_index = None, []
+  start_index = []
 
-  def evaluate_before() -> dict:
-    table = np.asarray(table0, np.float32)
-    seeds = [int(s) for s in config.eval.index_seeds]
-    builds = build_quantized_seeds(table, config.index, seeds, config.eval.concurrent_builds)
-    if mode.trains and distributed.jax.process_count() == 1:
-      # Seed index.seed's build is the index training would build first (same table,
-      # sample, seed and options): training takes it over instead of building it again.
-      builds = _keeping(builds, seeds, int(config.index.seed), start_index)
-    return evaluate_splits(table, eval_queries(encoders.query_params, "eval before"), corpus,
-                           config.index, config.eval, quantized_indexes=builds)
+  def evaluate_before() -> dict | None:
+    # The initial table goes to the devices as training places it (in float32, as it is
+    # evaluated), so no host holds it whole; training places its own copy.
+    mesh = sharding.make_mesh(config.sharding)
+    table = sharding.put_rows(table0, mesh, config.sharding.shard_table,
+                              sharding.padded_rows(len(corpus), mesh), dtype=np.float32)
+    lifecycle = IndexLifecycle(config.index, mesh=mesh, num_rows=len(corpus),
+                               padded_rows=table.shape[0], quantize=False,
+                               codes_from_index=False, learn_index=False,
+                               shard_rows=config.sharding.shard_table)
+    keep = start_index if mode.trains and distributed.jax.process_count() == 1 else None
+    return _evaluate_on_devices(config, lifecycle, table,
+                                eval_queries(encoders.query_params, "eval before"), corpus,
+                                keep=keep)
 
+  before = _before_metrics(config, workdir, evaluate_before, lead)
   if lead:
-    before = _before_metrics(config, workdir, evaluate_before)
     logging.info("before: flat %s | quantized %s", before["eval"]["flat"],
                  before["eval"]["quantized"])
   trained = (train(config, mode, dataset, encoders, table0, workdir,
@@ -118,15 +123,18 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if trained is not None and trained.preempted:
     # Stopped by SIGTERM after a checkpoint: no results yet; rerunning resumes.
     return {"preempted": True, "step": trained.step}
-  final_index = table = None
+  after = before
   if trained is not None:
-    table = trained.lifecycle.table_to_lead(trained.state.table)
+    final_index = None
     if mode.quantize:
       # The quantizer the loss was trained against, with the final table re-encoded (and
       # the learned index parameters written in): what serving without a retrain gives.
       trained.lifecycle.write_index_params(trained.state.table, trained.state.index_params,
                                            sync=False)
       final_index = trained.lifecycle.index
+    after = _evaluate_on_devices(config, trained.lifecycle, trained.state.table,
+                                 eval_queries(trained.params, "eval after"), corpus,
+                                 served_index=final_index)
   if not lead:
     return {"process_index": distributed.jax.process_index(), "steps": config.train.steps}
   results = {"dataset": config.data.name, "model": config.model.query_encoder,
@@ -135,10 +143,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
              "before": before["eval"], **_provenance(config, inputs)}
   if overlap := overlapping_queries(config, dataset):  # allowed by data.allow_query_overlap
     results["query_overlap"] = {"count": len(overlap), "query_ids": overlap}
-  after = before
   if trained is not None:
-    after = evaluate_splits(table, eval_queries(trained.params, "eval after"), corpus,
-                            config.index, config.eval, served_index=final_index)
     results.update(steps=config.train.steps, train_seconds=trained.train_seconds,
                    seconds_per_step=trained.seconds_per_step)
   else:
@@ -161,6 +166,42 @@ def _write_eval_events(workdir: pathlib.Path, results: dict) -> None:
   for step, metrics in ((0, results["before"]), (results["steps"], results["after"])):
     writer.write_scalars(step, {"eval": {k: metrics[k] for k in ("flat", "quantized")}})
   writer.close()
+
+
+def _evaluate_on_devices(config: ml_collections.ConfigDict, lifecycle: IndexLifecycle,
+                         table, queries: dict[str, EvalQueries], corpus,
+                         served_index=None, keep: list | None = None) -> dict | None:
+  """`evaluate_splits` of the device table ``table`` (row-sharded over ``lifecycle``'s
+  mesh) without a host copy of it; a collective: every process calls it with the same
+  queries, and process 0 alone gets the result (None elsewhere).
+
+  The flat figures come from the exact search on the devices (`exact_search`: process 0
+  receives each query's top-k), the quantized ones from `IndexLifecycle.built_indexes`
+  for ``eval.index_seeds`` (each training sample gathered, the rows streamed in), so
+  process 0 holds the queries, their rankings, the training samples and the FAISS
+  indexes (``eval.concurrent_builds`` at a time, beside ``served_index``), never an
+  (N, d) float array. With ``keep``, seed ``index.seed``'s build is appended to it (for
+  training to take over).
+  """
+  eval_cfg = config.eval
+  flat = {name: exact_search(table, q.embeddings,
+                             search_depth(q.split, corpus, eval_cfg.depth,
+                                          tuple(eval_cfg.answer_ks)),
+                             lifecycle.mesh, lifecycle.num_rows)
+          for name, q in queries.items()}
+  seeds = [int(s) for s in eval_cfg.index_seeds]
+  builds = lifecycle.built_indexes(table, seeds, eval_cfg.concurrent_builds)
+  if keep is not None:
+    # Seed index.seed's build is the index training would build first (same table,
+    # sample, seed and options): training takes it over instead of building it again.
+    builds = _keeping(builds, seeds, int(config.index.seed), keep)
+  if not lifecycle.lead:
+    for _ in builds:  # every build is a collective: join each, in order
+      pass
+    return None
+  return evaluate_splits(None, queries, corpus, config.index, eval_cfg,
+                         served_index=served_index, quantized_indexes=builds,
+                         flat_searches=flat)
 
 
 def _keeping(indexes: Iterator, seeds: list[int], seed: int, kept: list) -> Iterator:
@@ -226,18 +267,22 @@ def _provenance(config: ml_collections.ConfigDict, inputs: dict[str, str]) -> di
   return {"config": json.loads(config.to_json_best_effort()), "input_fingerprints": inputs}
 
 
-def _before_metrics(config, workdir: pathlib.Path, compute) -> dict:
-  """The "before" evaluation; a resumed run (the workdir has a checkpoint) reads it back
-  from ``eval_before.json`` when the config is unchanged, so its results.json reports
-  the same figures without re-embedding and re-indexing."""
+def _before_metrics(config, workdir: pathlib.Path, compute, lead: bool) -> dict | None:
+  """The "before" evaluation (``compute``, a collective: process 0's result, None
+  elsewhere); a resumed run (the workdir has a checkpoint) reads it back from
+  ``eval_before.json`` when the config is unchanged, so its results.json reports the
+  same figures without re-embedding and re-indexing. Every process reads the file (the
+  workdir is on storage all of them see), so all skip ``compute`` alike; process 0
+  writes it only after ``compute``, which every process has joined by then."""
   path = workdir / "eval_before.json"
   key = json.loads(config.to_json_best_effort())
   if path.exists() and has_checkpoint(workdir):
     saved = json.loads(path.read_text())
     if saved.get("config") == key:
-      return saved["before"]
+      return saved["before"] if lead else None
   before = compute()
-  write_json_atomic(path, {"config": key, "before": before}, indent=None)
+  if lead:
+    write_json_atomic(path, {"config": key, "before": before}, indent=None)
   return before
 
 

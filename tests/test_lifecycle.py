@@ -72,6 +72,26 @@ def _bytes(index) -> np.ndarray:
   return faiss.serialize_index(index)
 
 
+@pytest.mark.parametrize("factory", ["IVF16,PQ8x8", "OPQ8,IVF16,PQ8x8"])
+def test_evaluation_builds_from_the_devices_equal_host_builds(factory):
+  """`built_index` with any seed (the evaluation's index seeds) over the device table,
+  alone or built two at a time (`built_indexes`), is `build_quantized` of the host table
+  with that seed, byte for byte, and leaves the run's own index alone."""
+  table = _table()
+  cfg = _index_cfg(factory, train_size=2000, seed=1)
+  lifecycle, mesh = _lifecycle(cfg, quantize=False)
+  device_table = sharding.put_rows(table, mesh, True, ROWS)
+  seeds = [0, 2, 3]
+  one_by_one = [_bytes(lifecycle.built_index(device_table, seed)) for seed in seeds]
+  together = [_bytes(index) for index in lifecycle.built_indexes(device_table, seeds, 2)]
+  assert lifecycle.index is None
+  for seed, alone, grouped in zip(seeds, one_by_one, together):
+    want = _bytes(build_quantized(table, cfg, seed))
+    np.testing.assert_array_equal(alone, want)
+    np.testing.assert_array_equal(grouped, want)
+  assert not np.array_equal(one_by_one[0], one_by_one[1])  # the seed is used: can fail
+
+
 # OPQ's rotation depends on the thread count: its seeds are built one after another.
 @pytest.mark.parametrize("factory", ["IVF16,PQ8x8", "OPQ8,IVF16,PQ8x8", "PQ8x8"])
 def test_concurrent_seed_builds_equal_sequential_builds(factory):

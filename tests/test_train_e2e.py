@@ -93,3 +93,70 @@ def test_training_takes_over_the_before_evaluations_index(tiny_config, tmp_path,
   assert builds[0] == 0
   assert adopted["after"]["flat"] == built["after"]["flat"]
   assert adopted["after"]["served"]["quantized"] == built["after"]["served"]["quantized"]
+
+
+def _assert_same_figures(got, want, path="results"):
+  """Equal structure; numbers equal within 1e-6 (None where None)."""
+  if isinstance(want, dict):
+    assert set(got) == set(want), path
+    for key in want:
+      _assert_same_figures(got[key], want[key], f"{path}/{key}")
+  elif isinstance(want, (list, tuple)):
+    assert len(got) == len(want), path
+    for i, (g, w) in enumerate(zip(got, want)):
+      _assert_same_figures(g, w, f"{path}[{i}]")
+  elif isinstance(want, float) and not isinstance(want, bool):
+    assert got == pytest.approx(want, abs=1e-6), path
+  else:
+    assert got == want, path
+
+
+def test_evaluation_holds_no_host_copy_of_the_table(tiny_config, tmp_path, monkeypatch):
+  """Before and after training, with every way of the whole table to a host refused (the
+  trained table's gather to process 0, a Flat or quantized build over a host table, a
+  row gather beyond one stream chunk), results.json holds the figures of the evaluation
+  over a host copy: flat (exact search on the devices), quantized (streamed builds, one
+  per index seed), served, on the evaluated and the dev split."""
+  from qdr_jax import experiment, sharding
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.eval import table_eval
+  from qdr_jax.index import lifecycle as lifecycle_module
+  tiny_config.data.dev_split, tiny_config.data.dev_queries = "dev", 16
+  tiny_config.train.steps = 4
+  tiny_config.index.train_size = 500  # of 600 rows: the sample is gathered, not the table
+  tiny_config.eval.index_seeds = (0, 1)
+  chunk = 128
+  real_rows_to_host, real_evaluate = sharding.rows_to_host, experiment._evaluate_on_devices
+  evaluated = []
+
+  def recording(config, lifecycle, table, queries, corpus, **kwargs):
+    out = real_evaluate(config, lifecycle, table, queries, corpus, **kwargs)
+    # The host copy the figures are checked against, gathered outside the refusals.
+    host = real_rows_to_host(table, np.arange(lifecycle.num_rows), lifecycle.mesh)
+    evaluated.append((host, queries, kwargs.get("served_index")))
+    return out
+
+  def refused(*args, **kwargs):
+    raise AssertionError("the whole table on a host")
+
+  def chunked(table, rows, mesh):
+    assert np.size(rows) <= chunk, f"{np.size(rows)} rows gathered at once"
+    return real_rows_to_host(table, rows, mesh)
+
+  monkeypatch.setattr(experiment, "_evaluate_on_devices", recording)
+  monkeypatch.setattr(lifecycle_module.IndexLifecycle, "table_to_lead", refused)
+  monkeypatch.setattr(table_eval, "build_index", refused)
+  monkeypatch.setattr(table_eval, "build_quantized_seeds", refused)
+  monkeypatch.setattr(lifecycle_module, "STREAM_ROWS", chunk)
+  monkeypatch.setattr(sharding, "rows_to_host", chunked)
+  results = train_and_evaluate(tiny_config, tmp_path / "run")
+  monkeypatch.undo()
+  assert len(evaluated) == 2 and "served" in results["after"]
+  corpus = load_dataset(tiny_config.data).corpus
+  for when, (host, queries, served) in zip(("before", "after"), evaluated):
+    want = table_eval.evaluate_splits(host, queries, corpus, tiny_config.index,
+                                      tiny_config.eval, served_index=served)
+    _assert_same_figures(results[when], want["eval"], when)
+    _assert_same_figures(results["dev"][when], want["dev"], f"dev/{when}")
+  assert json.loads((tmp_path / "run" / "results.json").read_text())["after"] == json.loads(
+      json.dumps(results["after"]))

@@ -86,29 +86,65 @@ def score_index(
     ValueError: shapes that do not match, an index whose size is not the corpus size, or a
       split with neither qrels nor answers.
   """
-  query_ids = [str(q) for q in split.queries.ids]
-  q = np.asarray(query_embeddings)
-  if q.ndim != 2 or q.shape[0] != len(query_ids):
-    raise ValueError(
-        f"query_embeddings has shape {q.shape}; expected ({len(query_ids)}, d), one row per "
-        "query of the split.")
+  q = _checked_queries(query_embeddings, split)
   if index.ntotal != len(corpus):
     raise ValueError(f"The index holds {index.ntotal} vectors but the corpus has {len(corpus)}.")
-  by_answers = split.answers is not None
+  _judged_by(split, corpus)  # refused before the search
+  k = search_depth(split, corpus, depth, answer_ks)
+  scores, ids = search(index, q, k, batch_size=batch_size)
+  return score_ranking(scores, ids, split, corpus, answer_ks=answer_ks, measures=measures,
+                       matcher=matcher, return_run=return_run)
+
+
+def _checked_queries(query_embeddings: np.ndarray, split: Split) -> np.ndarray:
+  q = np.asarray(query_embeddings)
+  if q.ndim != 2 or q.shape[0] != len(split.queries.ids):
+    raise ValueError(
+        f"query_embeddings has shape {q.shape}; expected ({len(split.queries.ids)}, d), one "
+        "row per query of the split.")
+  return q
+
+
+def _judged_by(split: Split, corpus: Corpus) -> tuple[list[str], dict]:
+  """The split's query ids and the qrels of those queries; refuses a split that cannot
+  be judged."""
+  query_ids = [str(q) for q in split.queries.ids]
   wanted = set(query_ids)
   qrels = {qid: docs for qid, docs in split.qrels.items() if qid in wanted}
   if split.qrels and not qrels:
     raise ValueError("None of the split's qrels queries is among its queries.")
-  if not qrels and not by_answers:
+  if not qrels and split.answers is None:
     raise ValueError("The split has neither qrels nor answers to judge the search by.")
   if not query_ids or len(corpus) == 0:
     raise ValueError("Nothing to evaluate: no queries or an empty corpus.")
+  return query_ids, qrels
 
-  k = depth
-  if by_answers:
-    k = max(k, max(answer_ks))
-  k = min(k, len(corpus))
-  scores, ids = search(index, q, k, batch_size=batch_size)
+
+def search_depth(split: Split, corpus: Corpus, depth: int = 1000,
+                 answer_ks: Sequence[int] = DEFAULT_KS) -> int:
+  """Passages `score_index` retrieves a query: ``depth``, raised to max(answer_ks) when
+  the split is judged by answers, capped at the corpus size."""
+  k = max(depth, max(answer_ks)) if split.answers is not None else depth
+  return min(k, len(corpus))
+
+
+def score_ranking(
+    scores: np.ndarray,
+    ids: np.ndarray,
+    split: Split,
+    corpus: Corpus,
+    *,
+    answer_ks: Sequence[int] = DEFAULT_KS,
+    measures: Sequence[str] = DEFAULT_MEASURES,
+    matcher: AnswerMatcher | None = None,
+    return_run: bool = False,
+) -> IndexScores:
+  """`score_index` of a search done elsewhere (e.g. `index.exact.exact_search` on the
+  devices): ``scores`` and ``ids`` (Q, k), best first, row i for the split's query i, ids
+  being corpus rows; k as `search_depth` gives it. Same arguments, result and errors."""
+  _checked_queries(ids, split)
+  query_ids, qrels = _judged_by(split, corpus)
+  by_answers = split.answers is not None
 
   results: dict[str, float] = {}
   per_query: dict[str, np.ndarray] = {}

@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 
 from qdr_jax.data.types import Corpus, Split
-from qdr_jax.eval.evaluator import IndexScores, score_index
+from qdr_jax.eval.evaluator import IndexScores, score_index, score_ranking
 from qdr_jax.eval.metrics import subset_means
 from qdr_jax.eval.trec import write_trec_run
 from qdr_jax.index.build import build_index, build_quantized_seeds
@@ -43,9 +43,14 @@ def _score(index, query_emb: np.ndarray, split: Split, corpus: Corpus,
            eval_cfg: ml_collections.ConfigDict, run_path: pathlib.Path | None = None
            ) -> IndexScores:
   """The index's scores; with ``run_path``, its ranking is written there as a TREC run
-  (and not kept)."""
-  scores = score_index(index, query_emb, split, corpus, return_run=run_path is not None,
-                       **_eval_kwargs(eval_cfg))
+  (and not kept). ``index`` may also be the (scores, ids) of a search done elsewhere."""
+  if isinstance(index, tuple):
+    kwargs = _eval_kwargs(eval_cfg)
+    del kwargs["depth"]  # the search's
+    scores = score_ranking(*index, split, corpus, return_run=run_path is not None, **kwargs)
+  else:
+    scores = score_index(index, query_emb, split, corpus, return_run=run_path is not None,
+                         **_eval_kwargs(eval_cfg))
   if run_path is None:
     return scores
   write_trec_run(run_path, scores.run)
@@ -84,9 +89,11 @@ def evaluate_table(table: np.ndarray, query_emb: np.ndarray, split: Split, corpu
                          quantized_indexes=quantized_indexes)[""]
 
 
-def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpus: Corpus,
-                    index_cfg: ml_collections.ConfigDict, eval_cfg: ml_collections.ConfigDict,
-                    served_index=None, quantized_indexes: Iterable | None = None
+def evaluate_splits(table: np.ndarray | None, queries: Mapping[str, EvalQueries],
+                    corpus: Corpus, index_cfg: ml_collections.ConfigDict,
+                    eval_cfg: ml_collections.ConfigDict, served_index=None,
+                    quantized_indexes: Iterable | None = None,
+                    flat_searches: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
                     ) -> dict[str, dict]:
   """Flat and quantized (one build per index seed) metrics of one table, for each split
   of ``queries``.
@@ -100,6 +107,10 @@ def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpu
     quantized_indexes: optional indexes over `table`, one per seed of
       ``eval_cfg.index_seeds`` in order (`build_quantized_seeds`, which the default
       calls with ``eval_cfg.concurrent_builds``); each is scored and dropped in turn.
+    flat_searches: optional exact (scores, ids) per name of ``queries``, searched
+      elsewhere at `evaluator.search_depth` (`index.exact.exact_search` on the devices),
+      instead of a Flat index over ``table``. With these and ``quantized_indexes``,
+      ``table`` is not read and may be None.
 
   Returns:
     Per name of ``queries``: {'flat': metrics, 'quantized': mean metrics over the index
@@ -114,9 +125,9 @@ def evaluate_splits(table: np.ndarray, queries: Mapping[str, EvalQueries], corpu
   seeds = list(eval_cfg.index_seeds)
   paths = {name: run_files(q.runs_dir, seeds) if q.runs_dir is not None else {}
            for name, q in queries.items()}
-  flat_index = build_index(table, "Flat")
-  flat = {name: _score(flat_index, q.embeddings, q.split, corpus, eval_cfg,
-                       paths[name].get("flat"))
+  flat_index = build_index(table, "Flat") if flat_searches is None else None
+  flat = {name: _score(flat_index if flat_searches is None else flat_searches[name],
+                       q.embeddings, q.split, corpus, eval_cfg, paths[name].get("flat"))
           for name, q in queries.items()}
   del flat_index
   if quantized_indexes is None:

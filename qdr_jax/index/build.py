@@ -275,6 +275,22 @@ def build_quantized(table: np.ndarray, index_cfg, seed: int, factory: str | None
                      seed=seed, **options)
 
 
+def seed_build_workers(factory: str, dim: int, builds: int, concurrent: int
+                       ) -> tuple[int, int | None]:
+  """(builds at once, FAISS threads each) for ``builds`` indexes of ``factory`` with
+  different seeds, up to ``concurrent`` at a time (see `build_quantized_seeds`): 1 for a
+  layout whose training depends on the thread count (OPQ, HNSW), then with the thread
+  count left alone (None)."""
+  workers = max(1, min(int(concurrent), builds))
+  if workers > 1:
+    probe = make_index(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if has_opq(probe) or hnsw_graphs(probe):
+      workers = 1
+  if workers == 1:
+    return 1, None
+  return workers, max(1, (FAISS_THREADS or faiss.omp_get_max_threads()) // workers)
+
+
 def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
                           concurrent: int = 1) -> Iterator[faiss.Index]:
   """`build_quantized` once per k-means seed, in seed order, up to `concurrent` at a time.
@@ -291,15 +307,10 @@ def build_quantized_seeds(table: np.ndarray, index_cfg, seeds: Sequence[int],
   with either are built one after another.
   """
   seeds = [int(s) for s in seeds]
-  workers = max(1, min(int(concurrent), len(seeds)))
-  if workers > 1:
-    probe = make_index(np.shape(table)[1], index_cfg.factory, faiss.METRIC_INNER_PRODUCT)
-    if has_opq(probe) or hnsw_graphs(probe):
-      workers = 1
+  workers, threads = seed_build_workers(index_cfg.factory, np.shape(table)[1], len(seeds),
+                                        concurrent)
   if workers == 1:
     return (build_quantized(table, index_cfg, seed) for seed in seeds)
-  budget = FAISS_THREADS or faiss.omp_get_max_threads()
-  threads = max(1, budget // workers)
   # OpenMP thread counts are per calling thread: each worker sets its own in build_index.
   with ThreadPoolExecutor(workers, thread_name_prefix="faiss-build") as pool:
     return iter(list(pool.map(lambda seed: build_quantized(table, index_cfg, seed,

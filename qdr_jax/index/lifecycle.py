@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import faiss
@@ -34,8 +36,8 @@ from absl import logging
 from jax.sharding import Mesh
 
 from qdr_jax import distributed, sharding
-from qdr_jax.index.build import (FAISS_THREADS, RABITQ_QB, add_vectors, index_options, train_index,
-                                 training_rows)
+from qdr_jax.index.build import (FAISS_THREADS, RABITQ_QB, add_vectors, index_options,
+                                 seed_build_workers, train_index, training_rows)
 from qdr_jax.index.refresh import ChangedRows, incremental_refresh, refresh_kind
 from qdr_jax.index.searching import set_search_params
 from qdr_jax.quant import (Quantizer, quantizer_from_faiss, stored_codes, with_index_params,
@@ -114,19 +116,70 @@ class IndexLifecycle:
     process holds (e.g. a memory-mapped ``.npy``, read by process 0 in chunks).
     """
     start = time.perf_counter()
-    sample = training_rows(self.num_rows, self.cfg.train_size, self.cfg.seed)
-    if sample is None:
-      sample = np.arange(self.num_rows)
-    train_x = self._gather_chunks(table, sample)
-    index = None
-    if self.lead:
-      index = train_index(train_x, self.cfg.factory, seed=self.cfg.seed,
-                          **index_options(self.cfg))
-    del train_x
-    self.index = self._add_table(index, table)
+    self.index = self.built_index(table, int(self.cfg.seed))
     self.changed.clear()
     self._sync_loss_inputs()
     self._record(step, "full", self.num_rows, start)
+
+  def built_index(self, table, seed: int) -> faiss.Index | None:
+    """A fresh index of the config's layout over ``table`` with k-means seed ``seed`` on
+    process 0 (None elsewhere), leaving the run's own index alone: what `build` installs,
+    and an evaluation's build for each of its index seeds.
+
+    The quantizer trains on seed ``seed``'s sample (`training_rows`, as `build_index`
+    draws it), gathered to process 0; every row is then streamed in in chunks, so the
+    host holds the sample and the index, never the whole float table. Same table, seed
+    and options give the index `build.build_quantized` builds on a host copy.
+    """
+    train_x = self._training_sample(table, seed)
+    index = None
+    if self.lead:
+      index = train_index(train_x, self.cfg.factory, seed=seed, **index_options(self.cfg))
+    del train_x
+    return self._add_table(index, table)
+
+  def built_indexes(self, table, seeds: Sequence[int], concurrent: int = 1
+                    ) -> Iterator[faiss.Index | None]:
+    """`built_index` for each of ``seeds`` in order, up to ``concurrent`` at a time.
+
+    As `build.build_quantized_seeds` does on a host table, builds at once train and
+    add in threads that split the FAISS threads (each index the same, byte for byte), and
+    are held together; the table is streamed once for them. Every process must draw
+    every index, in order: for a device table each build is a collective.
+    """
+    seeds = [int(s) for s in seeds]
+    workers, threads = seed_build_workers(self.cfg.factory, int(table.shape[1]), len(seeds),
+                                          concurrent)
+    for start in range(0, len(seeds), workers):
+      group = seeds[start:start + workers]
+      if len(group) == 1:
+        yield self.built_index(table, group[0])
+      else:
+        yield from self._built_together(table, group, threads)
+
+  def _built_together(self, table, seeds: list[int], threads: int) -> list[faiss.Index | None]:
+    """`built_index` of each of ``seeds``, at once in threads of ``threads`` FAISS threads
+    (OpenMP thread counts are per calling thread: each worker sets its own)."""
+    samples = [self._training_sample(table, seed) for seed in seeds]
+    options = {**index_options(self.cfg), "threads": threads}
+    indexes = [None] * len(seeds)
+    with ThreadPoolExecutor(len(seeds), thread_name_prefix="faiss-build") as pool:
+      if self.lead:
+        indexes = list(pool.map(
+            lambda seed, x: train_index(x, self.cfg.factory, seed=seed, **options),
+            seeds, samples))
+      del samples
+      for start in range(0, self.num_rows, STREAM_ROWS):
+        part = self._rows(table, np.arange(start, min(start + STREAM_ROWS, self.num_rows)))
+        if self.lead:
+          list(pool.map(lambda index: add_vectors(index, part, threads=threads), indexes))
+    return indexes
+
+  def _training_sample(self, table, seed: int) -> np.ndarray | None:
+    """Seed ``seed``'s training rows (`training_rows`, as `build_index` draws them) on
+    process 0, gathered in chunks (None elsewhere)."""
+    sample = training_rows(self.num_rows, self.cfg.train_size, seed)
+    return self._gather_chunks(table, np.arange(self.num_rows) if sample is None else sample)
 
   def adopt(self, index: faiss.Index | None, *, moved_since: bool) -> None:
     """Takes over an index built elsewhere: restored from a checkpoint, or the first one
