@@ -42,6 +42,7 @@ from qdr_jax.index.searching import search, set_search_params
 from qdr_jax.models import LENGTH_BUCKET, load_encoder, load_tokenizer, save_encoder_hf
 from qdr_jax.quant import quantizer_from_faiss, with_index_params, write_quantizer_to_faiss
 from qdr_jax.targets.embed import embed_texts, make_apply
+from qdr_jax.train.checkpoint import checkpoint_dir
 from qdr_jax.train.restore import restore_trained
 
 BUNDLE_FORMAT = 1
@@ -61,7 +62,8 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
   ``config.index.seed``; when the run learned index parameters (``quant.learn``:
   codebooks, centroids, rotation), they are written into the index saved with the
   checkpoint instead and the table re-encoded, since retraining FAISS's quantizer would
-  discard them.
+  discard them (and the parts it did not learn, which they were trained with). A
+  checkpoint with learned parameters but no index is refused.
 
   Args:
     workdir: training workdir with checkpoints.
@@ -74,6 +76,8 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
   Raises:
     MetadataMismatchError: the corpus (e.g. reordered: the ids would map rows to the wrong
       passages) or encoder differs from the checkpoint's; nothing is written.
+    BundleError: learned index parameters without the index they were trained in (a
+      multi-process checkpoint of a version that left it out); nothing is written.
 
   Returns:
     The bundle directory.
@@ -85,7 +89,13 @@ def export_bundle(workdir: str | os.PathLike, out: str | os.PathLike, *,
   config, corpus = trained["config"], trained["dataset"].corpus
   table = trained["table"]
   learned = trained["index_params"]
-  if learned is not None and trained["index"] is not None:
+  if learned is not None and trained["index"] is None:
+    raise BundleError(
+        f"{checkpoint_dir(workdir) / str(trained['step'])}: holds learned index "
+        f"parameters {sorted(learned)} but no FAISS index (saved by a version that left it "
+        "out of multi-process checkpoints); a fresh k-means build would serve them against "
+        "centroids they were not trained with: export a single-process checkpoint or retrain")
+  if learned is not None:
     quantizer = with_index_params(quantizer_from_faiss(trained["index"]),
                                   {k: jax.numpy.asarray(v) for k, v in learned.items()})
     index = write_quantizer_to_faiss(trained["index"], quantizer, table)

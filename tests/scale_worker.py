@@ -10,6 +10,8 @@ to compare. It runs as a script, not under pytest, because the CPU device count
   python tests/scale_worker.py reference OUT.npz
   python tests/scale_worker.py train OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
       --workdir=DIR [--devices=D] [--process-id=I --num-processes=N --port=P]
+  python tests/scale_worker.py resume OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
+      --workdir=DIR --process-id=I --num-processes=N --port=P
 
 Every run draws its tokens and pools from the same seeds, so any two layouts must agree up
 to the float error of a different reduction order.
@@ -336,9 +338,87 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
     jax.distributed.shutdown()
 
 
+# Index-learning modes of the resume job: (train.mode, quant.learn, index.factory).
+RESUME_MODES = {"jpq": ("jpq", (), "IVF4,PQ4x8"),
+                "dback_codebooks_opq": ("dback", ("codebooks",), "OPQ4,IVF4,PQ4x8")}
+RESUME_STEPS, RESUME_STOP = 6, 3  # refreshes after steps 2 and 4, checkpoints at 3 and 6
+
+
+def resume_main(out_path: str, args: argparse.Namespace) -> None:
+  """Twin runs of each `RESUME_MODES` entry with ``experiment.train_and_evaluate``: one
+  uninterrupted, one stopped by SIGTERM (on every process) after step ``RESUME_STOP``
+  and rerun to resume. Each run's served index (its training quantizer over the final
+  table) is written by process 0 as ``{workdir}/served.faiss`` for the test to compare
+  with the exported bundle; the workdirs are ``{workdir}/{mode}_{straight|resumed}``."""
+  _set_device_count(args.devices)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import pathlib
+  import signal
+
+  from conftest import make_tiny_config
+
+  from qdr_jax import distributed
+
+  root = pathlib.Path(args.workdir)
+  configs = {}
+  for name, (mode, learn, factory) in RESUME_MODES.items():
+    config = make_tiny_config(args.beir, args.encoder, args.cache)
+    config.train.mode, config.quant.learn, config.index.factory = mode, learn, factory
+    config.train.steps = RESUME_STEPS
+    config.index.rebuild_every = 2
+    # Large enough that two steps move the learned codebooks' codes away from what a
+    # k-means retrain gives (the default's barely move them).
+    config.optim.codebook_lr = 5e-2
+    config.checkpoint.every = RESUME_STOP
+    config.sharding.num_devices = 0
+    config.distributed.coordinator_address = f"localhost:{args.port}"
+    config.distributed.num_processes = args.num_processes
+    config.distributed.process_id = args.process_id
+    config.distributed.cpu_collectives = "gloo"
+    configs[name] = config
+  info = distributed.initialize_distributed(next(iter(configs.values())))
+
+  import faiss
+  import numpy as np
+
+  from qdr_jax import experiment
+  from qdr_jax.negatives import source as negatives
+
+  real_evaluate, real_batch_indices = experiment.evaluate_splits, negatives.batch_indices
+  served_path = []
+
+  def keep_served(*a, served_index=None, **kw):
+    if served_index is not None and served_path:
+      faiss.write_index(served_index, str(served_path[0]))
+    return real_evaluate(*a, served_index=served_index, **kw)
+
+  def stop_at(step, *a, **kw):
+    if step == RESUME_STOP:  # prepared during the step before: the save holds RESUME_STOP
+      os.kill(os.getpid(), signal.SIGTERM)
+    return real_batch_indices(step, *a, **kw)
+
+  experiment.evaluate_splits = keep_served
+  out = {}
+  for name, config in configs.items():
+    for twin in ("straight", "resumed"):
+      workdir = root / f"{name}_{twin}"
+      served_path[:] = [workdir / "served.faiss"]
+      if twin == "resumed":
+        negatives.batch_indices = stop_at
+        stopped = experiment.train_and_evaluate(config, workdir)
+        negatives.batch_indices = real_batch_indices
+        out[f"{name}/stopped_at"] = np.asarray(stopped.get("step", -1))
+      experiment.train_and_evaluate(config, workdir)
+  out["process_count"] = np.asarray(info.process_count)
+  np.savez(out_path, problems=np.asarray("[]"), **out)
+  import jax
+  jax.distributed.shutdown()
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("kind", choices=("sharding", "multihost", "reference", "train"))
+  parser.add_argument("kind", choices=("sharding", "multihost", "reference", "train",
+                                      "resume"))
   parser.add_argument("out")
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--num-processes", type=int, default=2)
@@ -351,6 +431,8 @@ def main(argv: list[str]) -> None:
   args = parser.parse_args(argv)
   if args.kind == "train":
     train_main(args.out, args)
+  elif args.kind == "resume":
+    resume_main(args.out, args)
   elif args.kind == "sharding":
     sharding_main(args.out)
   elif args.kind == "reference":

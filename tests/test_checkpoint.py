@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import faiss
 import jax
 import numpy as np
 import pytest
@@ -46,32 +47,33 @@ def runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp("runs")
   config = _config(tiny_beir, tiny_encoder_dir, root / "cache")
   straight = experiment.train_and_evaluate(config, root / "straight")
-
-  real_batch_indices = negatives.batch_indices
-
-  def stopped_at(signum, workdir):
-    def signal_during(step, *args, **kwargs):
-      if step == STOP_AT:
-        # The loop prepares a step's batch at the end of the step before it, so the
-        # signal arrives during step STOP_AT - 1 (0-based) and the save after it holds
-        # STOP_AT.
-        os.kill(os.getpid(), signum)
-      return real_batch_indices(step, *args, **kwargs)
-
-    previous = signal.getsignal(signum)
-    with pytest.MonkeyPatch.context() as mp:
-      mp.setattr(negatives, "batch_indices", signal_during)
-      stopped = experiment.train_and_evaluate(config, workdir)
-    assert signal.getsignal(signum) is previous  # the loop's handler is gone
-    return stopped
-
-  stopped = stopped_at(signal.SIGTERM, root / "resumed")
+  stopped = _stopped_at(signal.SIGTERM, STOP_AT, config, root / "resumed")
   resumed = experiment.train_and_evaluate(config, root / "resumed")
-  interrupted = stopped_at(signal.SIGINT, root / "interrupted")
+  interrupted = _stopped_at(signal.SIGINT, STOP_AT, config, root / "interrupted")
   resumed_after_ctrl_c = experiment.train_and_evaluate(config, root / "interrupted")
   return {"config": config, "root": root, "straight": straight, "stopped": stopped,
           "resumed": resumed, "interrupted": interrupted,
           "resumed_after_ctrl_c": resumed_after_ctrl_c}
+
+
+def _stopped_at(signum, stop_at: int, config, workdir):
+  """``train_and_evaluate`` sent ``signum`` so that it stops after step ``stop_at``."""
+  real_batch_indices = negatives.batch_indices
+
+  def signal_during(step, *args, **kwargs):
+    if step == stop_at:
+      # The loop prepares a step's batch at the end of the step before it (with
+      # negatives.overlap, before that step's update), so the signal arrives during step
+      # stop_at - 1 (0-based) and the save after it holds stop_at.
+      os.kill(os.getpid(), signum)
+    return real_batch_indices(step, *args, **kwargs)
+
+  previous = signal.getsignal(signum)
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(negatives, "batch_indices", signal_during)
+    stopped = experiment.train_and_evaluate(config, workdir)
+  assert signal.getsignal(signum) is previous  # the loop's handler is gone
+  return stopped
 
 
 def _records(workdir):
@@ -310,3 +312,61 @@ def test_restore_budget_below_a_shard_is_raised_to_it(tmp_path):
     if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key):
       want, got = jax.random.key_data(want), jax.random.key_data(got)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.fixture(scope="module")
+def refresh_runs(tiny_beir, tiny_encoder_dir, tmp_path_factory):
+  """6 steps with incremental refreshes after steps 2 and 4, uninterrupted and stopped by
+  SIGTERM after step 3 then resumed; exact search, then overlapped search."""
+  root = tmp_path_factory.mktemp("refresh_runs")
+  out = {}
+  for overlap in (False, True):
+    config = _config(tiny_beir, tiny_encoder_dir, root / "cache")
+    config.train.steps, config.checkpoint.every, config.eval.every = 6, 3, 0
+    config.index.rebuild_every, config.index.full_rebuild_every = 2, 6
+    config.negatives.overlap = overlap
+    name = "overlap" if overlap else "exact"
+    out[name] = experiment.train_and_evaluate(config, root / f"{name}_straight")
+    assert _stopped_at(signal.SIGTERM, 3, config, root / f"{name}_resumed") == {
+        "preempted": True, "step": 3}
+    out[f"{name}_resumed"] = experiment.train_and_evaluate(config, root / f"{name}_resumed")
+  return root, out
+
+
+def _saved_index(workdir, step):
+  """The checkpoint of ``step`` with its index and moved rows (and its step counter)."""
+  return Checkpointer(checkpoint_dir(workdir), read_only=True).restore_arrays(
+      {"step": jax.ShapeDtypeStruct((), np.int32)}, step=step, with_index=True)
+
+
+def test_resume_between_incremental_refreshes_is_exact(refresh_runs):
+  """The rows moved since the last refresh are saved with the index: the resumed run's
+  incremental refresh re-adds only those, as the uninterrupted run's does (re-adding
+  every row would reorder the IVF lists, and search ties with them)."""
+  root, out = refresh_runs
+  assert out["exact_resumed"]["after"] == out["exact"]["after"]
+  straight, resumed = _records(root / "exact_straight"), _records(root / "exact_resumed")
+  assert [r["step"] for r in resumed] == list(range(1, 7))
+  for a, b in zip(straight, resumed):
+    for key in ("loss", "pool_accuracy", "encoder_grad_norm", "row_grad_norm"):
+      assert a[key] == b[key], (a["step"], key)
+  # The index the loop searched at the end, list order included, is the same bytes.
+  final = [_saved_index(root / f"exact_{w}", 6) for w in ("straight", "resumed")]
+  np.testing.assert_array_equal(faiss.serialize_index(final[0].index),
+                                faiss.serialize_index(final[1].index))
+  np.testing.assert_array_equal(final[0].changed_rows, final[1].changed_rows)
+  at_stop = _saved_index(root / "exact_resumed", 3)
+  assert 0 < at_stop.changed_rows.sum() < 600  # moved after the refresh at step 2
+
+
+def test_resume_with_overlapped_search_differs_from_the_first_resumed_step(refresh_runs):
+  """negatives.overlap=True encodes a step's batch before the previous update, with the
+  parameters one update older; the resumed run encodes its first batch with the restored
+  ones, so it is the same recipe but not the same numbers (docs/scaling.md)."""
+  root, out = refresh_runs
+  straight, resumed = _records(root / "overlap_straight"), _records(root / "overlap_resumed")
+  assert [r["step"] for r in resumed] == list(range(1, 7))
+  assert [r["loss"] for r in resumed[:3]] == [r["loss"] for r in straight[:3]]
+  assert resumed[3]["loss"] != straight[3]["loss"]
+  np.testing.assert_allclose([r["loss"] for r in resumed[3:]],
+                             [r["loss"] for r in straight[3:]], rtol=0.05)

@@ -2,6 +2,9 @@
 round-trip through FAISS, get exact gradients, stay orthonormal, are written back (with
 the whole table re-encoded) at every refresh, and end up in checkpoints and bundles."""
 
+import json
+import shutil
+
 import faiss
 import jax
 import jax.numpy as jnp
@@ -274,6 +277,20 @@ def test_tiny_run_learns_all_three_and_bundle_carries_them(tiny_config, tmp_path
   want_codes, want_lists = _encode_with_lists(q, saved["table"])
   np.testing.assert_array_equal(lists, want_lists)
   assert (codes != np.asarray(want_codes)).mean() < 1e-3
+
+  # A checkpoint without its index (multi-process ones used to leave it out) cannot
+  # serve its learned parameters: the export is refused rather than rebuilt by k-means.
+  old = tmp_path / "without_index"
+  shutil.copytree(workdir, old)
+  step = old / "checkpoints" / "4"
+  shutil.rmtree(step / "index")
+  meta = json.loads((step / "meta" / "metadata").read_text())
+  del meta["index_crc32"], meta["index_changed_rows"]
+  (step / "meta" / "metadata").write_text(json.dumps(meta))
+  with pytest.raises(serving.BundleError, match=r"checkpoints/4: holds learned index "
+                     r"parameters \['centroids', 'codebooks', 'rotation'\] but no FAISS index"):
+    serving.export_bundle(old, tmp_path / "refused")
+  assert not (tmp_path / "refused").exists()
 
 
 def test_resume_refuses_a_checkpoint_from_before_index_params(tmp_path):

@@ -4,7 +4,9 @@ Each process runs ``tests/scale_worker.py multihost`` with 2 CPU devices; togeth
 form a 4-device mesh over which the batch is split (each process loads its own half) and
 the table is sharded by rows (each process holds half of it). Process 0 builds the
 negative pool and broadcasts it. Both processes must end with identical state, equal to
-a single-process, single-device run of the same steps.
+a single-process, single-device run of the same steps. A 2-process run stopped half-way
+and resumed must end as its uninterrupted twin, in the modes that learn part of the index
+(the FAISS index travels in the checkpoint), and export what it served.
 """
 
 import json
@@ -34,27 +36,32 @@ def _launch(args, log):
   # The workers set their own device count, and must not pick up a cluster from the env.
   for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(name, None)
+  # The script's directory, not the checkout, heads its sys.path: import this checkout's
+  # package, not whichever copy is installed.
+  root = str(WORKER.parent.parent)
+  env["PYTHONPATH"] = os.pathsep.join([root, *filter(None, [env.get("PYTHONPATH")])])
   return subprocess.Popen([sys.executable, str(WORKER), *args], stdout=log,
                           stderr=subprocess.STDOUT, cwd=WORKER.parent.parent, env=env)
 
 
-def _run_jobs(tmp, jobs: dict[str, list[str]]) -> dict[str, dict[str, np.ndarray]]:
+def _run_jobs(tmp, jobs: dict[str, list[str]], timeout_s: float = TIMEOUT_S
+              ) -> dict[str, dict[str, np.ndarray]]:
   """Runs the workers at once, fails with a log tail on error, loads their outputs.
 
-  A worker still running after ``TIMEOUT_S`` (together) is sent SIGABRT, which makes it
+  A worker still running after ``timeout_s`` (together) is sent SIGABRT, which makes it
   write every thread's Python stack to its log (faulthandler), so a hang shows where each
   process waits.
   """
   logs = {name: open(tmp / f"{name}.log", "w") for name in jobs}
   procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
-  deadline = time.monotonic() + TIMEOUT_S
+  deadline = time.monotonic() + timeout_s
   codes = {}
   try:
     for name, p in procs.items():
       try:
         codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 1))
       except subprocess.TimeoutExpired:
-        codes[name] = f"no exit after {TIMEOUT_S} s"
+        codes[name] = f"no exit after {timeout_s} s"
   finally:
     for p in procs.values():
       if p.poll() is None:
@@ -174,3 +181,70 @@ def test_training_loop_runs_as_one_job_over_two_processes(trained):
   np.testing.assert_allclose(losses[8:], ref_losses[8:], rtol=1e-2)
   assert sorted(int(d.name) for d in (tmp / "multi" / "checkpoints").iterdir()
                 if d.name.isdigit()) == [6, 12]
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory, tiny_beir, tiny_encoder_dir):
+  """Both index-learning modes (jpq; dback learning codebooks on OPQ,IVF,PQ) twice on 2
+  processes: uninterrupted, and stopped half-way by SIGTERM then resumed."""
+  tmp = tmp_path_factory.mktemp("multihost_resume")
+  port = _free_port()
+  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}", f"--cache={tmp / 'cache'}",
+            f"--workdir={tmp}", "--devices=2", "--num-processes=2", f"--port={port}"]
+  jobs = {f"p{pid}": ["resume", str(tmp / f"p{pid}.npz"), *common, f"--process-id={pid}"]
+          for pid in range(2)}
+  # Six runs (twice three for each mode) in each process: three times the others' time.
+  return tmp, _run_jobs(tmp, jobs, timeout_s=3 * TIMEOUT_S)
+
+
+def _numbers(tree, prefix=""):
+  """Every number of a results.json, by path, but the timings and the workdir's own."""
+  if isinstance(tree, dict):
+    return {k: v for name, sub in tree.items()
+            if "seconds" not in name and name not in ("workdir",)
+            for k, v in _numbers(sub, f"{prefix}/{name}").items()}
+  if isinstance(tree, list):
+    return {k: v for i, sub in enumerate(tree) for k, v in _numbers(sub, f"{prefix}/{i}").items()}
+  return {prefix: tree} if isinstance(tree, (int, float)) and not isinstance(tree, bool) else {}
+
+
+@pytest.mark.parametrize("mode", ["jpq", "dback_codebooks_opq"])
+def test_two_process_resume_restores_the_index_exactly(resumed, mode):
+  import faiss
+  from scale_worker import RESUME_STOP
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.index.searching import search, set_search_params
+  from qdr_jax.serving import export_bundle, load_bundle
+  from qdr_jax.train.checkpoint import Checkpointer, checkpoint_dir
+  from qdr_jax.train.resume import config_from_metadata
+
+  tmp, out = resumed
+  assert int(out["p0"][f"{mode}/stopped_at"]) == int(out["p1"][f"{mode}/stopped_at"]) \
+      == RESUME_STOP
+  straight, again = (json.loads((tmp / f"{mode}_{twin}" / "results.json").read_text())
+                     for twin in ("straight", "resumed"))
+  a, b = _numbers(straight), _numbers(again)
+  assert a.keys() == b.keys() and len(a) > 20
+  for key in a:
+    np.testing.assert_allclose(b[key], a[key], rtol=0, atol=1e-4, err_msg=key)
+  # Step by step too: the steps after the resume searched the index the uninterrupted run
+  # searched (a rebuild there would give other pools before the next refresh).
+  losses = [[r["loss"] for r in map(json.loads, (tmp / f"{mode}_{twin}" / "metrics.jsonl")
+                                    .read_text().splitlines()) if "loss" in r]
+            for twin in ("straight", "resumed")]
+  assert len(losses[1]) == 6
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-6)
+  # The bundle exported from each run's last checkpoint serves what the run served: the
+  # same top-10 rows for every test query.
+  meta = Checkpointer(checkpoint_dir(tmp / f"{mode}_resumed"), read_only=True
+                      ).read_metadata(RESUME_STOP)
+  queries = load_dataset(config_from_metadata(meta).data).split("test").queries.texts
+  for twin in ("straight", "resumed"):
+    workdir = tmp / f"{mode}_{twin}"
+    bundle = load_bundle(export_bundle(workdir, tmp / f"bundle_{mode}_{twin}"))
+    served = faiss.read_index(str(workdir / "served.faiss"))
+    set_search_params(served, nprobe=bundle.manifest["index"]["nprobe"], strict=False)
+    emb = bundle.embed(queries)
+    np.testing.assert_array_equal(search(bundle.index, emb, 10)[1], search(served, emb, 10)[1])
+  # Process 0 saved the index (with the moved rows) into the multi-process checkpoints.
+  assert meta["index_crc32"] is not None and meta["index_changed_rows"] == 600

@@ -181,12 +181,14 @@ class IndexLifecycle:
     sample = training_rows(self.num_rows, self.cfg.train_size, seed)
     return self._gather_chunks(table, np.arange(self.num_rows) if sample is None else sample)
 
-  def adopt(self, index: faiss.Index | None, *, moved_since: bool) -> None:
+  def adopt(self, index: faiss.Index | None, *, moved_since: bool | np.ndarray) -> None:
     """Takes over an index built elsewhere: restored from a checkpoint, or the first one
     handed to ``train`` (process 0; others pass None).
 
-    ``moved_since``: rows may have moved after the index was last refreshed (a resumed
-    run does not know which), so the next incremental refresh re-encodes them all.
+    ``moved_since``: the rows moved after the index was last refreshed, as the (num_rows,)
+    bool mask a checkpoint saved with it, or True when they are not known (all count as
+    moved: the next incremental refresh re-encodes them all, which in an IVF index also
+    reorders its lists, so that search ties may break otherwise than without the resume).
     """
     if self.lead:
       if index is None:
@@ -197,7 +199,10 @@ class IndexLifecycle:
       set_search_params(index, nprobe=self.cfg.nprobe, ef_search=self.cfg.ef_search or None,
                         rabitq_qb=RABITQ_QB, strict=False)
     self.index = index
-    if moved_since:
+    self.changed.clear()
+    if isinstance(moved_since, np.ndarray):
+      self.changed.add(np.flatnonzero(moved_since))
+    elif moved_since:
       self.changed.add(np.arange(self.num_rows))
     self._sync_loss_inputs()
 

@@ -85,6 +85,10 @@ class ChangedRows:
   def __len__(self) -> int:
     return int(self._mask.sum())
 
+  def mask(self) -> np.ndarray:
+    """A copy of the (num_rows,) bool mask of the changed rows (what a checkpoint saves)."""
+    return self._mask.copy()
+
   def peek(self) -> np.ndarray:
     """The sorted changed rows (int64), without clearing them."""
     return np.flatnonzero(self._mask).astype(np.int64)

@@ -6,9 +6,14 @@ items:
 * ``state``: the `TrainState` pytree (encoder params and optimizer state, the padded
   target table and its per-row optimizer state, learned codebooks, step, PRNG key).
   Typed PRNG keys are stored as their raw ``key_data`` and re-wrapped on restore.
-* ``index``: the FAISS index the loop was searching at that step, serialized to bytes.
-  Between two scheduled rebuilds that index was built from an *older* table, so it cannot
-  be rebuilt from the saved one; storing it is what makes a resume bit-exact.
+* ``index``: the FAISS index the loop was searching at that step, serialized to bytes,
+  and the rows moved since its last refresh (a packed bit mask). Between two scheduled
+  rebuilds that index was built from an *older* table, so it cannot be rebuilt from the
+  saved one, and its learned parts (codebooks written in, or centroids and a rotation that
+  only FAISS trained) cannot be retrained alike; storing it is what makes a resume
+  bit-exact. In a multi-process job only process 0 holds the index: it alone writes these
+  bytes (Orbax writes a NumPy leaf from process 0 only), and every process reads them back
+  on restore, so that a damaged index makes all of them fall back alike.
 * ``meta``: JSON (config, dataset, corpus size, table shape, model, index factory, step
   = data-iterator position, the corpus and encoder fingerprints) plus the path, shape and
   dtype and a fingerprint of every array. The structure is compared with the restore
@@ -141,12 +146,16 @@ class Restored:
     step: the checkpoint's step (= updates applied = data-iterator position).
     state: the restored tree, in the target's structure and shardings.
     metadata: the checkpoint's JSON metadata.
-    index: the FAISS index saved with it, or None (not requested or not saved).
+    index: the FAISS index saved with it, or None (not requested, not saved, or a
+      process other than 0 of a multi-process job).
+    changed_rows: the (rows,) bool mask of the rows moved since that index's last
+      refresh, or None (not saved: all rows count as moved).
   """
   step: int
   state: Any
   metadata: dict
   index: faiss.Index | None
+  changed_rows: np.ndarray | None = None
 
 
 class Checkpointer:
@@ -246,6 +255,7 @@ class Checkpointer:
   # --------------------------------------------------------------------------- saving
 
   def save(self, state, metadata: Mapping[str, Any], *, index: faiss.Index | None = None,
+           changed_rows: np.ndarray | None = None,
            metrics: Mapping[str, float] | None = None) -> bool:
     """Starts saving ``state`` (and ``index``) at step ``metadata["step"]``.
 
@@ -253,6 +263,10 @@ class Checkpointer:
     (call `wait_until_finished` before reading them). The state may be donated to the
     next step right away: Orbax holds host copies. Returns False when that step is
     already saved.
+
+    ``index`` is process 0's: in a multi-process job the others pass None and the index
+    is saved when process 0 has one. ``changed_rows``: a boolean mask of the rows moved
+    since the index's last refresh, saved with it (the same on every process).
     """
     if self.read_only:
       raise CheckpointError(f"{self.directory} was opened read-only")
@@ -263,10 +277,10 @@ class Checkpointer:
     meta = dict(metadata, fingerprints=fingerprints(tree), structure=structure(tree),
                 prng_impls=_key_impls(state), saved_at=time.time())
     items = {_STATE: ocp.args.PyTreeSave(tree)}
-    if index is not None:
-      blob = faiss.serialize_index(index)
-      meta["index_crc32"] = zlib.crc32(blob.tobytes())
-      items[_INDEX] = ocp.args.PyTreeSave({"faiss": blob})
+    saved_index = _index_item(index, changed_rows)
+    if saved_index is not None:
+      item, meta["index_crc32"], meta["index_changed_rows"] = saved_index
+      items[_INDEX] = ocp.args.PyTreeSave(item)
     items[_META] = ocp.args.JsonSave(meta)
     ranked = None
     if self.best_metric and metrics and self.best_metric in metrics:
@@ -418,10 +432,11 @@ class Checkpointer:
           item=abstract, restore_args=jax.tree.map(restore_args, abstract),
           partial_restore=partial))
     load_index = with_index and meta.get("index_crc32") is not None
-    if load_index:
+    if load_index:  # by every process (Orbax restores are collective): all check it alike
+      names = ("faiss", "changed") if meta.get("index_changed_rows") else ("faiss",)
       out = self._manager.restore(step, args=ocp.args.Composite(**{
-          _INDEX: ocp.args.PyTreeRestore(
-              restore_args={"faiss": ocp.RestoreArgs(restore_type=np.ndarray)})}))
+          _INDEX: ocp.args.PyTreeRestore(restore_args={
+              name: ocp.RestoreArgs(restore_type=np.ndarray) for name in names})}))
     saved = meta.get("fingerprints", {})
     for path, value in fingerprints(tree).items():
       if path not in saved:
@@ -433,11 +448,51 @@ class Checkpointer:
     targets = jax.tree.leaves(target)
     leaves = [jax.random.wrap_key_data(x, impl=impls.get(path_name(p), "threefry2x32"))
               if is_prng_key(t) else x for (p, x), t in zip(flat, targets)]
-    index = None
+    index = changed = None
     if load_index:
-      blob = np.asarray(out[_INDEX]["faiss"], dtype=np.uint8)
-      if zlib.crc32(blob.tobytes()) != meta["index_crc32"]:
+      saved_index = {name: np.asarray(v, np.uint8) for name, v in out[_INDEX].items()}
+      if _index_crc32(saved_index) != meta["index_crc32"]:
         raise CheckpointError("the saved FAISS index does not match its checksum")
-      index = faiss.deserialize_index(blob)
+      if distributed.is_lead_process():  # the others hold no index
+        index = faiss.deserialize_index(saved_index["faiss"])
+      if "changed" in saved_index:
+        changed = np.unpackbits(saved_index["changed"],
+                                count=int(meta["index_changed_rows"])).astype(bool)
     return Restored(step=step, state=jax.tree.unflatten(treedef, leaves), metadata=meta,
-                    index=index)
+                    index=index, changed_rows=changed)
+
+
+def _index_crc32(item: Mapping[str, np.ndarray]) -> int:
+  """CRC-32 of the index bytes, then of the changed-rows mask when there is one."""
+  crc = zlib.crc32(item["faiss"].tobytes())
+  return zlib.crc32(item["changed"].tobytes(), crc) if "changed" in item else crc
+
+
+def _index_item(index: faiss.Index | None, changed_rows: np.ndarray | None
+                ) -> tuple[dict[str, np.ndarray], int, int] | None:
+  """(the ``index`` item, its CRC-32, the mask's length or 0) to save, or None.
+
+  Process 0's index is serialized; in a multi-process job the others learn whether there
+  is one and its checksum (the metadata is the same everywhere) and pass a one-byte
+  placeholder: Orbax writes a NumPy leaf from process 0 alone.
+  """
+  item = None
+  if index is not None:
+    item = {"faiss": faiss.serialize_index(index)}
+    if changed_rows is not None:
+      item["changed"] = np.packbits(np.asarray(changed_rows, bool))
+  if jax.process_count() > 1:
+    header = distributed.broadcast_arrays(None if not distributed.is_lead_process() else {
+        "present": np.int32([item is not None]),
+        "crc": np.uint32([_index_crc32(item) if item is not None else 0]),
+        "rows": np.int32([0 if item is None or changed_rows is None else len(changed_rows)])})
+    if not header["present"][0]:
+      return None
+    if item is None:
+      item = {"faiss": np.zeros(1, np.uint8)}
+      if header["rows"][0]:
+        item["changed"] = np.zeros(1, np.uint8)
+    return item, int(header["crc"][0]), int(header["rows"][0])
+  if item is None:
+    return None
+  return item, _index_crc32(item), 0 if changed_rows is None else len(changed_rows)

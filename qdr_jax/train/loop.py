@@ -89,7 +89,8 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
 
   Multi-process: every process loads its block of each batch and holds its rows of the
   table; process 0 owns FAISS and broadcasts the pool and the quantizer, and alone writes
-  logs. Checkpoints of a multi-process run leave the FAISS index out: a resume rebuilds it.
+  logs. Process 0 saves the FAISS index into every checkpoint, and a resume on any number
+  of processes takes it over from there.
 
   ``initial_index``: an index over ``table0`` exactly as ``config.index`` builds it (e.g.
   the "before" evaluation's build with seed ``index.seed``), taken instead of building
@@ -170,10 +171,12 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     stopping = _any_process(stop.requested) if multi else stop.requested
     if ckpt is not None and config.checkpoint.every and (
         done % config.checkpoint.every == 0 or last or stopping):
-      # The index goes along: it may predate the table (built at the last refresh). Only
-      # process 0 has it, so a multi-process checkpoint leaves it out.
+      # The index goes along (process 0 writes it): it may predate the table (built at
+      # the last refresh), and so do the rows moved since, which its next incremental
+      # refresh re-encodes.
       ckpt.save(state, _checkpoint_metadata(config, state, done, num_rows, run.digests),
-                index=None if multi else lifecycle.index, metrics=eval_metrics)
+                index=lifecycle.index, changed_rows=lifecycle.changed.mask(),
+                metrics=eval_metrics)
     if stopping:
       break
   profile.stop()
@@ -418,11 +421,14 @@ def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifec
             num_rows: int, writer: MetricsWriter, digests: dict[str, str]
             ) -> tuple[TrainState, int]:
   """(state, step) of the workdir's latest readable checkpoint; the lifecycle takes over
-  its index (or rebuilds one from the restored table).
+  its index (or rebuilds one from the restored table, for a checkpoint saved without).
 
-  The state (with its PRNG key) and the FAISS index the loop was searching are restored,
-  and ``batch_indices`` is a pure function of the step, so the resumed steps repeat the
-  uninterrupted run's exactly. Log records past the checkpoint are dropped.
+  The state (with its PRNG key), the FAISS index the loop was searching and the rows
+  moved since its last refresh are restored (the index on process 0, its quantizer
+  broadcast as after a build), and ``batch_indices`` is a pure function of the step, so
+  the resumed steps repeat the uninterrupted run's exactly (except with
+  ``negatives.overlap``: see docs/scaling.md). Log records past the checkpoint are
+  dropped.
   """
   meta = ckpt.read_metadata()
   validate_metadata(meta, config, num_rows, state.table.shape[1], inputs=digests, resume=True)
@@ -431,15 +437,21 @@ def _resume(config, ckpt: Checkpointer, state: TrainState, lifecycle: IndexLifec
         f"checkpoint {ckpt.step_path(meta['step'])} holds learned codebooks as "
         "'codebooks'/'codebook_opt_state', written before config.quant.learn moved them into "
         "TrainState.index_params: it cannot be resumed; export or evaluate it, or retrain.")
-  restored = ckpt.restore(state, with_index=jax.process_count() == 1)
+  restored = ckpt.restore(state, with_index=True)
   if restored.metadata["config"]["train"]["steps"] != config.train.steps:
     logging.warning("resuming with train.steps=%d, the checkpoint's run had %d: the "
                     "schedules differ from an uninterrupted run", config.train.steps,
                     restored.metadata["config"]["train"]["steps"])
-  if restored.index is not None:
-    # Which rows moved after the index's last refresh is not saved: re-add them all.
-    lifecycle.adopt(restored.index, moved_since=True)
+  if restored.metadata.get("index_crc32") is not None:  # process 0 holds the index
+    # Checkpoints that did not save the moved rows: re-add them all.
+    lifecycle.adopt(restored.index, moved_since=True if restored.changed_rows is None
+                    else restored.changed_rows)
   else:
+    if restored.metadata.get("index_params"):
+      logging.warning("checkpoint %s holds learned index parameters but no FAISS index "
+                      "(a multi-process checkpoint of an older version): the index is "
+                      "rebuilt with fresh k-means, which the learned parameters were not "
+                      "trained with", ckpt.step_path(restored.step))
     lifecycle.build(restored.state.table, restored.step)
   writer.truncate_after(restored.step)
   logging.info("resumed from %s at step %d", ckpt.step_path(restored.step), restored.step)
