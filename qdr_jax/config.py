@@ -189,6 +189,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed.process_id = 0    # this process's index in the job
   c.distributed.auto_detect = False  # let JAX detect the cluster (SLURM, Open MPI, TPU)
   c.distributed.cpu_collectives = ""  # gloo | mpi; "" = JAX's default (gloo)
+  # Seconds a process waits for the others: to start, at barriers, and without heartbeat
+  # before a silent peer is declared dead (the job then ends on every process).
+  c.distributed.timeout_seconds = 300
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = no checkpoints (nor resume saves on SIGTERM)
