@@ -150,10 +150,11 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
       eval_due = bool(evaluate_fn is not None and config.eval.every and (
           done % config.eval.every == 0 or last))
       # All processes must stop after the same step: in a multi-process run that takes a
-      # collective, so it is asked at log and checkpoint steps only.
-      stopping = (_any_process(stop.requested) if log_due or save_due else False) \
-          if multi else stop.requested
-      if log_due or save_due or eval_due or stopping:  # waits for the step
+      # collective, so it is asked at log and checkpoint steps only (a single process
+      # reads its flag at the end of the step).
+      stopping = multi and (log_due or save_due) and _any_process(stop.requested)
+      fetched = log_due or save_due or eval_due or stopping
+      if fetched:  # waits for the step
         metrics = _fetch_finite_metrics(config, done, metrics, watch, bar, ckpt)
     profile.after(step)
     timers.seconds["step"] += time.perf_counter() - tick - searched
@@ -166,7 +167,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
         lifecycle.maybe_refresh(done, state.table, state.index_params)
     # A process that got SIGTERM still prepares the next batch in a multi-process job:
     # the others, which may not have it yet, need it for the collectives inside.
-    if not overlap and not last and (multi or not stopping):
+    if not overlap and not last and (multi or not stop.requested):
       inputs = source.negatives(source.encode(done, state.params))
 
     if log_due:
@@ -184,6 +185,10 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     if eval_due:
       eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi,
                                        config, mode)
+    if not multi and stop.requested:
+      stopping = True
+      if not fetched:  # a stop saves this step: check it first
+        metrics = _fetch_finite_metrics(config, done, metrics, watch, bar, ckpt)
     if ckpt is not None and config.checkpoint.every and (
         done % config.checkpoint.every == 0 or last or stopping):
       # The index goes along: it may predate the table (built at the last refresh). Only
