@@ -21,6 +21,16 @@ the index search costs what it would on a large corpus. ``--emulate_device_core`
 XLA's threads to core 0 and the host thread (tokenizing, FAISS with one thread, pool
 building) to core 1, so that the jitted step and the search run side by side as on a
 host with an accelerator; the floor is timed under the same pinning.
+
+Host seconds per step (``host_seconds_per_step``): the median, over the steady steps, of
+the wall seconds from the moment a step's update has been dispatched to the moment the
+next step's query forward has been dispatched (``overlap=False``). The devices run the
+update during that interval; whatever of it the host spends waiting for the update's
+results, converting metrics or in collectives, instead of already preparing the next
+batch, is time the devices then wait on the host. On 8 simulated devices:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/bench_step.py \
+      --config=configs/demo.py:mode=dback --workdir=runs/demo --steps=30
 """
 
 import os
@@ -42,8 +52,11 @@ from qdr_jax.data.types import Corpus, RetrievalDataset
 from qdr_jax.index import set_num_threads
 from qdr_jax.targets.encoders import embed_passages, load_encoders
 from qdr_jax.targets.table import build_or_load_table
+from qdr_jax.train import loop as train_loop
 from qdr_jax.train.loop import train
-from qdr_jax.negatives.source import batch_indices, query_tokens, training_queries
+from qdr_jax.negatives.source import (NegativeSource, batch_indices, query_tokens,
+                                      training_queries)
+from qdr_jax.train.step import StepFunctions
 from qdr_jax.train.modes import mode_from_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
@@ -75,6 +88,42 @@ def encoder_forward_backward_seconds(encoders, config, texts, repeats=5) -> floa
     jax.block_until_ready(fwd_bwd(encoders.query_params))
     times.append(time.perf_counter() - start)
   return float(np.median(times))
+
+
+class DispatchGaps:
+  """Records, per step, the wall seconds from the return of the update's dispatch to the
+  return of the next step's forward dispatch (see the module docstring), by wrapping the
+  loop's step functions and ``NegativeSource.encode`` while in use."""
+
+  def __init__(self):
+    self.gaps: list[float] = []
+    self._dispatched: float | None = None
+
+  def __enter__(self):
+    make_fns, encode = train_loop.make_step_functions, NegativeSource.encode
+
+    def update(fn):
+      def timed(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        self._dispatched = time.perf_counter()
+        return out
+      return timed
+
+    def timed_encode(source, *args, **kwargs):
+      out = encode(source, *args, **kwargs)
+      if self._dispatched is not None:
+        self.gaps.append(time.perf_counter() - self._dispatched)
+        self._dispatched = None
+      return out
+
+    train_loop.make_step_functions = lambda *a, **k: (lambda fns: StepFunctions(
+        fns.encode, update(fns.update)))(make_fns(*a, **k))
+    NegativeSource.encode = timed_encode
+    self._restore = (make_fns, encode)
+    return self
+
+  def __exit__(self, *exc):
+    train_loop.make_step_functions, NegativeSource.encode = self._restore
 
 
 def with_synthetic_rows(dataset: RetrievalDataset, table: np.ndarray, rows: int, seed: int = 0
@@ -120,7 +169,9 @@ def main(argv):
   workdir = pathlib.Path(_WORKDIR.value)
   with config.unlocked():
     config.train.steps = _STEPS.value
-    config.train.log_every = 1
+    # Records at the warm-up step and the last, so the phases difference out compiling;
+    # steps between them are not logged, as in a run with train.log_every > 1.
+    config.train.log_every = _WARMUP
     config.eval.every = 0
     if _SYNTHETIC_ROWS.value:
       config.index.rebuild_every = _STEPS.value + 1  # time steps and searches, not builds
@@ -141,11 +192,13 @@ def main(argv):
   bench_dir = workdir / "bench_step"
   bench_dir.mkdir(parents=True, exist_ok=True)
   (bench_dir / "metrics.jsonl").unlink(missing_ok=True)
-  train(config, mode_from_config(config), dataset, encoders,
-        table, bench_dir)
+  with DispatchGaps() as gaps:
+    train(config, mode_from_config(config), dataset, encoders,
+          table, bench_dir)
   records = [json.loads(l) for l in (bench_dir / "metrics.jsonl").read_text().splitlines()]
-  # Cumulative per-phase means are logged each step; difference out the compile steps.
-  last, first = records[-1], records[_WARMUP - 1]
+  records = [r for r in records if "step" in r and "seconds_step" in r]
+  # Cumulative per-phase means are logged; difference out the compile steps.
+  last, first = records[-1], next(r for r in records if r["step"] == _WARMUP)
   steady = _STEPS.value - _WARMUP
   phases = {p: (last[f"seconds_{p}"] * _STEPS.value - first[f"seconds_{p}"] * _WARMUP) / steady
             for p in ("encode", "search", "step", "rebuild")}
@@ -159,7 +212,9 @@ def main(argv):
             "host_heap_kept": host_memory.applied, "cpu_model": platform.cpu_model(),
             "device_kind": platform.device_kind(),
             "seconds_per_step": phases, "whole_step_seconds": whole,
-            "encoder_forward_backward_seconds": floor, "ratio": whole / floor}
+            "encoder_forward_backward_seconds": floor, "ratio": whole / floor,
+            "host_seconds_per_step": float(np.median(gaps.gaps[_WARMUP:]))
+            if len(gaps.gaps) > _WARMUP else None}
   pathlib.Path(_OUT.value or workdir / "bench_step.json").write_text(
       json.dumps(result, indent=1))
   print(json.dumps(result, indent=1))

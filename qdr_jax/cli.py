@@ -3,8 +3,10 @@
 A mistake in the flags, the config or the input files (`user_errors()`, a file-system
 error, a flag or config override that does not parse) is reported as ``error: <message>``
 on stderr, one line per problem, without a traceback; ``--verbose`` or
-``QDR_JAX_VERBOSE=1`` shows the traceback too. Anything else is a bug and keeps its
-traceback (exit status 1).
+``QDR_JAX_VERBOSE=1`` shows the traceback too. A failure of process 0's host work in a
+multi-process job (``qdr_jax.distributed.LeadProcessError``) is reported the same way on
+every process, with exit status 1. Anything else is a bug and keeps its traceback (exit
+status 1).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _VERBOSE = flags.DEFINE_bool("verbose", False,
                              "Show the traceback of input and config errors too.")
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130  # the shell's status for a process stopped by SIGINT
+FAILURE_STATUS = 1  # an internal failure reported in one line (not the user's to fix)
 
 
 # (module, class) of the errors a user can fix: the config, the data files, the
@@ -34,6 +37,15 @@ _USER_ERRORS = (
     ("qdr_jax.io_utils", "WorkdirLockedError"), ("qdr_jax.train.loop", "NonFiniteError"))
 
 
+# Internal failures that every process of a job reports alike, in one line.
+_ONE_LINE_FAILURES = (("qdr_jax.distributed", "LeadProcessError"),)
+
+
+def _loaded(names: tuple[tuple[str, str], ...]) -> list[type[BaseException]]:
+  return [getattr(sys.modules[module], name) for module, name in names
+          if module in sys.modules]
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
   """What a user can fix: the config, the data files, the checkpoint or bundle they point
   at, the file system (a workdir that is a file, a read-only mount, a full disk, a missing
@@ -44,9 +56,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
   would slow the report down and print their own log lines; it also lets a script import
   this module before it sets up JAX (XLA_FLAGS, platforms).
   """
-  classes = [getattr(sys.modules[module], name) for module, name in _USER_ERRORS
-             if module in sys.modules]
-  return (*classes, OSError, UnicodeError, app.UsageError)
+  return (*_loaded(_USER_ERRORS), OSError, UnicodeError, app.UsageError)
 
 
 def verbose(argv: list[str] | None = None) -> bool:
@@ -106,6 +116,11 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
         traceback.print_exc()
       print("\n".join(error_lines(e)), file=sys.stderr)
       sys.exit(USER_ERROR_STATUS)
+    except tuple(_loaded(_ONE_LINE_FAILURES)) as e:
+      if verbose():
+        traceback.print_exc()
+      print("\n".join(error_lines(e)), file=sys.stderr)
+      sys.exit(FAILURE_STATUS)
     except KeyboardInterrupt:
       # Training saves and returns on the first Ctrl-C when it checkpoints; anything else
       # stops where it is (atomic writes leave no half-written file).

@@ -184,11 +184,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Multi-process (multi-host) runs; the defaults mean a single process. See
   # qdr_jax.distributed.initialize_distributed for the environment fallback.
   c.distributed = ml_collections.ConfigDict()
-  c.distributed.coordinator_address = ""  # "host:port" of process 0; "" = not set
+  # "host:port" of process 0; "auto" = let JAX detect the cluster (SLURM, Open MPI, Cloud
+  # TPU); "" = not set (the JAX_* environment, else one process)
+  c.distributed.coordinator_address = ""
   c.distributed.num_processes = 1  # with coordinator_address: the job's process count
   c.distributed.process_id = 0    # this process's index in the job
-  c.distributed.auto_detect = False  # let JAX detect the cluster (SLURM, Open MPI, TPU)
   c.distributed.cpu_collectives = ""  # gloo | mpi; "" = JAX's default (gloo)
+  # Seconds a process waits for the others: to start, at barriers, and without heartbeat
+  # before a silent peer is declared dead (the job then ends on every process).
+  c.distributed.timeout_seconds = 300
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 0          # 0 = no checkpoints (nor resume saves on SIGTERM)

@@ -10,15 +10,25 @@ table too large for one host is spread over the hosts' memory.
 FAISS runs on hosts, not devices, so every process must see the same negatives. Two ways:
 
 * Process 0 builds and searches the index: the query embeddings are gathered to every
-  host (``global_to_host``), process 0 builds the pool and sends it to the others with
-  ``broadcast_arrays`` (over ``jax.experimental.multihost_utils.broadcast_one_to_all``).
+  host (``global_to_host``), process 0 builds the pool and sends it to the others
+  (``broadcast_from_lead``, over ``jax.experimental.multihost_utils.broadcast_one_to_all``).
   One index in memory; the other hosts wait for the search.
 * Every host keeps its own replica of the index and searches it: no broadcast, but every
   replica must be built from the same table with the same seed (``build_index`` seeds
   every k-means) and searched with the same query batch, so that the pools agree bit for
   bit; the pool's random filling must use the same seed on every host too.
 
-The training loop (``qdr_jax.train.loop``) takes the first way. Arrays placed with ``jax.device_put(host_array, global_sharding)`` or
+The training loop (``qdr_jax.train.loop``) takes the first way; the pool's shapes follow
+from the config, so it travels in one collective (``broadcast_from_lead``).
+
+Process 0's host work can fail (a FAISS error) while the others wait for its result.
+``lead_work`` runs such work: on failure in a multi-process job process 0 keeps the error
+and goes on through the same collectives as the others (skipping its later lead work),
+and the next broadcast (``broadcast_from_lead``, ``broadcast_arrays``) carries an
+ok/error flag and the message, so every process raises the same ``LeadProcessError``
+instead of waiting forever for a process that has given up.
+
+Arrays placed with ``jax.device_put(host_array, global_sharding)`` or
 ``sharding.put_rows`` (as ``init_state`` does) work across processes as long as every
 process passes the same value.
 """
@@ -28,9 +38,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
@@ -42,6 +53,15 @@ from qdr_jax import platform, sharding
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+# Bytes of process 0's error message that travel with a broadcast (longer ones are cut).
+ERROR_BYTES = 400
+
+T = TypeVar("T")
+
+
+class LeadProcessError(RuntimeError):
+  """Process 0's host work (a FAISS search, build or refresh) failed while the other
+  processes waited for its result; raised on every process with process 0's message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,13 +96,20 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
 
   Must run before anything touches a JAX device. In order of precedence:
 
-  1. ``config.distributed.coordinator_address`` set and ``num_processes`` > 1: those
-     values with ``process_id``.
+  1. ``config.distributed.coordinator_address`` "host:port" and ``num_processes`` > 1:
+     those values with ``process_id``.
   2. The environment: ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
      ``JAX_PROCESS_ID``.
-  3. ``config.distributed.auto_detect``: ``jax.distributed.initialize()`` with no
-     arguments, which detects SLURM, Open MPI and Cloud TPU jobs.
+  3. ``config.distributed.coordinator_address == "auto"``: ``jax.distributed.initialize()``
+     with no address, which detects SLURM, Open MPI and Cloud TPU jobs.
   4. Otherwise a single process; nothing is started.
+
+  ``config.distributed.timeout_seconds`` bounds the wait for the other processes to start
+  and the silence (no heartbeat) after which a peer counts as dead and the job ends. On
+  CPU devices the processes then meet at a barrier of that timeout and run one tiny
+  collective, so that the CPU collectives (Gloo) connect while every process is there:
+  their connect timeout is XLA's own (30 s, not settable through JAX), too short for a
+  peer still loading data on a busy host, whereas once connected they wait.
 
   Args:
     config: the full config (its ``distributed`` section is read) or that section alone.
@@ -96,13 +123,17 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
     jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
   if jax.distributed.is_initialized():
     return ProcessInfo(jax.process_index(), jax.process_count(), "already")
-  if cfg.coordinator_address and int(cfg.num_processes) > 1:
+  timeout = int(cfg.timeout_seconds)
+  timeouts = {"initialization_timeout": timeout, "heartbeat_timeout_seconds": timeout}
+  auto = cfg.coordinator_address == "auto"
+  if cfg.coordinator_address and not auto and int(cfg.num_processes) > 1:
     source, args = "config", (cfg.coordinator_address, int(cfg.num_processes),
                               int(cfg.process_id))
   elif (env := _from_env()) is not None:
     source, args = "env", env
-  elif cfg.auto_detect:
-    jax.distributed.initialize()
+  elif auto:
+    jax.distributed.initialize(**timeouts)
+    _connect_collectives(timeout)
     return ProcessInfo(jax.process_index(), jax.process_count(), "auto")
   else:
     return ProcessInfo(0, 1, "single")
@@ -110,8 +141,21 @@ def initialize_distributed(config: ml_collections.ConfigDict) -> ProcessInfo:
   if not 0 <= index < count:
     raise ValueError(f"process_id={index} is outside 0..{count - 1}.")
   jax.distributed.initialize(coordinator_address=address, num_processes=count,
-                             process_id=index)
+                             process_id=index, **timeouts)
+  _connect_collectives(timeout)
   return ProcessInfo(jax.process_index(), jax.process_count(), source)
+
+
+def _connect_collectives(timeout_s: int) -> None:
+  """On CPU, connects the collectives of all devices while every process waits here."""
+  if jax.process_count() == 1 or not platform.is_cpu():
+    return
+  barrier("collectives", timeout_s)
+  multihost_utils.broadcast_one_to_all(np.int32(0))  # each local device with its peers
+  mesh = Mesh(np.asarray(jax.devices()), ("all",))  # and all devices together
+  ones = jax.make_array_from_process_local_data(
+      NamedSharding(mesh, P("all")), np.ones(jax.local_device_count(), np.int32))
+  jax.block_until_ready(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(ones))
 
 
 def process_batch_slice(batch_indices: np.ndarray, process_index: int,
@@ -254,13 +298,93 @@ def is_lead_process() -> bool:
   return jax.process_index() == 0
 
 
+_pending_error: BaseException | None = None
+
+
+def lead_work(fn: Callable[..., T], *args, **kwargs) -> T | None:
+  """``fn(*args, **kwargs)`` on process 0 (None elsewhere), for host work whose result the
+  other processes receive in a later broadcast.
+
+  On one process the call is plain. In a multi-process job an exception is kept instead
+  of raised (and later lead work is skipped, returning None) so that process 0 still
+  joins the collectives in between; the next ``broadcast_from_lead`` or
+  ``broadcast_arrays`` raises it on every process as ``LeadProcessError``.
+  """
+  global _pending_error
+  if jax.process_count() == 1:
+    return fn(*args, **kwargs)
+  if not is_lead_process() or _pending_error is not None:
+    return None
+  try:
+    return fn(*args, **kwargs)
+  except Exception as e:  # pylint: disable=broad-except  # sent to every process
+    _pending_error = e
+    return None
+
+
+def _error_text(error: BaseException) -> str:
+  text = " ".join(str(error).split()) or type(error).__name__
+  return f"process 0 failed: {type(error).__name__}: {text}"
+
+
+def _raise_lead_error(message: str) -> None:
+  """Raises process 0's error everywhere (on process 0, chained to the original)."""
+  global _pending_error
+  cause, _pending_error = _pending_error, None
+  raise LeadProcessError(message) from cause
+
+
+def _encode_error(error: BaseException | None) -> np.ndarray:
+  buffer = np.zeros(ERROR_BYTES, np.uint8)
+  if error is not None:
+    data = _error_text(error).encode()[:ERROR_BYTES]
+    buffer[:len(data)] = np.frombuffer(data, np.uint8)
+  return buffer
+
+
+def broadcast_from_lead(make: Callable[[], Any], like: Any) -> Any:
+  """``make()`` run on process 0 and its result on every process, in one collective.
+
+  ``like``: a pytree of arrays (or ``jax.ShapeDtypeStruct``) with the result's shapes and
+  dtypes, which every process computes alike (from the config), so no header has to
+  travel first. The collective carries an ok flag and ``ERROR_BYTES`` of message too:
+  when ``make`` raises on process 0 (or earlier ``lead_work`` failed), every process
+  raises the same ``LeadProcessError``. On one process this is ``make()``.
+  """
+  global _pending_error
+  if jax.process_count() == 1:
+    return make()
+  value = None
+  if is_lead_process() and _pending_error is None:
+    try:
+      value = make()
+      if [(np.shape(a), np.asarray(a).dtype) for a in jax.tree.leaves(value)] != [
+          (tuple(b.shape), np.dtype(b.dtype)) for b in jax.tree.leaves(like)]:
+        raise ValueError("broadcast_from_lead: the value's shapes or dtypes are not "
+                         "those every process expects.")
+    except Exception as e:  # pylint: disable=broad-except  # sent to every process
+      _pending_error, value = e, None
+  if value is None:
+    value = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), like)
+  error = _pending_error if is_lead_process() else None
+  sent = {"ok": np.int32(error is None), "error": _encode_error(error), "value": value}
+  received = multihost_utils.broadcast_one_to_all(sent)
+  if not int(received["ok"]):
+    _raise_lead_error(bytes(np.asarray(received["error"], np.uint8)).rstrip(b"\0").decode(
+        errors="replace"))
+  return jax.tree.map(lambda x, l: np.asarray(x).astype(l.dtype, copy=False),
+                      received["value"], like)
+
+
 def broadcast_arrays(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
   """Process 0's named arrays on every process, whatever their shapes.
 
   ``broadcast_one_to_all`` needs every process to pass a tree of the same shapes, which
-  only process 0 knows here (the codes of an index it built, the pool it searched); so
-  the names, shapes and dtypes go first as a small JSON header. Other processes pass
-  None. On a single process the input is returned as is.
+  only process 0 knows here (the codes of an index it built); so the names, shapes and
+  dtypes go first as a small JSON header (``broadcast_from_lead`` saves those two
+  collectives where the shapes are known). Other processes pass None. On a single
+  process the input is returned as is. A pending ``lead_work`` error on process 0 goes
+  instead of the header: every process raises it as ``LeadProcessError``.
 
   Values keep their dtype except 64-bit ones, which travel as 32-bit when JAX runs
   without x64 (row ids and list ids fit).
@@ -271,18 +395,26 @@ def broadcast_arrays(arrays: dict[str, np.ndarray] | None) -> dict[str, np.ndarr
     return arrays
   lead = is_lead_process()
   if lead:
-    if arrays is None:
+    if arrays is None and _pending_error is None:
       raise ValueError("broadcast_arrays needs the arrays on process 0.")
-    arrays = {name: np.asarray(value) for name, value in arrays.items()}
-    header = json.dumps([[name, list(a.shape), a.dtype.str] for name, a in arrays.items()])
-    header_bytes = np.frombuffer(header.encode(), np.uint8)
+    if _pending_error is not None:  # a negative size: the header is the error message
+      header_bytes = np.frombuffer(_error_text(_pending_error).encode(), np.uint8)
+    else:
+      arrays = {name: np.asarray(value) for name, value in arrays.items()}
+      header = json.dumps([[name, list(a.shape), a.dtype.str] for name, a in arrays.items()])
+      header_bytes = np.frombuffer(header.encode(), np.uint8)
   else:
     header_bytes = np.zeros(0, np.uint8)
-  size = int(multihost_utils.broadcast_one_to_all(np.int32(header_bytes.size)))
+  failed = lead and _pending_error is not None
+  size = int(multihost_utils.broadcast_one_to_all(
+      np.int32(-header_bytes.size if failed else header_bytes.size)))
   if not lead:
-    header_bytes = np.zeros(size, np.uint8)
-  layout = json.loads(bytes(np.asarray(
-      multihost_utils.broadcast_one_to_all(header_bytes), np.uint8)).decode())
+    header_bytes = np.zeros(abs(size), np.uint8)
+  text = bytes(np.asarray(multihost_utils.broadcast_one_to_all(header_bytes),
+                          np.uint8)).decode(errors="replace")
+  if size < 0:
+    _raise_lead_error(text)
+  layout = json.loads(text)
   if not lead:
     arrays = {name: np.zeros(shape, np.dtype(dtype)) for name, shape, dtype in layout}
   received = multihost_utils.broadcast_one_to_all(arrays)

@@ -95,6 +95,7 @@ _RANGES: tuple[tuple[str, float, bool, float | None], ...] = (
     ("sharding.num_devices", 0, False, None),
     ("distributed.num_processes", 1, False, None),
     ("distributed.process_id", 0, False, None),
+    ("distributed.timeout_seconds", 1, False, None),
     ("checkpoint.every", 0, False, None),
     ("checkpoint.keep", 1, False, None),
     ("checkpoint.keep_best", 0, False, None),

@@ -12,6 +12,8 @@ to compare. It runs as a script, not under pytest, because the CPU device count
       --workdir=DIR [--devices=D] [--process-id=I --num-processes=N --port=P]
   python tests/scale_worker.py resume OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
       --workdir=DIR --process-id=I --num-processes=N --port=P
+  python tests/scale_worker.py fail OUT --fail=search|kill --beir=DIR --encoder=DIR \
+      --cache=DIR --workdir=DIR --process-id=I --num-processes=N --port=P
 
 Every run draws its tokens and pools from the same seeds, so any two layouts must agree up
 to the float error of a different reduction order.
@@ -415,10 +417,77 @@ def resume_main(out_path: str, args: argparse.Namespace) -> None:
   jax.distributed.shutdown()
 
 
+def fail_main(out_path: str, args: argparse.Namespace) -> None:
+  """The training loop over 2 processes, with process 0 failing in its FAISS work:
+  ``--fail=search`` raises in the third search, ``--fail=kill`` SIGKILLs process 0 inside
+  the first index refresh. Runs under ``cli.guarded``, as the experiment scripts do; the
+  time of the failure (``time.time()``) is written to OUT."""
+  _set_device_count(2)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from conftest import make_tiny_config
+
+  from qdr_jax import cli, distributed
+
+  config = make_tiny_config(args.beir, args.encoder, args.cache)
+  config.train.steps = 8
+  config.index.rebuild_every = 2
+  config.index.full_rebuild_every = 4  # step 2: an incremental refresh
+  config.sharding.num_devices = 0
+  config.distributed.coordinator_address = f"localhost:{args.port}"
+  config.distributed.num_processes = args.num_processes
+  config.distributed.process_id = args.process_id
+  config.distributed.cpu_collectives = "gloo"
+  config.distributed.timeout_seconds = 30
+  info = distributed.initialize_distributed(config)
+
+  import pathlib
+  import signal
+  import time
+
+  from qdr_jax.data.loader import load_dataset
+  from qdr_jax.index import lifecycle
+  from qdr_jax.negatives import source
+  from qdr_jax.targets.encoders import embed_passages, load_encoders
+  from qdr_jax.targets.table import build_or_load_table
+  from qdr_jax.train.loop import train
+  from qdr_jax.train.modes import get_mode
+
+  def failing(real, after_calls: int, fail):
+    calls = []
+
+    def wrapped(*a, **k):
+      calls.append(1)
+      if len(calls) > after_calls:
+        pathlib.Path(out_path).write_text(str(time.time()))
+        fail()
+      return real(*a, **k)
+    return wrapped
+
+  def search_error():
+    raise RuntimeError("injected FAISS search failure")
+
+  if info.process_index == 0 and args.fail == "search":
+    source.search = failing(source.search, 2, search_error)
+  elif info.process_index == 0:
+    lifecycle.incremental_refresh = failing(
+        lifecycle.incremental_refresh, 0, lambda: os.kill(os.getpid(), signal.SIGKILL))
+
+  def run(argv):
+    del argv
+    dataset = load_dataset(config.data)
+    encoders = load_encoders(config.model)
+    table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(args.cache),
+                                 embed_passages(encoders, config))
+    train(config, get_mode(config.train.mode), dataset, encoders, table0,
+          pathlib.Path(args.workdir))
+
+  cli.guarded(run)([])
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("kind", choices=("sharding", "multihost", "reference", "train",
-                                      "resume"))
+                                      "resume", "fail"))
   parser.add_argument("out")
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--num-processes", type=int, default=2)
@@ -428,8 +497,11 @@ def main(argv: list[str]) -> None:
   parser.add_argument("--encoder", help="train: tiny encoder directory")
   parser.add_argument("--cache", help="train: table cache directory")
   parser.add_argument("--workdir", help="train: workdir")
+  parser.add_argument("--fail", choices=("search", "kill"), help="fail: how process 0 fails")
   args = parser.parse_args(argv)
-  if args.kind == "train":
+  if args.kind == "fail":
+    fail_main(args.out, args)
+  elif args.kind == "train":
     train_main(args.out, args)
   elif args.kind == "resume":
     resume_main(args.out, args)

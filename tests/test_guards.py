@@ -104,6 +104,22 @@ def test_forced_nan_stops_before_that_step_is_saved(tiny_config, tmp_path, monke
   assert not (workdir / "results.json").exists()
 
 
+def test_a_nan_between_fetched_steps_is_caught_at_the_next_one(tiny_config, tmp_path,
+                                                               monkeypatch):
+  # Metrics reach the host at log steps only (3, 6): step 2's NaN loss, which does not
+  # carry over to step 3 here, is still reported, by its own step, before step 3 is logged.
+  tiny_config.train.steps = 6
+  tiny_config.train.log_every = 3
+  _poison_step(monkeypatch, 2, "loss")
+  workdir = tmp_path / "run"
+  with pytest.raises(loop.NonFiniteError,
+                     match=r"^loss is nan at step 2: check .* Nothing of this step was saved\. "
+                           r"Found at step 3: nothing after step 1 was saved\.$"):
+    experiment.train_and_evaluate(tiny_config, workdir)
+  logged = _records(workdir) if (workdir / "metrics.jsonl").exists() else []
+  assert [r for r in logged if "loss" in r] == []
+
+
 # ------------------------------------------------------------------ atomic writes
 
 class _FullDisk:

@@ -248,3 +248,51 @@ def test_two_process_resume_restores_the_index_exactly(resumed, mode):
     np.testing.assert_array_equal(search(bundle.index, emb, 10)[1], search(served, emb, 10)[1])
   # Process 0 saved the index (with the moved rows) into the multi-process checkpoints.
   assert meta["index_crc32"] is not None and meta["index_changed_rows"] == 600
+
+
+def test_a_failure_on_process_0_ends_every_process_within_a_minute(tmp_path, tiny_beir,
+                                                                   tiny_encoder_dir):
+  """Process 0's FAISS search raises (job 'search'), or process 0 is killed inside an
+  index refresh (job 'kill'): no process is left waiting in a collective. After a raise
+  every process prints process 0's error as its one ``error:`` line and exits with 1."""
+  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}",
+            f"--cache={tmp_path / 'cache'}"]
+  jobs = {}
+  for fail in ("search", "kill"):
+    port = _free_port()
+    for pid in range(2):
+      jobs[f"{fail}{pid}"] = ["fail", str(tmp_path / f"{fail}.time"), f"--fail={fail}",
+                              *common, f"--workdir={tmp_path / fail}", f"--process-id={pid}",
+                              "--num-processes=2", f"--port={port}"]
+  logs = {name: open(tmp_path / f"{name}.log", "w") for name in jobs}
+  procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
+  exited, deadline = {}, time.monotonic() + TIMEOUT_S
+  try:
+    while len(exited) < len(procs) and time.monotonic() < deadline:
+      for name, p in procs.items():
+        if name not in exited and p.poll() is not None:
+          exited[name] = time.time()
+      time.sleep(0.2)
+  finally:
+    for p in procs.values():
+      if p.poll() is None:
+        p.send_signal(signal.SIGABRT)
+        p.wait()
+    for f in logs.values():
+      f.close()
+  text = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
+  report = "\n".join(f"--- {name} ({p.returncode}):\n{text[name][-3000:]}"
+                     for name, p in procs.items())
+  assert len(exited) == len(procs), report
+  assert procs["kill0"].returncode == -signal.SIGKILL, report
+  for fail in ("search", "kill"):
+    failed_at = float((tmp_path / f"{fail}.time").read_text())
+    for pid in range(2):
+      assert exited[f"{fail}{pid}"] - failed_at < 60, report
+  for name in ("search0", "search1"):
+    assert procs[name].returncode == 1, report
+    errors = [l for l in text[name].splitlines() if l.startswith("error:")]
+    assert errors == ["error: process 0 failed: RuntimeError: injected FAISS search "
+                      "failure"], report
+    assert "Traceback" not in text[name], report
+  assert procs["kill1"].returncode != 0, report

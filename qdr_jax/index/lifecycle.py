@@ -4,7 +4,9 @@
 loss reads from it: the JAX copy of its quantizer and, for ``quant.codes='index'``, the
 codes it stores for every row, placed on the devices like the table. Process 0 alone
 holds the FAISS index; every method is called by every process (the table's rows reach
-process 0 through collectives), so the same code runs on one host or many.
+process 0 through collectives), so the same code runs on one host or many. Process 0's
+FAISS work runs through ``distributed.lead_work``: if it fails, process 0 still joins the
+collectives and the next broadcast raises its error on every process.
 
 What each refresh costs:
   * full: the quantizer is retrained on ``index.train_size`` rows and the table is
@@ -132,9 +134,8 @@ class IndexLifecycle:
     and options give the index `build.build_quantized` builds on a host copy.
     """
     train_x = self._training_sample(table, seed)
-    index = None
-    if self.lead:
-      index = train_index(train_x, self.cfg.factory, seed=seed, **index_options(self.cfg))
+    index = distributed.lead_work(train_index, train_x, self.cfg.factory, seed=seed,
+                                  **index_options(self.cfg))
     del train_x
     return self._add_table(index, table)
 
@@ -164,15 +165,14 @@ class IndexLifecycle:
     options = {**index_options(self.cfg), "threads": threads}
     indexes = [None] * len(seeds)
     with ThreadPoolExecutor(len(seeds), thread_name_prefix="faiss-build") as pool:
-      if self.lead:
-        indexes = list(pool.map(
-            lambda seed, x: train_index(x, self.cfg.factory, seed=seed, **options),
-            seeds, samples))
+      indexes = distributed.lead_work(lambda: list(pool.map(
+          lambda seed, x: train_index(x, self.cfg.factory, seed=seed, **options),
+          seeds, samples))) or indexes
       del samples
       for start in range(0, self.num_rows, STREAM_ROWS):
         part = self._rows(table, np.arange(start, min(start + STREAM_ROWS, self.num_rows)))
-        if self.lead:
-          list(pool.map(lambda index: add_vectors(index, part, threads=threads), indexes))
+        distributed.lead_work(lambda: list(pool.map(
+            lambda index: add_vectors(index, part, threads=threads), indexes)))
     return indexes
 
   def _training_sample(self, table, seed: int) -> np.ndarray | None:
@@ -241,12 +241,15 @@ class IndexLifecycle:
       return "full"
     rows = self.changed.take()
     vectors = sharding.rows_to_host(table, rows, self.mesh)
-    new_codes, touched = None, rows.size
-    if self.lead:
+
+    def refresh() -> tuple[int, dict[str, np.ndarray] | None]:
       touched = incremental_refresh(self.index, rows, vectors)
-      if self.codes_from_index:
-        codes, lists = encoded_like_index(self.index, vectors)
-        new_codes = {"codes": codes, "lists": lists}
+      if not self.codes_from_index:
+        return touched, None
+      codes, lists = encoded_like_index(self.index, vectors)
+      return touched, {"codes": codes, "lists": lists}
+
+    touched, new_codes = distributed.lead_work(refresh) or (rows.size, None)
     if self.codes_from_index:
       new_codes = distributed.broadcast_arrays(new_codes)
       self.loss_inputs = dataclasses.replace(self.loss_inputs, codes={
@@ -268,12 +271,14 @@ class IndexLifecycle:
       index_params = {name: np.asarray(distributed.global_to_host(value), np.float32)
                       if isinstance(value, jax.Array) else np.asarray(value, np.float32)
                       for name, value in index_params.items()}
-    if self.lead:
+
+    def write() -> None:
       quantizer = with_index_params(
           quantizer_from_faiss(self.index),
           {k: jnp.asarray(v) for k, v in (index_params or {}).items()})
-      empty = np.zeros((0, self.index.d), np.float32)
-      write_quantizer_to_faiss(self.index, quantizer, empty)
+      write_quantizer_to_faiss(self.index, quantizer, np.zeros((0, self.index.d), np.float32))
+
+    distributed.lead_work(write)
     self.index = self._add_table(self.index, table)
     self.changed.clear()
     if sync:
@@ -304,8 +309,7 @@ class IndexLifecycle:
     chunk = STREAM_ROWS
     for start in range(0, self.num_rows, chunk):
       part = self._rows(table, np.arange(start, min(start + chunk, self.num_rows)))
-      if self.lead:
-        add_vectors(index, part, threads=FAISS_THREADS or None)
+      distributed.lead_work(add_vectors, index, part, threads=FAISS_THREADS or None)
     return index
 
   def _sync_loss_inputs(self) -> None:
@@ -313,8 +317,8 @@ class IndexLifecycle:
     if not self.quantize:
       self.loss_inputs = LossInputs(None, None)
       return
-    arrays = None
-    if self.lead:
+
+    def quantizer_arrays() -> dict[str, np.ndarray]:
       q = quantizer_from_faiss(self.index)
       if isinstance(q, RaBitQ):
         arrays = {"rabitq": np.asarray([q.metric == "ip", q.coarse_metric == "ip", q.qb,
@@ -328,7 +332,9 @@ class IndexLifecycle:
       if self.codes_from_index:
         codes, lists = stored_codes(self.index)
         arrays["codes"], arrays["lists"] = codes.astype(np.uint8), lists.astype(np.int32)
-    arrays = distributed.broadcast_arrays(arrays)
+      return arrays
+
+    arrays = distributed.broadcast_arrays(distributed.lead_work(quantizer_arrays))
     optional = lambda name: jnp.asarray(arrays[name]) if name in arrays else None
     if "rabitq" in arrays:
       ip, coarse_ip, qb, nb_bits = (int(v) for v in arrays["rabitq"])

@@ -4,7 +4,7 @@ top-k for them, and the cross-batch pool the jitted update scores, on every proc
 Split in two calls so the loop can overlap them: ``encode`` dispatches the query
 forward of a step (device futures and the encoder's VJP); ``negatives`` fetches the
 embeddings, searches the quantized index on process 0, builds the pool there and
-broadcasts it.
+broadcasts it, in one collective: the config fixes the pool's shapes (``pool_shapes``).
 """
 
 from __future__ import annotations
@@ -244,11 +244,21 @@ class NegativeSource:
     with self.timers.time("encode"):  # waits for the forward to finish
       query_host = np.asarray(distributed.global_to_host(batch.query_emb))
     with self.timers.time("search"):
-      pool = self._pool(batch, query_host) if self.lifecycle.lead else None
-      pool = distributed.broadcast_arrays(pool)
+      pool = distributed.broadcast_from_lead(lambda: self._pool(batch, query_host),
+                                             self.pool_shapes())
       pool_dev = distributed.replicate_to_global(
           {name: a for name, a in pool.items() if name != "num_candidates"}, self.mesh)
     return StepInputs(batch.query_emb, batch.encoder_vjp, pool, pool_dev)
+
+  def pool_shapes(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes and dtypes of ``_pool``'s arrays, which the config fixes."""
+    queries, size = self.batch_size + self.num_pseudo, self.pool_size
+    shapes = {"row_ids": ((size,), np.int32), "valid": ((size,), np.bool_),
+              "positive_mask": ((queries, size), np.bool_),
+              "hidden_mask": ((queries, size), np.bool_), "num_candidates": ((), np.int32)}
+    if not self.config.negatives.dedup:
+      shapes["multiplicity"] = ((size,), np.float32)
+    return {name: jax.ShapeDtypeStruct(shape, dtype) for name, (shape, dtype) in shapes.items()}
 
   def _pool(self, batch: EncodedBatch, query_host: np.ndarray) -> dict[str, np.ndarray]:
     _, candidates = search(self.lifecycle.index, query_host, self.k)

@@ -49,8 +49,9 @@ _GUARDED_METRICS = ("loss", "contrastive_loss", "encoder_grad_norm", "row_grad_n
 
 
 class NonFiniteError(FloatingPointError):
-  """A step produced a NaN or infinite loss, gradient or update; raised before anything
-  of that step is logged or saved."""
+  """A step produced a NaN or infinite loss, gradient or update; raised at the next step
+  whose metrics reach the host (a log, checkpoint or evaluation step), before anything of
+  that step is logged or saved, naming the first step that went non-finite."""
 
 
 @dataclasses.dataclass
@@ -84,8 +85,14 @@ def train(config: ml_collections.ConfigDict, mode: Mode, dataset: RetrievalDatas
   ``config.eval.every`` steps and after the last one, on process 0, with an index of the
   table as it is at that step (``_eval_index``); its metrics rank the best checkpoints.
 
-  A NaN or infinite loss, gradient norm or updated value stops the run with
-  ``NonFiniteError`` naming the step, before that step is logged or saved.
+  Step metrics reach the host only at log (``train.log_every``), checkpoint and
+  evaluation steps and the last, so the devices need not wait for the host in between. A
+  NaN or infinite loss, gradient norm or updated value stops the run with
+  ``NonFiniteError`` at the next such step, naming the step that first went non-finite,
+  before anything of that step (or a later one) is logged or saved.
+
+  A SIGTERM stops a single-process run after the current step; in a multi-process run
+  the processes agree on stopping (a collective) at log and checkpoint steps only.
 
   Multi-process: every process loads its block of each batch and holds its rows of the
   table; process 0 owns FAISS and broadcasts the pool and the quantizer, and alone writes
@@ -123,6 +130,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
   window = (time.perf_counter(), 0)
   train_start, stopping = time.perf_counter(), False
   profile = _Profile(config.train.profile_steps, workdir / "profile")
+  watch = _FiniteWatch()
   for step in bar:
     done, last = step + 1, step + 1 == steps
     current: StepInputs = inputs
@@ -136,9 +144,20 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
       searched = time.perf_counter()
       inputs = source.negatives(upcoming) if upcoming is not None else None
       searched = time.perf_counter() - searched  # counted by the source's own timers
-      metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # waits for the step
+      watch.add(done, metrics)
+      log_due = done % config.train.log_every == 0 or last
+      save_due = bool(ckpt is not None and config.checkpoint.every and (
+          done % config.checkpoint.every == 0 or last))
+      eval_due = bool(evaluate_fn is not None and config.eval.every and (
+          done % config.eval.every == 0 or last))
+      # All processes must stop after the same step: in a multi-process run that takes a
+      # collective, so it is asked at log and checkpoint steps only (a single process
+      # reads its flag at the end of the step).
+      stopping = multi and (log_due or save_due) and _any_process(stop.requested)
+      fetched = log_due or save_due or eval_due or stopping
+      if fetched:  # waits for the step
+        metrics = _fetch_finite_metrics(config, done, metrics, watch, bar, ckpt)
     profile.after(step)
-    _stop_if_not_finite(config, done, metrics, bar, ckpt)
     timers.seconds["step"] += time.perf_counter() - tick - searched
     window = (window[0], window[1] + 1)
 
@@ -152,7 +171,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
     if not overlap and not last and (multi or not stop.requested):
       inputs = source.negatives(source.encode(done, state.params))
 
-    if done % config.train.log_every == 0 or last:
+    if log_due:
       now = time.perf_counter()
       writer.write({"step": done, **metrics, "encoder_lr": float(run.encoder_lr(step)),
                     "row_lr": float(run.row_lr(step)),
@@ -164,11 +183,13 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
 
     eval_metrics = None
     # The last step too, so that the best-checkpoint ranking sees the final state.
-    if evaluate_fn is not None and config.eval.every and (
-        done % config.eval.every == 0 or last):
+    if eval_due:
       eval_metrics = _evaluate_in_loop(evaluate_fn, state, lifecycle, writer, done, multi,
                                        config, mode)
-    stopping = _any_process(stop.requested) if multi else stop.requested
+    if not multi and stop.requested:
+      stopping = True
+      if not fetched:  # a stop saves this step: check it first
+        metrics = _fetch_finite_metrics(config, done, metrics, watch, bar, ckpt)
     if ckpt is not None and config.checkpoint.every and (
         done % config.checkpoint.every == 0 or last or stopping):
       # The index goes along (process 0 writes it): it may predate the table (built at
@@ -316,19 +337,57 @@ class _Profile:
                    self.directory)
 
 
-def _stop_if_not_finite(config, step: int, metrics: dict[str, float], bar,
-                        ckpt: Checkpointer | None) -> None:
-  """Raises ``NonFiniteError`` (after letting earlier saves finish) when ``step``'s loss,
-  gradient norms or written values are not finite; pops the ``updates_finite`` flag."""
-  updates_finite = bool(metrics.pop("updates_finite", 1.0))
-  if updates_finite and all(np.isfinite(metrics[k]) for k in _GUARDED_METRICS
-                            if k in metrics):
-    return
+class _FiniteWatch:
+  """The first step whose guarded metrics or written values were not finite, and its
+  metrics, kept on the devices (a small jitted update per step, no host wait) until the
+  next step whose metrics are fetched."""
+
+  def __init__(self):
+    self.first_bad = None  # {"step": int32 (-1: none), "metrics": that step's metrics}
+
+  def add(self, step: int, metrics: dict[str, jax.Array]) -> None:
+    if self.first_bad is None:
+      self.first_bad = {"step": np.int32(-1), "metrics": metrics}
+    self.first_bad = _watch_step(self.first_bad, metrics, np.int32(step))
+
+  def fetch(self, metrics: dict[str, jax.Array]) -> tuple[int, dict, dict]:
+    """(first bad step or -1, its metrics, ``metrics``) on the host."""
+    first_bad, metrics = jax.device_get((self.first_bad, metrics))
+    to_host = lambda m: {k: float(v) for k, v in m.items()}
+    return int(first_bad["step"]), to_host(first_bad["metrics"]), to_host(metrics)
+
+
+@jax.jit
+def _watch_step(first_bad: dict, metrics: dict, step: jax.Array) -> dict:
+  finite = metrics.get("updates_finite", jnp.float32(1)) > 0
+  for name in _GUARDED_METRICS:
+    if name in metrics:
+      finite &= jnp.isfinite(metrics[name])
+  new = (first_bad["step"] < 0) & ~finite
+  return {"step": jnp.where(new, step, first_bad["step"]),
+          "metrics": jax.tree.map(lambda old, now: jnp.where(new, now, old),
+                                  first_bad["metrics"], metrics)}
+
+
+def _fetch_finite_metrics(config, step: int, metrics: dict[str, jax.Array],
+                          watch: _FiniteWatch, bar, ckpt: Checkpointer | None
+                          ) -> dict[str, float]:
+  """``step``'s metrics on the host, without the ``updates_finite`` flag; raises
+  ``NonFiniteError`` (after letting earlier saves finish) when any step since the last
+  fetch had a non-finite loss, gradient norm or written value."""
+  first_bad, bad_metrics, metrics = watch.fetch(metrics)
+  metrics.pop("updates_finite", None)
+  if first_bad < 0:
+    return metrics
   bar.close()
   if ckpt is not None:  # earlier steps' saves are good: let them finish
     ckpt.wait_until_finished()
     ckpt.close()
-  raise NonFiniteError(_non_finite_message(config, step, metrics, updates_finite))
+  updates_finite = bool(bad_metrics.pop("updates_finite", 1.0))
+  message = _non_finite_message(config, first_bad, bad_metrics, updates_finite)
+  if first_bad != step:
+    message += f" Found at step {step}: nothing after step {first_bad - 1} was saved."
+  raise NonFiniteError(message)
 
 
 def _pool_stats(config, inputs: StepInputs) -> dict[str, float]:
@@ -346,9 +405,8 @@ def _evaluate_in_loop(evaluate_fn: InLoopEval, state: TrainState, lifecycle: Ind
   checkpoint managers rank by the same figures)."""
   params_host = distributed.global_to_host(state.params)  # collective: every process
   index = _eval_index(config, mode, lifecycle, state)  # collective too
-  metrics = None
-  if lifecycle.lead:
-    metrics = evaluate_fn(params_host, index)
+  metrics = distributed.lead_work(evaluate_fn, params_host, index)  # process 0
+  if metrics is not None:
     writer.write({"step": step, "eval_quantized": metrics})
   if multi:
     metrics = {n: float(v) for n, v in distributed.broadcast_arrays(
