@@ -271,15 +271,23 @@ def _before_metrics(config, workdir: pathlib.Path, compute, lead: bool) -> dict 
   """The "before" evaluation (``compute``, a collective: process 0's result, None
   elsewhere); a resumed run (the workdir has a checkpoint) reads it back from
   ``eval_before.json`` when the config is unchanged, so its results.json reports the
-  same figures without re-embedding and re-indexing. Every process reads the file (the
-  workdir is on storage all of them see), so all skip ``compute`` alike; process 0
-  writes it only after ``compute``, which every process has joined by then."""
+  same figures without re-embedding and re-indexing. Process 0 decides and tells the
+  others, so that all skip ``compute`` alike: another process could see the files
+  otherwise (process 0 finalises the last checkpoint after the others' waits return).
+  Process 0 writes the file only after ``compute``, which every process has joined."""
   path = workdir / "eval_before.json"
   key = json.loads(config.to_json_best_effort())
-  if path.exists() and has_checkpoint(workdir):
-    saved = json.loads(path.read_text())
-    if saved.get("config") == key:
-      return saved["before"] if lead else None
+
+  def saved_before() -> dict | None:
+    if path.exists() and has_checkpoint(workdir):
+      saved = json.loads(path.read_text())
+      if saved.get("config") == key:
+        return saved["before"]
+    return None
+
+  saved = saved_before() if lead else None
+  if distributed.broadcast_from_lead(lambda: np.int32(saved is not None), np.int32(0)):
+    return saved
   before = compute()
   if lead:
     write_json_atomic(path, {"config": key, "before": before}, indent=None)

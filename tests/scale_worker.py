@@ -395,7 +395,9 @@ def resume_main(out_path: str, args: argparse.Namespace) -> None:
     return real_evaluate(*a, served_index=served_index, **kw)
 
   def stop_at(step, *a, **kw):
-    if step == RESUME_STOP:  # prepared during the step before: the save holds RESUME_STOP
+    # Prepared after step RESUME_STOP - 1: the processes agree to stop at the next
+    # checkpoint step, whose save holds RESUME_STOP.
+    if step == RESUME_STOP - 1:
       os.kill(os.getpid(), signal.SIGTERM)
     return real_batch_indices(step, *a, **kw)
 
