@@ -6,14 +6,16 @@ to compare. It runs as a script, not under pytest, because the CPU device count
 (``XLA_FLAGS``) and JAX's distributed runtime must be set up before JAX starts:
 
   python tests/scale_worker.py sharding OUT.npz
-  python tests/scale_worker.py multihost OUT.npz --process-id=I --num-processes=N --port=P
-  python tests/scale_worker.py reference OUT.npz
-  python tests/scale_worker.py train OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
-      --workdir=DIR [--devices=D] [--process-id=I --num-processes=N --port=P]
-  python tests/scale_worker.py resume OUT.npz --beir=DIR --encoder=DIR --cache=DIR \
-      --workdir=DIR --process-id=I --num-processes=N --port=P
-  python tests/scale_worker.py fail OUT --fail=search|kill --beir=DIR --encoder=DIR \
-      --cache=DIR --workdir=DIR --process-id=I --num-processes=N --port=P
+  python tests/scale_worker.py pair OUTDIR --beir=DIR --encoder=DIR --cache=DIR \
+      --workdir=DIR --process-id=I --num-processes=2 --port=P
+  python tests/scale_worker.py solo OUTDIR --beir=DIR --encoder=DIR --cache=DIR --workdir=DIR
+  python tests/scale_worker.py fail OUT --beir=DIR --encoder=DIR --cache=DIR \
+      --workdir=DIR --process-id=I --num-processes=2 --port=P
+
+``pair`` runs every multi-process scenario in one pair of processes (the data-parallel
+steps, the training loop, the resume twins, then process 0's failing search, which ends
+both), so that start-up, the distributed runtime and the table's embedding are paid once;
+``solo`` runs their single-process references in one process of 4 devices.
 
 Every run draws its tokens and pools from the same seeds, so any two layouts must agree up
 to the float error of a different reduction order.
@@ -219,39 +221,48 @@ def sharding_main(out_path: str) -> None:
   np.savez(out_path, **arrays)
 
 
-def reference_main(out_path: str) -> None:
-  """The multihost problem on one process and one device."""
-  _set_device_count(1)
+def _distribute(config, args: argparse.Namespace) -> None:
+  """Points ``config`` at the localhost job of ``args`` (nothing for one process)."""
+  if args.num_processes > 1:
+    config.distributed.coordinator_address = f"localhost:{args.port}"
+    config.distributed.num_processes = args.num_processes
+    config.distributed.process_id = args.process_id
+    config.distributed.cpu_collectives = "gloo"
+
+
+def _tiny_config(args: argparse.Namespace):
+  """The tests' tiny config (conftest) on this job's data, encoder and table cache."""
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from conftest import make_tiny_config
+  config = make_tiny_config(args.beir, args.encoder, args.cache)
+  config.sharding.num_devices = 0  # every device of every process
+  _distribute(config, args)
+  return config
+
+
+def _reference_steps(out_path: str) -> None:
+  """The data-parallel steps' problem on one process and one device."""
   import numpy as np
   out, problems = _run_local(rows=512, table_dtype="float32", num_devices=1)
   np.savez(out_path, problems=np.asarray(json.dumps(problems)), **out)
 
 
-def multihost_main(out_path: str, process_id: int, num_processes: int, port: int) -> None:
-  """STEPS steps data-parallel over ``num_processes`` processes of 2 CPU devices each.
+def _multihost_steps(out_path: str, info) -> None:
+  """STEPS steps data-parallel over every process's CPU devices.
 
   Each process loads only its block of every batch, process 0 makes the pool and
   broadcasts it (the other processes pass nothing), and the table is sharded by rows over
   all processes' devices.
   """
-  _set_device_count(2)
-  from qdr_jax import distributed
-  from qdr_jax.config import base_config
-
-  config = base_config()
-  config.distributed.coordinator_address = f"localhost:{port}"
-  config.distributed.num_processes = num_processes
-  config.distributed.process_id = process_id
-  config.distributed.cpu_collectives = "gloo"
-  info = distributed.initialize_distributed(config)
-
   import jax
   import numpy as np
+
+  from qdr_jax import distributed
 
   rows = 512
   _, mesh, state, fns, quantizer = _setup(rows=rows, table_dtype="float32", num_devices=0)
   problems = []
-  if mesh.devices.size != 2 * num_processes:
+  if mesh.devices.size != len(jax.local_devices()) * info.process_count:
     problems.append(f"mesh has {mesh.devices.size} devices")
   queries = []
   for step in range(STEPS):
@@ -281,34 +292,11 @@ def multihost_main(out_path: str, process_id: int, num_processes: int, port: int
   out["table_local_rows"] = np.asarray(sum(s.data.shape[0]
                                            for s in state.table.addressable_shards))
   np.savez(out_path, problems=np.asarray(json.dumps(problems)), **out)
-  jax.distributed.shutdown()
 
 
-def train_main(out_path: str, args: argparse.Namespace) -> None:
-  """The real training loop (``qdr_jax.train.loop.train``) on the tiny BEIR data.
-
-  Run as ``--num-processes`` processes of ``--devices`` CPU devices each (a 1-process run
-  is the reference). Every refresh kind and a checkpoint happen within the 12 steps.
-  """
-  _set_device_count(args.devices)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from conftest import make_tiny_config
-
-  from qdr_jax import distributed
-
-  config = make_tiny_config(args.beir, args.encoder, args.cache)
-  config.train.steps = 12
-  config.index.rebuild_every = 4
-  config.index.full_rebuild_every = 8  # step 4 incremental, step 8 full
-  config.checkpoint.every = 6
-  config.sharding.num_devices = 0  # every device of every process
-  if args.num_processes > 1:
-    config.distributed.coordinator_address = f"localhost:{args.port}"
-    config.distributed.num_processes = args.num_processes
-    config.distributed.process_id = args.process_id
-    config.distributed.cpu_collectives = "gloo"
-  info = distributed.initialize_distributed(config)
-
+def _train_loop(out_path: str, args: argparse.Namespace, workdir: str, info) -> None:
+  """The real training loop (``qdr_jax.train.loop.train``) on the tiny BEIR data: every
+  refresh kind and a checkpoint happen within the 12 steps."""
   import pathlib
 
   import jax
@@ -320,12 +308,17 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
   from qdr_jax.train.loop import train
   from qdr_jax.train.modes import get_mode
 
+  config = _tiny_config(args)
+  config.train.steps = 12
+  config.index.rebuild_every = 4
+  config.index.full_rebuild_every = 8  # step 4 incremental, step 8 full
+  config.checkpoint.every = 6
   dataset = load_dataset(config.data)
   encoders = load_encoders(config.model)
   table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(args.cache),
                                embed_passages(encoders, config))
   trained = train(config, get_mode(config.train.mode), dataset, encoders, table0,
-                  pathlib.Path(args.workdir))
+                  pathlib.Path(workdir))
   out = {f"params{k}": v for k, v in _flat(trained.params).items()}
   # Only process 0 (the index's owner) receives the whole trained table.
   table = trained.lifecycle.table_to_lead(trained.state.table)
@@ -336,49 +329,22 @@ def train_main(out_path: str, args: argparse.Namespace) -> None:
   out["process_count"] = np.asarray(info.process_count)
   out["devices"] = np.asarray(jax.device_count())
   np.savez(out_path, problems=np.asarray("[]"), **out)
-  if info.process_count > 1:
-    jax.distributed.shutdown()
 
 
-# Index-learning modes of the resume job: (train.mode, quant.learn, index.factory).
+# Index-learning modes of the resume twins: (train.mode, quant.learn, index.factory).
 RESUME_MODES = {"jpq": ("jpq", (), "IVF4,PQ4x8"),
                 "dback_codebooks_opq": ("dback", ("codebooks",), "OPQ4,IVF4,PQ4x8")}
 RESUME_STEPS, RESUME_STOP = 6, 3  # refreshes after steps 2 and 4, checkpoints at 3 and 6
 
 
-def resume_main(out_path: str, args: argparse.Namespace) -> None:
+def _resume_twins(out_path: str, args: argparse.Namespace, root: str, info) -> None:
   """Twin runs of each `RESUME_MODES` entry with ``experiment.train_and_evaluate``: one
   uninterrupted, one stopped by SIGTERM (on every process) after step ``RESUME_STOP``
   and rerun to resume. Each run's served index (its training quantizer over the final
   table) is written by process 0 as ``{workdir}/served.faiss`` for the test to compare
-  with the exported bundle; the workdirs are ``{workdir}/{mode}_{straight|resumed}``."""
-  _set_device_count(args.devices)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  with the exported bundle; the workdirs are ``{root}/{mode}_{straight|resumed}``."""
   import pathlib
   import signal
-
-  from conftest import make_tiny_config
-
-  from qdr_jax import distributed
-
-  root = pathlib.Path(args.workdir)
-  configs = {}
-  for name, (mode, learn, factory) in RESUME_MODES.items():
-    config = make_tiny_config(args.beir, args.encoder, args.cache)
-    config.train.mode, config.quant.learn, config.index.factory = mode, learn, factory
-    config.train.steps = RESUME_STEPS
-    config.index.rebuild_every = 2
-    # Large enough that two steps move the learned codebooks' codes away from what a
-    # k-means retrain gives (the default's barely move them).
-    config.optim.codebook_lr = 5e-2
-    config.checkpoint.every = RESUME_STOP
-    config.sharding.num_devices = 0
-    config.distributed.coordinator_address = f"localhost:{args.port}"
-    config.distributed.num_processes = args.num_processes
-    config.distributed.process_id = args.process_id
-    config.distributed.cpu_collectives = "gloo"
-    configs[name] = config
-  info = distributed.initialize_distributed(next(iter(configs.values())))
 
   import faiss
   import numpy as np
@@ -401,51 +367,44 @@ def resume_main(out_path: str, args: argparse.Namespace) -> None:
       os.kill(os.getpid(), signal.SIGTERM)
     return real_batch_indices(step, *a, **kw)
 
-  experiment.evaluate_splits = keep_served
   out = {}
-  for name, config in configs.items():
-    for twin in ("straight", "resumed"):
-      workdir = root / f"{name}_{twin}"
-      served_path[:] = [workdir / "served.faiss"]
-      if twin == "resumed":
-        negatives.batch_indices = stop_at
-        stopped = experiment.train_and_evaluate(config, workdir)
-        negatives.batch_indices = real_batch_indices
-        out[f"{name}/stopped_at"] = np.asarray(stopped.get("step", -1))
-      experiment.train_and_evaluate(config, workdir)
+  experiment.evaluate_splits = keep_served
+  try:
+    for name, (mode, learn, factory) in RESUME_MODES.items():
+      config = _tiny_config(args)
+      config.train.mode, config.quant.learn, config.index.factory = mode, learn, factory
+      config.train.steps = RESUME_STEPS
+      config.index.rebuild_every = 2
+      # Large enough that two steps move the learned codebooks' codes away from what a
+      # k-means retrain gives (the default's barely move them).
+      config.optim.codebook_lr = 5e-2
+      config.checkpoint.every = RESUME_STOP
+      for twin in ("straight", "resumed"):
+        workdir = pathlib.Path(root) / f"{name}_{twin}"
+        served_path[:] = [workdir / "served.faiss"]
+        if twin == "resumed":
+          negatives.batch_indices = stop_at
+          stopped = experiment.train_and_evaluate(config, workdir)
+          negatives.batch_indices = real_batch_indices
+          out[f"{name}/stopped_at"] = np.asarray(stopped.get("step", -1))
+        experiment.train_and_evaluate(config, workdir)
+  finally:
+    experiment.evaluate_splits, negatives.batch_indices = real_evaluate, real_batch_indices
   out["process_count"] = np.asarray(info.process_count)
   np.savez(out_path, problems=np.asarray("[]"), **out)
-  import jax
-  jax.distributed.shutdown()
 
 
-def fail_main(out_path: str, args: argparse.Namespace) -> None:
-  """The training loop over 2 processes, with process 0 failing in its FAISS work:
-  ``--fail=search`` raises in the third search, ``--fail=kill`` SIGKILLs process 0 inside
-  the first index refresh. Runs under ``cli.guarded``, as the experiment scripts do; the
-  time of the failure (``time.time()``) is written to OUT."""
-  _set_device_count(2)
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from conftest import make_tiny_config
-
-  from qdr_jax import cli, distributed
-
-  config = make_tiny_config(args.beir, args.encoder, args.cache)
-  config.train.steps = 8
-  config.index.rebuild_every = 2
-  config.index.full_rebuild_every = 4  # step 2: an incremental refresh
-  config.sharding.num_devices = 0
-  config.distributed.coordinator_address = f"localhost:{args.port}"
-  config.distributed.num_processes = args.num_processes
-  config.distributed.process_id = args.process_id
-  config.distributed.cpu_collectives = "gloo"
-  config.distributed.timeout_seconds = 30
-  info = distributed.initialize_distributed(config)
-
+def _failing_run(time_path: str, args: argparse.Namespace, workdir: str, fail: str,
+                 info) -> None:
+  """The training loop with process 0 failing in its FAISS work, under ``cli.guarded`` as
+  the experiment scripts run: ``fail='search'`` raises in the third search, ``'kill'``
+  SIGKILLs process 0 inside the first index refresh. Writes the time of the failure
+  (``time.time()``) to ``time_path``; ends the process (guarded exits)."""
   import pathlib
   import signal
   import time
 
+  from qdr_jax import cli
   from qdr_jax.data.loader import load_dataset
   from qdr_jax.index import lifecycle
   from qdr_jax.negatives import source
@@ -454,21 +413,26 @@ def fail_main(out_path: str, args: argparse.Namespace) -> None:
   from qdr_jax.train.loop import train
   from qdr_jax.train.modes import get_mode
 
-  def failing(real, after_calls: int, fail):
+  config = _tiny_config(args)
+  config.train.steps = 8
+  config.index.rebuild_every = 2
+  config.index.full_rebuild_every = 4  # step 2: an incremental refresh
+
+  def failing(real, after_calls: int, how):
     calls = []
 
     def wrapped(*a, **k):
       calls.append(1)
       if len(calls) > after_calls:
-        pathlib.Path(out_path).write_text(str(time.time()))
-        fail()
+        pathlib.Path(time_path).write_text(str(time.time()))
+        how()
       return real(*a, **k)
     return wrapped
 
   def search_error():
     raise RuntimeError("injected FAISS search failure")
 
-  if info.process_index == 0 and args.fail == "search":
+  if info.process_index == 0 and fail == "search":
     source.search = failing(source.search, 2, search_error)
   elif info.process_index == 0:
     lifecycle.incremental_refresh = failing(
@@ -481,38 +445,76 @@ def fail_main(out_path: str, args: argparse.Namespace) -> None:
     table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(args.cache),
                                  embed_passages(encoders, config))
     train(config, get_mode(config.train.mode), dataset, encoders, table0,
-          pathlib.Path(args.workdir))
+          pathlib.Path(workdir))
 
   cli.guarded(run)([])
 
 
+# Printed by the pair before its last scenario: the test reads the log from there on.
+SEARCH_MARKER = "scenario: process 0's search fails"
+
+
+def pair_main(out_dir: str, args: argparse.Namespace) -> None:
+  """Every multi-process scenario, in order, in this process of a 2-process job of 2 CPU
+  devices each: `_multihost_steps`, `_train_loop` (workdir ``multi``), `_resume_twins`,
+  and last `_failing_run` with a failing search (workdir ``search``), which exits."""
+  _set_device_count(2)
+  import pathlib
+
+  from qdr_jax import distributed
+
+  info = distributed.initialize_distributed(_tiny_config(args))
+  out, root, pid = pathlib.Path(out_dir), pathlib.Path(args.workdir), args.process_id
+  _multihost_steps(str(out / f"steps_p{pid}.npz"), info)
+  _train_loop(str(out / f"train_p{pid}.npz"), args, str(root / "multi"), info)
+  _resume_twins(str(out / f"resume_p{pid}.npz"), args, str(root), info)
+  print(SEARCH_MARKER, flush=True)
+  _failing_run(str(out / "search.time"), args, str(root / "search"), "search", info)
+
+
+def solo_main(out_dir: str, args: argparse.Namespace) -> None:
+  """The pair's references in one process of 4 CPU devices: the data-parallel steps on
+  one device, and the training loop on all four (workdir ``single``)."""
+  _set_device_count(4)
+  import pathlib
+
+  from qdr_jax import distributed
+
+  args.num_processes = 1
+  info = distributed.initialize_distributed(_tiny_config(args))
+  out = pathlib.Path(out_dir)
+  _reference_steps(str(out / "steps_ref.npz"))
+  _train_loop(str(out / "train_ref.npz"), args, str(pathlib.Path(args.workdir) / "single"),
+              info)
+
+
+def fail_main(out_path: str, args: argparse.Namespace) -> None:
+  """`_failing_run` with process 0 SIGKILLed inside a refresh, in a 2-process job whose
+  heartbeat timeout (30 s) lets process 1 notice within a minute."""
+  _set_device_count(2)
+  from qdr_jax import distributed
+
+  config = _tiny_config(args)
+  config.distributed.timeout_seconds = 30
+  info = distributed.initialize_distributed(config)
+  _failing_run(out_path, args, args.workdir, "kill", info)
+
+
 def main(argv: list[str]) -> None:
   parser = argparse.ArgumentParser()
-  parser.add_argument("kind", choices=("sharding", "multihost", "reference", "train",
-                                      "resume", "fail"))
+  parser.add_argument("kind", choices=("sharding", "pair", "solo", "fail"))
   parser.add_argument("out")
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--num-processes", type=int, default=2)
   parser.add_argument("--port", type=int, default=0)
-  parser.add_argument("--devices", type=int, default=2, help="train: CPU devices per process")
-  parser.add_argument("--beir", help="train: tiny BEIR root")
-  parser.add_argument("--encoder", help="train: tiny encoder directory")
-  parser.add_argument("--cache", help="train: table cache directory")
-  parser.add_argument("--workdir", help="train: workdir")
-  parser.add_argument("--fail", choices=("search", "kill"), help="fail: how process 0 fails")
+  parser.add_argument("--beir", help="tiny BEIR root")
+  parser.add_argument("--encoder", help="tiny encoder directory")
+  parser.add_argument("--cache", help="table cache directory")
+  parser.add_argument("--workdir", help="root of the runs' workdirs")
   args = parser.parse_args(argv)
-  if args.kind == "fail":
-    fail_main(args.out, args)
-  elif args.kind == "train":
-    train_main(args.out, args)
-  elif args.kind == "resume":
-    resume_main(args.out, args)
-  elif args.kind == "sharding":
-    sharding_main(args.out)
-  elif args.kind == "reference":
-    reference_main(args.out)
-  else:
-    multihost_main(args.out, args.process_id, args.num_processes, args.port)
+  jobs = {"sharding": lambda: sharding_main(args.out), "pair": lambda: pair_main(args.out, args),
+          "solo": lambda: solo_main(args.out, args), "fail": lambda: fail_main(args.out, args)}
+  jobs[args.kind]()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Two JAX processes on localhost train as one data-parallel job.
 
-Each process runs ``tests/scale_worker.py multihost`` with 2 CPU devices; together they
+Each process runs ``tests/scale_worker.py pair`` with 2 CPU devices; together they
 form a 4-device mesh over which the batch is split (each process loads its own half) and
 the table is sharded by rows (each process holds half of it). Process 0 builds the
 negative pool and broadcasts it. Both processes must end with identical state, equal to
 a single-process, single-device run of the same steps. A 2-process run stopped half-way
 and resumed must end as its uninterrupted twin, in the modes that learn part of the index
-(the FAISS index travels in the checkpoint), and export what it served.
+(the FAISS index travels in the checkpoint), and export what it served. A failure of
+process 0's FAISS work ends every process.
 """
 
 import json
@@ -33,8 +34,9 @@ def _free_port() -> int:
 
 def _launch(args, log):
   env = dict(os.environ)
-  # The workers set their own device count, and must not pick up a cluster from the env.
-  for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+  # The workers set their own device count (in XLA_FLAGS), and must not pick up a
+  # cluster from the env.
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
     env.pop(name, None)
   # The script's directory, not the checkout, heads its sys.path: import this checkout's
   # package, not whichever copy is installed.
@@ -44,9 +46,10 @@ def _launch(args, log):
                           stderr=subprocess.STDOUT, cwd=WORKER.parent.parent, env=env)
 
 
-def _run_jobs(tmp, jobs: dict[str, list[str]], timeout_s: float = TIMEOUT_S
-              ) -> dict[str, dict[str, np.ndarray]]:
-  """Runs the workers at once, fails with a log tail on error, loads their outputs.
+def _run_jobs(tmp, jobs: dict[str, list[str]], expect: dict[str, int | None],
+              timeout_s: float = TIMEOUT_S) -> dict[str, float]:
+  """Runs the workers at once and returns when each exited (``time.time()``); fails with
+  a log tail when one exits with another status than ``expect``'s (None: any but 0).
 
   A worker still running after ``timeout_s`` (together) is sent SIGABRT, which makes it
   write every thread's Python stack to its log (faulthandler), so a hang shows where each
@@ -54,14 +57,13 @@ def _run_jobs(tmp, jobs: dict[str, list[str]], timeout_s: float = TIMEOUT_S
   """
   logs = {name: open(tmp / f"{name}.log", "w") for name in jobs}
   procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
-  deadline = time.monotonic() + timeout_s
-  codes = {}
+  exited, deadline = {}, time.monotonic() + timeout_s
   try:
-    for name, p in procs.items():
-      try:
-        codes[name] = p.wait(timeout=max(deadline - time.monotonic(), 1))
-      except subprocess.TimeoutExpired:
-        codes[name] = f"no exit after {timeout_s} s"
+    while len(exited) < len(procs) and time.monotonic() < deadline:
+      for name, p in procs.items():
+        if name not in exited and p.poll() is not None:
+          exited[name] = time.time()
+      time.sleep(0.2)
   finally:
     for p in procs.values():
       if p.poll() is None:
@@ -73,29 +75,51 @@ def _run_jobs(tmp, jobs: dict[str, list[str]], timeout_s: float = TIMEOUT_S
           p.wait()
     for f in logs.values():
       f.close()
-  failed = {name: code for name, code in codes.items() if code != 0}
-  if failed:
-    tails = "\n".join(f"--- {name} ({code}):\n{(tmp / f'{name}.log').read_text()[-6000:]}"
-                      for name, code in failed.items())
-    pytest.fail(f"workers failed: {failed}\n{tails}")
-  out = {}
-  for name in jobs:
-    data = np.load(tmp / f"{name}.npz", allow_pickle=False)
-    out[name] = {k: data[k] for k in data.files}
-    assert json.loads(str(out[name].pop("problems"))) == []
+  codes = {name: p.returncode if name in exited else f"no exit after {timeout_s} s"
+           for name, p in procs.items()}
+
+  def as_expected(code, wanted):
+    return isinstance(code, int) and (code != 0 if wanted is None else code == wanted)
+
+  wrong = {name: code for name, code in codes.items() if not as_expected(code, expect[name])}
+  if wrong:
+    tails = "\n".join(f"--- {name} ({code}, expected {expect[name]}):\n"
+                      f"{(tmp / f'{name}.log').read_text()[-6000:]}"
+                      for name, code in wrong.items())
+    pytest.fail(f"workers failed: {wrong}\n{tails}")
+  return exited
+
+
+def _load(path) -> dict[str, np.ndarray]:
+  data = np.load(path, allow_pickle=False)
+  out = {k: data[k] for k in data.files}
+  assert json.loads(str(out.pop("problems"))) == []
   return out
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
+def jobs(tmp_path_factory, tiny_beir, tiny_encoder_dir):
+  """One 2-process job (2 CPU devices each) running every multi-process scenario in turn
+  (``scale_worker.py pair``: it ends with process 0's failing search, so both processes
+  exit with 1), beside one process of 4 devices running their references (``solo``).
+  One job pays the start-up, the distributed runtime and the table's embedding once."""
   tmp = tmp_path_factory.mktemp("multihost")
   port = _free_port()
-  jobs = {}
-  for pid in range(2):
-    jobs[f"p{pid}"] = ["multihost", str(tmp / f"p{pid}.npz"), f"--process-id={pid}",
-                       "--num-processes=2", f"--port={port}"]
-  jobs["ref"] = ["reference", str(tmp / "ref.npz")]
-  return _run_jobs(tmp, jobs)
+  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}", f"--cache={tmp / 'cache'}",
+            f"--workdir={tmp}"]
+  jobs = {f"p{pid}": ["pair", str(tmp), *common, f"--process-id={pid}", "--num-processes=2",
+                      f"--port={port}"] for pid in range(2)}
+  jobs["solo"] = ["solo", str(tmp), *common]
+  # The pair's scenarios take about four times a single one's time.
+  exited = _run_jobs(tmp, jobs, {"p0": 1, "p1": 1, "solo": 0}, timeout_s=4 * TIMEOUT_S)
+  return tmp, exited
+
+
+@pytest.fixture(scope="module")
+def results(jobs):
+  """The data-parallel steps: each process of the pair, and the 1-device reference."""
+  tmp, _ = jobs
+  return {name: _load(tmp / f"steps_{name}.npz") for name in ("p0", "p1", "ref")}
 
 
 def test_two_processes_form_one_mesh(results):
@@ -132,17 +156,10 @@ def test_multihost_matches_single_process(results):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_beir, tiny_encoder_dir):
+def trained(jobs):
   """The training loop itself: 2 processes x 2 devices, and 1 process x 4 devices."""
-  tmp = tmp_path_factory.mktemp("multihost_train")
-  port = _free_port()
-  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}", f"--cache={tmp / 'cache'}"]
-  jobs = {f"p{pid}": ["train", str(tmp / f"p{pid}.npz"), *common, "--devices=2",
-                      f"--workdir={tmp / 'multi'}", f"--process-id={pid}",
-                      "--num-processes=2", f"--port={port}"] for pid in range(2)}
-  jobs["ref"] = ["train", str(tmp / "ref.npz"), *common, "--devices=4",
-                 f"--workdir={tmp / 'single'}", "--num-processes=1"]
-  return tmp, _run_jobs(tmp, jobs)
+  tmp, _ = jobs
+  return tmp, {name: _load(tmp / f"train_{name}.npz") for name in ("p0", "p1", "ref")}
 
 
 def test_training_loop_runs_as_one_job_over_two_processes(trained):
@@ -184,17 +201,11 @@ def test_training_loop_runs_as_one_job_over_two_processes(trained):
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, tiny_beir, tiny_encoder_dir):
+def resumed(jobs):
   """Both index-learning modes (jpq; dback learning codebooks on OPQ,IVF,PQ) twice on 2
   processes: uninterrupted, and stopped half-way by SIGTERM then resumed."""
-  tmp = tmp_path_factory.mktemp("multihost_resume")
-  port = _free_port()
-  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}", f"--cache={tmp / 'cache'}",
-            f"--workdir={tmp}", "--devices=2", "--num-processes=2", f"--port={port}"]
-  jobs = {f"p{pid}": ["resume", str(tmp / f"p{pid}.npz"), *common, f"--process-id={pid}"]
-          for pid in range(2)}
-  # Six runs (twice three for each mode) in each process: three times the others' time.
-  return tmp, _run_jobs(tmp, jobs, timeout_s=3 * TIMEOUT_S)
+  tmp, _ = jobs
+  return tmp, {name: _load(tmp / f"resume_{name}.npz") for name in ("p0", "p1")}
 
 
 def _numbers(tree, prefix=""):
@@ -250,49 +261,33 @@ def test_two_process_resume_restores_the_index_exactly(resumed, mode):
   assert meta["index_crc32"] is not None and meta["index_changed_rows"] == 600
 
 
-def test_a_failure_on_process_0_ends_every_process_within_a_minute(tmp_path, tiny_beir,
-                                                                   tiny_encoder_dir):
-  """Process 0's FAISS search raises (job 'search'), or process 0 is killed inside an
-  index refresh (job 'kill'): no process is left waiting in a collective. After a raise
-  every process prints process 0's error as its one ``error:`` line and exits with 1."""
-  common = [f"--beir={tiny_beir}", f"--encoder={tiny_encoder_dir}",
-            f"--cache={tmp_path / 'cache'}"]
-  jobs = {}
-  for fail in ("search", "kill"):
-    port = _free_port()
-    for pid in range(2):
-      jobs[f"{fail}{pid}"] = ["fail", str(tmp_path / f"{fail}.time"), f"--fail={fail}",
-                              *common, f"--workdir={tmp_path / fail}", f"--process-id={pid}",
-                              "--num-processes=2", f"--port={port}"]
-  logs = {name: open(tmp_path / f"{name}.log", "w") for name in jobs}
-  procs = {name: _launch(args, logs[name]) for name, args in jobs.items()}
-  exited, deadline = {}, time.monotonic() + TIMEOUT_S
-  try:
-    while len(exited) < len(procs) and time.monotonic() < deadline:
-      for name, p in procs.items():
-        if name not in exited and p.poll() is not None:
-          exited[name] = time.time()
-      time.sleep(0.2)
-  finally:
-    for p in procs.values():
-      if p.poll() is None:
-        p.send_signal(signal.SIGABRT)
-        p.wait()
-    for f in logs.values():
-      f.close()
-  text = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
-  report = "\n".join(f"--- {name} ({p.returncode}):\n{text[name][-3000:]}"
-                     for name, p in procs.items())
-  assert len(exited) == len(procs), report
-  assert procs["kill0"].returncode == -signal.SIGKILL, report
-  for fail in ("search", "kill"):
-    failed_at = float((tmp_path / f"{fail}.time").read_text())
-    for pid in range(2):
-      assert exited[f"{fail}{pid}"] - failed_at < 60, report
-  for name in ("search0", "search1"):
-    assert procs[name].returncode == 1, report
-    errors = [l for l in text[name].splitlines() if l.startswith("error:")]
+def test_a_failing_search_on_process_0_ends_both_processes_with_its_error(jobs):
+  """Process 0's FAISS search raises: no process is left waiting in a collective; both
+  print process 0's error as their one ``error:`` line and exit with 1 within a minute."""
+  from scale_worker import SEARCH_MARKER
+  tmp, exited = jobs
+  failed_at = float((tmp / "search.time").read_text())
+  for name in ("p0", "p1"):
+    text = (tmp / f"{name}.log").read_text()
+    assert SEARCH_MARKER in text, text[-3000:]
+    after = text[text.index(SEARCH_MARKER):]
+    assert exited[name] - failed_at < 60, after[-3000:]
+    errors = [line for line in after.splitlines() if line.startswith("error:")]
     assert errors == ["error: process 0 failed: RuntimeError: injected FAISS search "
-                      "failure"], report
-    assert "Traceback" not in text[name], report
-  assert procs["kill1"].returncode != 0, report
+                      "failure"], after[-3000:]
+    assert "Traceback" not in after, after[-3000:]
+
+
+def test_a_process_0_killed_in_a_refresh_ends_process_1_within_a_minute(tmp_path, tiny_beir,
+                                                                       tiny_encoder_dir):
+  """Process 0 is SIGKILLed inside an index refresh: process 1 notices (the heartbeat
+  timeout is 30 s) and exits with an error instead of waiting in a collective."""
+  port = _free_port()
+  jobs = {f"kill{pid}": ["fail", str(tmp_path / "kill.time"), f"--beir={tiny_beir}",
+                         f"--encoder={tiny_encoder_dir}", f"--cache={tmp_path / 'cache'}",
+                         f"--workdir={tmp_path / 'kill'}", f"--process-id={pid}",
+                         "--num-processes=2", f"--port={port}"] for pid in range(2)}
+  exited = _run_jobs(tmp_path, jobs, {"kill0": -signal.SIGKILL, "kill1": None})
+  failed_at = float((tmp_path / "kill.time").read_text())
+  for name in jobs:
+    assert exited[name] - failed_at < 60, (tmp_path / f"{name}.log").read_text()[-3000:]
