@@ -146,8 +146,8 @@ def test_sigkill_mid_save_and_corruption_fall_back(tmp_path):
   ckpt.save(state, metadata(config, state, 3))
   ckpt.close()
   # A 4-device process restores it (other padding), saves step 4, is killed saving 5.
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]))
   worker = subprocess.Popen([sys.executable, str(REPO / "tests" / "checkpoint_worker.py"),
                              str(directory)], env=env, stdout=subprocess.PIPE, text=True)
   lines = []

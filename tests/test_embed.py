@@ -157,7 +157,7 @@ def _free_port() -> int:
 def _run(jobs: dict[str, list[str]], tmp: pathlib.Path) -> dict[str, int]:
   """Runs the workers at once (logs in ``tmp``); their exit codes."""
   env = {k: v for k, v in os.environ.items() if k not in (
-      "XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+      "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
 
   def run(name):
     with open(tmp / f"{name}.log", "w") as log:

@@ -223,7 +223,8 @@ def test_exact_search_on_the_mesh_equals_brute_force():
   import os
   import subprocess
   import sys
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]))
   proc = subprocess.run([sys.executable, "-c", _EXACT_SEARCH_SCRIPT], capture_output=True,
                         text=True, timeout=300, env=env)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
