@@ -7,9 +7,9 @@ Markdown: seconds and peak RSS of process 0 / process 1 per phase and corpus siz
 difference p0 - p1 per phase beside the size of process 0's FAISS index (the exported
 one); and, from the two largest runs, each phase's per-row bytes (the slope of process
 1's peak RSS over its rows) and constant, projected to ``--rows`` x the runs' dim on 1, 4
-and 8 hosts for the recipe's float32 table with per-row Adam (two float32 moments and a
-count a row on top of what the runs kept; a phase whose slope is about two tables, such
-as one with an asynchronous checkpoint save, copies the moments too) and
+and 8 hosts for the recipe's float32 table with per-row Adam: each copy of the runs'
+table row a phase holds (its slope over the row's bytes, rounded; an asynchronous
+checkpoint save holds two) becomes a float32 row, two float32 moments and a count; and
 ``--index_bytes_per_row`` of FAISS on host 0 (``--indexes_held`` of them at once).
 """
 
@@ -84,7 +84,10 @@ def projection(runs: list[dict]) -> str:
   small, large = runs[-2], runs[-1]
   dim, processes = large["dim"], large["processes"]
   rows = [r["passages"] / processes for r in (small, large)]
-  adam = 2 * 4 * dim + 4
+  # The runs' table row (bfloat16 or float32; SGD keeps no per-row state) against the
+  # recipe's: a float32 row, its two float32 Adam moments and a count.
+  run_row = dim * (2 if "--config.table.dtype=bfloat16" in large["argv"] else 4)
+  recipe_row = 3 * 4 * dim + 4
   lines = ["| phase | bytes a row (measured) | constant (MiB) | + Adam (bytes a row) | "
            "1 host (GiB) | 4 hosts (GiB a host, host 0) | 8 hosts (GiB a host, host 0) |",
            "|---|---|---|---|---|---|---|"]
@@ -94,8 +97,8 @@ def projection(runs: list[dict]) -> str:
       continue
     per_row = (peaks[1][1] - peaks[0][1]) / (rows[1] - rows[0])
     constant = peaks[1][1] - per_row * rows[1]
-    copies = max(1, round(per_row / (4 * dim)))  # tables' worth of rows the phase holds
-    per_row_adam = per_row + copies * adam
+    copies = max(1, round(per_row / run_row))  # tables' worth of rows the phase holds
+    per_row_adam = per_row + copies * (recipe_row - run_row)
     cells = []
     for hosts in (1, 4, 8):
       host = constant + per_row_adam * _ROWS.value / hosts
