@@ -7,9 +7,9 @@ Markdown: seconds and peak RSS of process 0 / process 1 per phase and corpus siz
 difference p0 - p1 per phase beside the size of process 0's FAISS index (the exported
 one); and, from the two largest runs, each phase's per-row bytes (the slope of process
 1's peak RSS over its rows) and constant, projected to ``--rows`` x the runs' dim on 1, 4
-and 8 hosts for the recipe's float32 table with per-row Adam: each copy of the runs'
-table row a phase holds (its slope over the row's bytes, rounded; an asynchronous
-checkpoint save holds two) becomes a float32 row, two float32 moments and a count; and
+and 8 hosts for the recipe's float32 table with per-row Adam: each copy of the training
+state a phase holds (`STATE_COPIES`) adds a float32 row's, two float32 moments' and a
+count's bytes over the runs' row; and
 ``--index_bytes_per_row`` of FAISS on host 0 (``--indexes_held`` of them at once).
 """
 
@@ -30,6 +30,10 @@ _INDEX_BYTES = flags.DEFINE_integer("index_bytes_per_row", 136, "FAISS bytes a r
 _HELD = flags.DEFINE_integer("indexes_held", 2, "FAISS indexes process 0 holds at once "
                              "(the served one and an evaluation build).")
 MIB, GIB = 2 ** 20, 2 ** 30
+# Copies of the training state (table rows and their optimizer state) a phase holds: the
+# live state, and in phases with an asynchronous checkpoint save its host copy. The
+# evaluation before training places a float32 table whatever table.dtype says.
+STATE_COPIES = {"train_until_kill": 2, "resume": 2, "eval_after": 1}
 ORDER = ("make_data", "load", "eval_before", "train_until_kill", "load_resume",
          "eval_before_resume", "resume", "eval_after", "export")
 
@@ -97,8 +101,7 @@ def projection(runs: list[dict]) -> str:
       continue
     per_row = (peaks[1][1] - peaks[0][1]) / (rows[1] - rows[0])
     constant = peaks[1][1] - per_row * rows[1]
-    copies = max(1, round(per_row / run_row))  # tables' worth of rows the phase holds
-    per_row_adam = per_row + copies * (recipe_row - run_row)
+    per_row_adam = per_row + STATE_COPIES.get(phase, 0) * (recipe_row - run_row)
     cells = []
     for hosts in (1, 4, 8):
       host = constant + per_row_adam * _ROWS.value / hosts
