@@ -25,7 +25,8 @@ Phases are read from process 0's log lines (``train_and_evaluate``'s own):
 
 At each boundary the driver reads each process's VmHWM from ``/proc/PID/status`` and
 resets it (``/proc/PID/clear_refs``); a phase that ends with the process takes the
-``ru_maxrss`` its exit reports (the high-water mark since the last reset).
+``ru_maxrss`` its exit reports (the high-water mark since the last reset). Phases that
+end before an exit also record each process's RssAnon and RssFile at their end.
 ``{out}/rehearsal.json``: ``{"entry", "passages", "dim", "layers", "processes",
 "devices_per_process", "argv", "phases": {NAME: {"seconds", "peak_rss_bytes": [one per
 process]}}, "faiss_index_bytes", "refreshes", "results"}``.
@@ -157,6 +158,14 @@ def peak_rss(pid: int) -> int:
   return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+  """The current RSS split into anonymous memory and file-backed pages (the memory-mapped
+  table's among them, which VmHWM counts too)."""
+  status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  return {k: int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) * 1024
+          for k in ("RssAnon", "RssFile")}
+
+
 def reset_peak_rss(pid: int) -> None:
   with open(f"/proc/{pid}/clear_refs", "w") as f:
     f.write("5")  # VmHWM := the current RSS
@@ -176,11 +185,13 @@ class Job:
 
   def mark(self, phase: str) -> None:
     """Ends ``phase`` now: each live process's VmHWM, then a reset for the next one."""
-    peaks = []
+    peaks, parts = [], []
     for proc in self.procs:
       peaks.append(peak_rss(proc.pid))
+      parts.append(rss_parts(proc.pid))
       reset_peak_rss(proc.pid)
     self._record(phase, peaks)
+    self.phases[phase]["rss_at_end"] = parts
 
   def _record(self, phase: str, peaks: list[int]) -> None:
     now = time.perf_counter()
@@ -228,11 +239,13 @@ class Job:
 
   def kill(self, phase: str) -> None:
     peaks = [peak_rss(p.pid) for p in self.procs]
+    parts = [rss_parts(p.pid) for p in self.procs]
     for proc in self.procs:
       proc.send_signal(signal.SIGKILL)
     for proc in self.procs:
       proc.wait()
     self._record(phase, peaks)
+    self.phases[phase]["rss_at_end"] = parts
 
 
 # ----------------------------------------------------------------------------- driver
