@@ -1,28 +1,35 @@
-r"""A million-passage rehearsal of the whole pipeline, on one machine, measured per phase.
+r"""A million-passage rehearsal through ``experiments/train.py``, measured per phase.
 
-  python experiments/rehearse_scale.py --passages=2000000 --out=runs/rehearsal/2m
+  python experiments/rehearse_scale.py --passages=2000000 --out=runs/rehearsal/2m --dim=768
 
-Synthetic passages made of real words (the MiniLM vocabulary, Zipf-distributed), so the
-real tokenizer and encoder run; synthetic queries that repeat words of one known positive
-passage; a small randomly initialised BERT (so that embedding takes minutes, not days).
-The job runs as ``--processes`` JAX processes of ``--devices_per_process`` CPU devices
-on localhost, through the library's own entry points:
+Writes DPR-format data under ``{out}/data``: a passages TSV of ``--passages`` synthetic
+passages made of real words (the MiniLM vocabulary, Zipf-distributed), a training JSON
+whose questions repeat words of their positive passage, a QA test file whose answer is
+two words of its positive passage, the initial table as random unit rows (``table.npy``,
+``--dim`` wide: ``table.init=npy``, so that corpus encoding does not dominate) and a
+randomly initialised BERT of hidden size ``--dim`` (``--layers`` layers, the full BERT
+vocabulary) as the query encoder. Then it runs the path a user takes:
+``experiments/train.py --config=configs/nq.py`` with overrides (`overrides`: the paths,
+a smaller index, a few steps, SGD on the rows) as 2 processes x 2 CPU devices on localhost; the
+driver SIGKILLs both once the first checkpoint is written, reruns the same commands to
+resume, and exports a bundle with ``experiments/export.py``.
 
-  corpus    the BEIR files converted into the Arrow corpus store (memory-mapped)
-  embed     sharded, resumable corpus embedding into the memory-mapped table
-  train     DBACK with k=500 negatives from an ``IVF..._HNSW32,PQ..x8`` index, an
-            incremental refresh and a full rebuild, checkpoints; the driver SIGKILLs
-            every process once the first checkpoint is written...
-  resume    ...and the rerun resumes from it and finishes training
-  evaluate  exact search on the devices (flat) and a streamed quantized index: Recall@100
-  refresh   5% of the rows moved: incremental refresh vs full rebuild, time and Recall@100
-  export    a serving bundle from the last checkpoint (one process)
+Phases are read from process 0's log lines (``train_and_evaluate``'s own):
 
-``{out}/rehearsal.json``: ``{"passages", "processes", "devices_per_process", "phases":
-{NAME: {"seconds", "peak_rss_bytes": [one per process]}}, "device_bytes": [one per
-device], "recall_at_100", ...}``. Peak RSS is each process's high-water mark over the
-phase (reset at its start through ``/proc/self/clear_refs``); device bytes are the live
-arrays on each device at the end of training (CPU devices live in host memory).
+  load             start -> "evaluating before training" (corpus store, encoder, table)
+  eval_before      -> "before: flat ..." (exact search on the devices, one streamed build)
+  train_until_kill -> SIGKILL after the first checkpoint (index builds, refreshes, save)
+  load_resume, eval_before_resume (read back), resume (restore, train to the end)
+  eval_after       "trained to step ..." -> exit (served index, a streamed build, results)
+  export           one process
+
+At each boundary the driver reads each process's VmHWM from ``/proc/PID/status`` and
+resets it (``/proc/PID/clear_refs``); a phase that ends with the process takes the
+``ru_maxrss`` its exit reports (the high-water mark since the last reset). Phases that
+end before an exit also record each process's RssAnon and RssFile at their end.
+``{out}/rehearsal.json``: ``{"entry", "passages", "dim", "layers", "processes",
+"devices_per_process", "argv", "phases": {NAME: {"seconds", "peak_rss_bytes": [one per
+process]}}, "faiss_index_bytes", "refreshes", "results"}``.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -41,69 +49,31 @@ from absl import flags
 
 from qdr_jax.cli import run_main
 
-_PASSAGES = flags.DEFINE_integer("passages", 250_000, "Synthetic corpus size.")
+_PASSAGES = flags.DEFINE_integer("passages", 1_000_000, "Synthetic corpus size.")
 _OUT = flags.DEFINE_string("out", None, "Output directory (data, caches, runs, results).")
-_PROCESSES = flags.DEFINE_integer("processes", 2, "JAX processes on localhost.")
-_DEVICES = flags.DEFINE_integer("devices_per_process", 2, "CPU devices per process.")
-_DIM = flags.DEFINE_integer("dim", 64, "Hidden size (= embedding dimension) of the BERT.")
-_STEPS = flags.DEFINE_integer("steps", 40, "Training steps (killed at half, resumed).")
-_FACTORY = flags.DEFINE_string("factory", "IVF1024_HNSW32,PQ16x8", "FAISS index factory.")
-_MOVED = flags.DEFINE_float("moved_fraction", 0.05, "Rows moved for the refresh benchmark.")
-_ROLE = flags.DEFINE_enum("role", "driver", ["driver", "job", "export"], "Internal.")
-_STAGE = flags.DEFINE_enum("stage", "first", ["first", "resume"], "Internal: job stage.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "Internal.")
-_PORT = flags.DEFINE_integer("port", 0, "Internal: coordinator port.")
+_DIM = flags.DEFINE_integer("dim", 768, "Table width and the query encoder's hidden size.")
+_LAYERS = flags.DEFINE_integer("layers", 2, "Layers of the query encoder.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Training steps (killed after the first "
+                              "checkpoint, a third of them, then resumed).")
 
-TRAIN_QUERIES, TEST_QUERIES, WORDS_PER_PASSAGE, QUERY_WORDS = 2000, 2000, 24, 5
-
-
-# ----------------------------------------------------------------------------- measuring
-
-
-class PhaseLog:
-  """Appends {"phase", "process", "seconds", "peak_rss_bytes"} lines for this process."""
-
-  def __init__(self, path: pathlib.Path, process: int):
-    self.path, self.process = path, process
-
-  def start(self) -> float:
-    _reset_peak_rss()
-    return time.perf_counter()
-
-  def end(self, phase: str, started: float, **extra) -> None:
-    record = {"phase": phase, "process": self.process,
-              "seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss(), **extra}
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-
-
-def _reset_peak_rss(pid: str = "self") -> None:
-  with open(f"/proc/{pid}/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the current RSS
-
-
-def peak_rss(pid: str = "self") -> int:
-  status = pathlib.Path(f"/proc/{pid}/status").read_text()
-  return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
-
-
-def device_bytes() -> dict[int, int]:
-  """Bytes of live device buffers per addressable device (id -> bytes)."""
-  from qdr_jax.sharding import device_buffer_bytes
-  return device_buffer_bytes()
+PROCESSES, DEVICES_PER_PROCESS = 2, 2
+TRAIN_QUERIES, TEST_QUERIES, WORDS_PER_PASSAGE, QUERY_WORDS = 1000, 500, 24, 5
+REPO = pathlib.Path(__file__).absolute().parents[1]
+MARKS = {"load": "evaluating before training", "eval_before": "before: flat",
+         "train": "trained to step"}
 
 
 # ----------------------------------------------------------------------------- data
 
 
-def make_data(root: pathlib.Path, passages: int, dim: int, seed: int = 0) -> None:
-  """Synthetic BEIR data and a random BERT encoder under ``root`` (skipped if present)."""
+def make_data(root: pathlib.Path, passages: int, dim: int, layers: int, seed: int = 0) -> None:
+  """DPR-format data, a random table and a random BERT under ``root`` (kept if present)."""
+  if (root / "done").exists():
+    return  # before the imports: the driver then stays small beside the job
   import numpy as np
 
   from qdr_jax.models import (BertEncoder, EncoderConfig, default_model_path, init_params,
                               save_encoder_hf)
-  if (root / "done").exists():
-    return
   root.mkdir(parents=True, exist_ok=True)
   vocab = (pathlib.Path(default_model_path()) / "vocab.txt").read_text().split("\n")
   words = np.asarray([w for w in vocab if w.isalpha() and w.isascii() and len(w) >= 3])
@@ -113,193 +83,169 @@ def make_data(root: pathlib.Path, passages: int, dim: int, seed: int = 0) -> Non
   chunk = 100_000
   positives = rng.choice(passages, TRAIN_QUERIES + TEST_QUERIES, replace=False)
   wanted = {int(r): i for i, r in enumerate(positives)}
-  query_words: list[list[str]] = [[] for _ in positives]
-  with (root / "corpus.jsonl").open("w") as f:
+  texts: list[str] = [""] * positives.size
+  questions: list[str] = [""] * positives.size
+  answers: list[str] = [""] * positives.size
+  with (root / "passages.tsv").open("w") as f:
+    f.write("id\ttext\ttitle\n")
     for start in range(0, passages, chunk):
       ids = rng.choice(words.size, size=(min(chunk, passages - start), WORDS_PER_PASSAGE),
                        p=zipf)
       lines = []
       for offset, row in enumerate(ids):
         text = " ".join(words[row])
-        lines.append(json.dumps({"_id": f"p{start + offset}", "title": "", "text": text}))
-        if start + offset in wanted:
+        lines.append(f"{start + offset + 1}\t{text}\t")
+        if (i := wanted.get(start + offset)) is not None:
           chosen = rng.choice(WORDS_PER_PASSAGE, QUERY_WORDS, replace=False)
-          query_words[wanted[start + offset]] = list(words[row[chosen]])
+          at = int(rng.integers(WORDS_PER_PASSAGE - 1))
+          texts[i], questions[i] = text, " ".join(words[row[chosen]])
+          answers[i] = " ".join(words[row[at:at + 2]])
       f.write("\n".join(lines) + "\n")
-  (root / "qrels").mkdir(exist_ok=True)
-  with (root / "queries.jsonl").open("w") as q, \
-       (root / "qrels" / "train.tsv").open("w") as train, \
-       (root / "qrels" / "test.tsv").open("w") as test:
-    for out in (train, test):
-      out.write("query-id\tcorpus-id\tscore\n")
-    for i, row in enumerate(positives):
-      q.write(json.dumps({"_id": f"q{i}", "text": " ".join(query_words[i])}) + "\n")
-      (train if i < TRAIN_QUERIES else test).write(f"q{i}\tp{row}\t1\n")
-  config = EncoderConfig.tiny(vocab_size=30522, hidden_size=dim, num_heads=2,
-                              intermediate_size=4 * dim, max_position_embeddings=128,
-                              pooling="mean", normalize=True)
+  records = [{"question": questions[i], "answers": [answers[i]],
+              "positive_ctxs": [{"passage_id": str(int(positives[i]) + 1), "title": "",
+                                 "text": texts[i]}],
+              "negative_ctxs": [], "hard_negative_ctxs": []} for i in range(TRAIN_QUERIES)]
+  (root / "train.json").write_text(json.dumps(records))
+  with (root / "test.csv").open("w") as f:
+    for i in range(TRAIN_QUERIES, positives.size):
+      f.write(f"{questions[i]}\t{[answers[i]]!r}\n")
+  table = np.lib.format.open_memmap(root / "table.npy", "w+", np.float32, (passages, dim))
+  for start in range(0, passages, chunk):
+    rows = rng.standard_normal((min(chunk, passages - start), dim), np.float32)
+    table[start:start + rows.shape[0]] = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+  table.flush()
+  del table
+  config = EncoderConfig(vocab_size=30522, hidden_size=dim, num_layers=layers,
+                         num_heads=max(1, dim // 64), intermediate_size=4 * dim,
+                         max_position_embeddings=512, type_vocab_size=2, pooling="cls")
   import jax
   params = init_params(BertEncoder(config), jax.random.key(seed))
   save_encoder_hf(str(root / "encoder"), config, params, tokenizer_dir=default_model_path())
   (root / "done").write_text("ok")
 
 
-def rehearsal_config(out: pathlib.Path, passages: int):
-  from qdr_jax.config import base_config
-  c = base_config()
-  c.data.name = f"synthetic-{passages}"
-  c.data.root = str(out / "data")
-  c.data.cache_dir = str(out / "corpus_cache")
-  c.model.query_encoder = str(out / "data" / "encoder")
-  c.model.max_query_length = 16
-  c.model.max_passage_length = 32
-  c.model.embed_batch_size = 256
-  c.table.cache_dir = str(out / "cache")
-  c.index.factory = _FACTORY.value
-  c.index.nprobe = 32
-  c.index.ef_search = 64
-  c.index.train_size = 100_000
-  c.index.rebuild_every = _STEPS.value // 4
-  c.index.full_rebuild_every = _STEPS.value // 2
-  c.negatives.k = 500
-  c.train.batch_size = 32
-  c.train.steps = _STEPS.value
-  c.train.log_every = 5
-  c.checkpoint.every = _STEPS.value // 2
-  c.eval.index_seeds = (0,)
-  c.sharding.num_devices = 0
-  return c
+def overrides(out: pathlib.Path, passages: int, steps: int) -> list[str]:
+  """``configs/nq.py`` pointed at the synthetic data, a bfloat16 table, with a few steps, a smaller index of
+  the same family (``IVF256_HNSW32,PQ32x8`` trained on 10,240 rows, nprobe 32; the
+  recipe's ``IVF4096_HNSW128,PQ128x8`` trains on 262,144: minutes on 2 cores), k = 500 and SGD on the rows: the per-row Adam moments of a float32 table
+  (twice its size, and an asynchronous save copies them too) do not fit in the 24 GiB
+  of the machine the rehearsal ran on at 1M x 768; they are added to the projection."""
+  data = out / "data"
+  every = max(1, steps // 3)
+  return [
+      f"--config.data.name=rehearsal-{passages}", f"--config.data.corpus={data}/passages.tsv",
+      f"--config.data.splits.train={data}/train.json",
+      f"--config.data.splits.dev={data}/test.csv", f"--config.data.splits.test={data}/test.csv",
+      "--config.data.dev_split=", f"--config.data.cache_dir={out}/corpus_cache",
+      f"--config.model.query_encoder={data}/encoder", "--config.model.passage_encoder=",
+      "--config.model.max_query_length=32", "--config.model.max_passage_length=64",
+      "--config.table.init=npy", f"--config.table.path={data}/table.npy",
+      "--config.optim.row_optimizer=sgd", "--config.table.dtype=bfloat16",
+      "--config.index.factory=IVF256_HNSW32,PQ32x8", "--config.index.train_size=10240",
+      "--config.index.nprobe=32",
+      f"--config.index.rebuild_every={every}",
+      f"--config.index.full_rebuild_every={2 * every}",
+      "--config.negatives.k=500", f"--config.train.steps={steps}", "--config.train.log_every=1",
+      f"--config.checkpoint.every={every}", "--config.eval.concurrent_builds=1",
+  ]
 
 
-# ----------------------------------------------------------------------------- job
+# ----------------------------------------------------------------------------- measuring
 
 
-def recall_at(ids, positive_rows, k: int = 100) -> float:
-  """Share of queries whose labelled positive is among their first ``k`` results."""
-  import numpy as np
-  return float(np.mean([row in set(found[:k].tolist())
-                        for row, found in zip(positive_rows, ids)]))
+def peak_rss(pid: int) -> int:
+  status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024
 
 
-def neighbour_recall(ids, exact_ids, k: int = 100) -> float:
-  """ANN recall: the share of the exact top-``k`` that the index also returns (what the
-  quantization costs, independent of how good the random encoder is)."""
-  import numpy as np
-  return float(np.mean([len(set(a[:k].tolist()) & set(b[:k].tolist())) / k
-                        for a, b in zip(ids, exact_ids)]))
+def rss_parts(pid: int) -> dict[str, int]:
+  """The current RSS split into anonymous memory and file-backed pages (the memory-mapped
+  table's among them, which VmHWM counts too)."""
+  status = pathlib.Path(f"/proc/{pid}/status").read_text()
+  return {k: int(re.search(rf"{k}:\s+(\d+) kB", status).group(1)) * 1024
+          for k in ("RssAnon", "RssFile")}
 
 
-def job_main(out: pathlib.Path) -> None:
-  """One process of the training job (``--stage=first`` is killed mid-training)."""
-  # Appended: importing qdr_jax put its own XLA:CPU defaults there (qdr_jax/__init__.py).
-  os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} "
-                             f"--xla_force_host_platform_device_count={_DEVICES.value}").strip()
-  config = rehearsal_config(out, _PASSAGES.value)
-  if _PROCESSES.value > 1:
-    config.distributed.coordinator_address = f"localhost:{_PORT.value}"
-    config.distributed.num_processes = _PROCESSES.value
-    config.distributed.process_id = _PROCESS_ID.value
-    config.distributed.cpu_collectives = "gloo"
-  config.lock()
-  from qdr_jax import distributed
-  distributed.initialize_distributed(config)
-
-  import jax
-  import numpy as np
-
-  from qdr_jax import sharding
-  from qdr_jax.data.loader import load_dataset
-  from qdr_jax.index.exact import exact_search
-  from qdr_jax.index.lifecycle import IndexLifecycle
-  from qdr_jax.index.searching import search
-  from qdr_jax.targets.encoders import embed_passages, embed_queries, load_encoders
-  from qdr_jax.targets.table import build_or_load_table
-  from qdr_jax.train import checkpoint
-  from qdr_jax.train.loop import train
-  from qdr_jax.train.modes import get_mode
-
-  checkpoint.ASYNC_SAVE = False  # each save is whole on disk when the driver sees it
-
-  stage = _STAGE.value
-  log = PhaseLog(out / f"phases-{stage}.jsonl", jax.process_index())
-  t = log.start()
-  dataset = load_dataset(config.data)
-  log.end("corpus" if stage == "first" else "corpus_reload", t)
-  t = log.start()
-  encoders = load_encoders(config.model)
-  table0 = build_or_load_table(config, dataset.corpus, pathlib.Path(config.table.cache_dir),
-                               embed_passages(encoders, config))
-  log.end("embed" if stage == "first" else "embed_reload", t)
-  t = log.start()
-  trained = train(config, get_mode("dback"), dataset, encoders, table0, out / "run")
-  rows_on = device_bytes()
-  log.end("train" if stage == "first" else "resume", t, device_bytes=rows_on,
-          refreshes=[vars(r) for r in trained.lifecycle.history])
-  if stage == "first":
-    return  # the driver kills the first stage before it gets here
-
-  # Evaluation: the trained table stays on the devices.
-  t = log.start()
-  mesh = sharding.make_mesh(config.sharding)
-  num_rows = len(dataset.corpus)
-  split = dataset.split(config.data.eval_split)
-  positive_rows = np.asarray([dataset.corpus.row_of[split.positives(q)[0]]
-                              for q in split.queries.ids])
-  queries = embed_queries(encoders, trained.params, split.queries.texts, config)
-  _, flat_ids = exact_search(trained.state.table, queries, 100, mesh, num_rows)
-  evaluated = IndexLifecycle(config.index, mesh=mesh, num_rows=num_rows,
-                             padded_rows=trained.state.table.shape[0], quantize=True,
-                             codes_from_index=True, learn_index=False)
-  evaluated.build(trained.state.table)
-  recall = {"flat": recall_at(flat_ids, positive_rows)}
-  if evaluated.lead:
-    quantized_ids = search(evaluated.index, queries, 100)[1]
-    recall["quantized"] = recall_at(quantized_ids, positive_rows)
-    recall["quantized_of_exact_top100"] = neighbour_recall(quantized_ids, flat_ids)
-  log.end("evaluate", t, recall_at_100=recall)
-
-  # Refresh benchmark: move a fraction of the rows, refresh incrementally vs rebuild.
-  t = log.start()
-  rng = np.random.default_rng(1)
-  moved = np.sort(rng.choice(num_rows, int(_MOVED.value * num_rows), replace=False))
-  values = sharding.rows_to_host(trained.state.table, moved, mesh)
-  values = values + rng.normal(0, 0.02, values.shape).astype(np.float32)
-  values /= np.linalg.norm(values, axis=1, keepdims=True)
-  table = sharding.set_rows(trained.state.table, moved, values, mesh)
-  evaluated.note_updated(moved)
-  start = time.perf_counter()
-  assert evaluated.maybe_refresh(config.index.rebuild_every, table) == "incremental"
-  incremental_seconds = time.perf_counter() - start
-  rebuilt = IndexLifecycle(config.index, mesh=mesh, num_rows=num_rows,
-                           padded_rows=table.shape[0], quantize=True, codes_from_index=True,
-                           learn_index=False)
-  start = time.perf_counter()
-  rebuilt.build(table)
-  full_seconds = time.perf_counter() - start
-  refresh = {"moved_rows": int(moved.size), "incremental_seconds": incremental_seconds,
-             "full_rebuild_seconds": full_seconds,
-             "speedup": full_seconds / incremental_seconds}
-  _, exact_ids = exact_search(table, queries, 100, mesh, num_rows)  # of the moved table
-  if evaluated.lead:
-    for name, index in (("incremental", evaluated.index), ("full", rebuilt.index)):
-      found = search(index, queries, 100)[1]
-      refresh[f"recall_at_100_{name}"] = recall_at(found, positive_rows)
-      refresh[f"exact_top100_recall_{name}"] = neighbour_recall(found, exact_ids)
-  log.end("refresh", t, refresh=refresh)
-  if jax.process_count() > 1:
-    jax.distributed.shutdown()
+def reset_peak_rss(pid: int) -> None:
+  with open(f"/proc/{pid}/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := the current RSS
 
 
-def export_main(out: pathlib.Path) -> None:
-  from qdr_jax.serving import export_bundle
-  log = PhaseLog(out / "phases-export.jsonl", 0)
-  t = log.start()
-  bundle = out / "bundle"
-  if bundle.exists():
-    import shutil
-    shutil.rmtree(bundle)
-  export_bundle(out / "run", bundle)
-  log.end("export", t)
+class Job:
+  """Processes started together; records each phase's seconds and peak RSS per process."""
+
+  def __init__(self, out: pathlib.Path, name: str, commands: list[list[str]], env: dict):
+    self.logs = [out / f"{name}-{i}.log" for i in range(len(commands))]
+    self.procs = [subprocess.Popen(c, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                                   cwd=REPO) for c, log in zip(commands, self.logs)]
+    self.phases: dict[str, dict] = {}
+    self.started = time.perf_counter()
+    self.codes: list[int | None] = [None] * len(self.procs)
+    self.peaks: list[int | None] = [None] * len(self.procs)
+
+  def mark(self, phase: str) -> None:
+    """Ends ``phase`` now: each live process's VmHWM, then a reset for the next one."""
+    peaks, parts = [], []
+    for proc in self.procs:
+      peaks.append(peak_rss(proc.pid))
+      parts.append(rss_parts(proc.pid))
+      reset_peak_rss(proc.pid)
+    self._record(phase, peaks)
+    self.phases[phase]["rss_at_end"] = parts
+
+  def _record(self, phase: str, peaks: list[int]) -> None:
+    now = time.perf_counter()
+    self.phases[phase] = {"seconds": now - self.started, "peak_rss_bytes": peaks}
+    self.started = now
+
+  def poll(self) -> bool:
+    """Reaps exited processes (their ``ru_maxrss``: the peak since the last reset);
+    True once all have."""
+    for i, proc in enumerate(self.procs):
+      if self.codes[i] is None:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+          self.codes[i] = os.waitstatus_to_exitcode(status)
+          proc.returncode = self.codes[i]
+          self.peaks[i] = usage.ru_maxrss * 1024
+    return all(c is not None for c in self.codes)
+
+  def lead_log(self) -> str:
+    return self.logs[0].read_text(errors="replace")
+
+  def run(self, marks: list[tuple[str, str]], final: str | None = None,
+          until=None) -> None:
+    """Marks each ``(phase, line)`` as ``line`` appears in process 0's log; then, with
+    ``until`` (a callable), calls it and returns; else waits for the exit (``final``: the
+    phase that ends with it)."""
+    pending = list(marks)
+    while True:
+      text = self.lead_log()
+      while pending and pending[0][1] in text:
+        self.mark(pending.pop(0)[0])
+      if until is not None and not pending and until():
+        return
+      if self.poll():
+        break
+      time.sleep(0.2)
+    bad = [(i, c) for i, c in enumerate(self.codes) if c != 0]
+    if bad:
+      raise RuntimeError(f"process {bad[0][0]} exited with {bad[0][1]}; see "
+                         f"{self.logs[bad[0][0]]}")
+    if pending:
+      raise RuntimeError(f"{self.logs[0]} never logged {pending[0][1]!r}")
+    if final is not None:
+      self._record(final, self.peaks)
+
+  def kill(self, phase: str) -> None:
+    peaks = [peak_rss(p.pid) for p in self.procs]
+    parts = [rss_parts(p.pid) for p in self.procs]
+    for proc in self.procs:
+      proc.send_signal(signal.SIGKILL)
+    for proc in self.procs:
+      proc.wait()
+    self._record(phase, peaks)
+    self.phases[phase]["rss_at_end"] = parts
 
 
 # ----------------------------------------------------------------------------- driver
@@ -311,109 +257,93 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _launch(out: pathlib.Path, role: str, stage: str = "first", processes: int = 1):
-  port = _free_port()
+def _env(devices: int) -> dict:
   env = {k: v for k, v in os.environ.items()
-         if k not in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES",
-                      "JAX_PROCESS_ID")}
+         if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   env.setdefault("HF_HUB_OFFLINE", "1")
-  common = [sys.executable, os.path.abspath(__file__), f"--role={role}", f"--stage={stage}",
-            f"--out={out}", f"--passages={_PASSAGES.value}", f"--processes={_PROCESSES.value}",
-            f"--devices_per_process={_DEVICES.value}", f"--dim={_DIM.value}",
-            f"--steps={_STEPS.value}", f"--factory={_FACTORY.value}",
-            f"--moved_fraction={_MOVED.value}", f"--port={port}"]
-  logs = []
-  procs = []
-  for pid in range(processes):
-    logs.append((out / f"{role}-{stage}-{pid}.log").open("w"))
-    procs.append(subprocess.Popen(common + [f"--process_id={pid}"], stdout=logs[-1],
-                                  stderr=subprocess.STDOUT, env=env))
-  return procs, logs
+  return env
 
 
-def _wait(procs, logs, what: str) -> None:
-  for proc in procs:
-    if proc.wait() != 0:
-      raise RuntimeError(f"{what} failed (exit {proc.returncode}); see {logs[0].name}")
-  for f in logs:
-    f.close()
+def train_commands(out: pathlib.Path, argv: list[str], port: int) -> list[list[str]]:
+  return [[sys.executable, str(REPO / "experiments" / "train.py"), "--config=configs/nq.py",
+           f"--workdir={out / 'run'}", *argv,
+           f"--config.distributed.coordinator_address=localhost:{port}",
+           f"--config.distributed.num_processes={PROCESSES}",
+           f"--config.distributed.process_id={i}", "--config.distributed.cpu_collectives=gloo"]
+          for i in range(PROCESSES)]
 
 
-def _kill_after_checkpoint(out: pathlib.Path, procs, logs, step: int) -> dict:
-  """Waits for the checkpoint of ``step`` to be complete, then SIGKILLs every process."""
-  done = out / "run" / "checkpoints" / str(step)
-  started = time.perf_counter()
-  while not done.is_dir():  # Orbax renames a step directory into place when complete
-    if any(p.poll() is not None for p in procs):
-      raise RuntimeError(f"the job ended before its step-{step} checkpoint; see {logs[0].name}")
-    time.sleep(0.5)
-  time.sleep(1.0)  # let the step after the save start, so the kill lands mid-training
-  peaks = [peak_rss(str(p.pid)) for p in procs]
-  for proc in procs:
-    proc.send_signal(signal.SIGKILL)
-  for proc in procs:
-    proc.wait()
-  for f in logs:
-    f.close()
-  return {"peaks": peaks, "waited_seconds": time.perf_counter() - started}
+def faiss_index_bytes(out: pathlib.Path) -> dict:
+  """Sizes of the FAISS index files the run wrote (process 0 holds them in memory)."""
+  files = sorted((out / "run").rglob("*.faiss")) + sorted((out / "bundle").rglob("*.faiss"))
+  return {str(p.relative_to(out)): p.stat().st_size for p in files}
+
+
+def refreshes(out: pathlib.Path) -> list[dict]:
+  """The index refreshes process 0 logged during training (both runs), with seconds."""
+  found = []
+  for name in ("first", "resume"):
+    for kind, step, rows, seconds in re.findall(
+        r"index (\w+) refresh at step (\d+): (\d+) rows in ([\d.]+)s",
+        (out / f"{name}-0.log").read_text(errors="replace")):
+      found.append({"run": name, "kind": kind, "step": int(step), "rows": int(rows),
+                    "seconds": float(seconds)})
+  return found
 
 
 def driver_main(out: pathlib.Path) -> None:
   out.mkdir(parents=True, exist_ok=True)
-  for stale in out.glob("phases-*.jsonl"):
-    stale.unlink()
+  for stale in ("run", "bundle"):
+    shutil.rmtree(out / stale, ignore_errors=True)
   start = time.perf_counter()
-  make_data(out / "data", _PASSAGES.value, _DIM.value)
-  data_seconds = time.perf_counter() - start
+  make_data(out / "data", _PASSAGES.value, _DIM.value, _LAYERS.value)
+  phases: dict = {"make_data": {"seconds": time.perf_counter() - start, "peak_rss_bytes": []}}
+  argv = overrides(out, _PASSAGES.value, _STEPS.value)
+  env = _env(DEVICES_PER_PROCESS)
+  first_checkpoint = out / "run" / "checkpoints" / str(max(1, _STEPS.value // 3))
 
-  started = time.perf_counter()
-  procs, logs = _launch(out, "job", "first", _PROCESSES.value)
-  killed = _kill_after_checkpoint(out, procs, logs, _STEPS.value // 2)
-  first_seconds = time.perf_counter() - started
-  procs, logs = _launch(out, "job", "resume", _PROCESSES.value)
-  _wait(procs, logs, "the resumed job")
-  procs, logs = _launch(out, "export")
-  _wait(procs, logs, "the export")
+  def checkpointed() -> bool:
+    # Orbax renames a step directory into place when complete; a second later the kill
+    # lands in the steps after it.
+    if first_checkpoint.is_dir():
+      time.sleep(1.0)
+      return True
+    return False
 
-  records = [json.loads(line) for path in sorted(out.glob("phases-*.jsonl"))
-             for line in path.read_text().splitlines()]
-  phases: dict = {"make_data": {"seconds": data_seconds, "peak_rss_bytes": []}}
-  for record in sorted(records, key=lambda r: r["process"]):
-    entry = phases.setdefault(record["phase"], {"seconds": 0.0, "peak_rss_bytes": []})
-    entry["seconds"] = max(entry["seconds"], record["seconds"])
-    entry["peak_rss_bytes"].append(record["peak_rss_bytes"])
-  before_kill = sum(phases[p]["seconds"] for p in ("corpus", "embed") if p in phases)
-  phases["train_until_kill"] = {"seconds": first_seconds - before_kill,
-                                "peak_rss_bytes": killed["peaks"]}
-  order = ("make_data", "corpus", "embed", "train_until_kill", "corpus_reload",
-           "embed_reload", "resume", "evaluate", "refresh", "export")
-  phases = {name: phases[name] for name in order if name in phases}
-  by_phase = {r["phase"]: r for r in records if r["process"] == 0}
-  devices: dict[int, int] = {}
-  for record in records:
-    if record["phase"] == "resume":
-      devices.update({int(k): v for k, v in record["device_bytes"].items()})
-  result = {"passages": _PASSAGES.value, "processes": _PROCESSES.value,
-            "devices_per_process": _DEVICES.value, "dim": _DIM.value,
-            "factory": _FACTORY.value, "steps": _STEPS.value, "k": 500,
-            "phases": phases, "device_bytes": [devices[d] for d in sorted(devices)],
-            "recall_at_100": by_phase["evaluate"]["recall_at_100"],
-            "refresh": by_phase["refresh"]["refresh"],
-            "refreshes_during_training": by_phase["resume"]["refreshes"]}
+  # One coordinator address for both runs, as a rerun of the same command has: the
+  # resume then reads the before evaluation back (its key is the whole config).
+  port = _free_port()
+  job = Job(out, "first", train_commands(out, argv, port), env)
+  job.run([("load", MARKS["load"]), ("eval_before", MARKS["eval_before"])],
+          until=checkpointed)
+  job.kill("train_until_kill")
+  phases.update(job.phases)
+  job = Job(out, "resume", train_commands(out, argv, port), env)
+  job.run([("load_resume", MARKS["load"]), ("eval_before_resume", MARKS["eval_before"]),
+           ("resume", MARKS["train"])], final="eval_after")
+  phases.update(job.phases)
+  job = Job(out, "export", [[sys.executable, str(REPO / "experiments" / "export.py"),
+                             f"--workdir={out / 'run'}", f"--out={out / 'bundle'}"]], env)
+  job.run([], final="export")
+  phases.update(job.phases)
+  results = json.loads((out / "run" / "results.json").read_text())
+  result = {"entry": "experiments/train.py", "config": "configs/nq.py",
+            "passages": _PASSAGES.value, "dim": _DIM.value, "layers": _LAYERS.value,
+            "steps": _STEPS.value, "processes": PROCESSES,
+            "devices_per_process": DEVICES_PER_PROCESS, "argv": argv, "phases": phases,
+            "faiss_index_bytes": faiss_index_bytes(out), "refreshes": refreshes(out),
+            "results": {k: results.get(k) for k in ("before", "after", "seconds_per_step",
+                                                    "train_seconds", "index")}}
   (out / "rehearsal.json").write_text(json.dumps(result, indent=1))
-  print(json.dumps(result, indent=1))
+  print(json.dumps({k: result[k] for k in ("passages", "dim", "phases")}, indent=1))
 
 
 def main(argv):
   del argv
-  out = pathlib.Path(_OUT.value).absolute()
-  if _ROLE.value == "job":
-    job_main(out)
-  elif _ROLE.value == "export":
-    export_main(out)
-  else:
-    driver_main(out)
+  driver_main(pathlib.Path(_OUT.value).absolute())
 
 
 if __name__ == "__main__":

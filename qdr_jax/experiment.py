@@ -112,6 +112,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                 eval_queries(encoders.query_params, "eval before"), corpus,
                                 keep=keep)
 
+  logging.info("evaluating before training")
   before = _before_metrics(config, workdir, evaluate_before, lead)
   if lead:
     logging.info("before: flat %s | quantized %s", before["eval"]["flat"],
@@ -125,6 +126,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     return {"preempted": True, "step": trained.step}
   after = before
   if trained is not None:
+    logging.info("trained to step %d; evaluating after training", trained.step)
     final_index = None
     if mode.quantize:
       # The quantizer the loss was trained against, with the final table re-encoded (and
