@@ -279,6 +279,9 @@ def _before_metrics(config, workdir: pathlib.Path, compute, lead: bool) -> dict 
   Process 0 writes the file only after ``compute``, which every process has joined."""
   path = workdir / "eval_before.json"
   key = json.loads(config.to_json_best_effort())
+  # Where the job runs (coordinator, process count, timeouts) does not change what it
+  # computes: a resume on another port reads the figures back.
+  key.pop("distributed", None)
 
   def saved_before() -> dict | None:
     if path.exists() and has_checkpoint(workdir):

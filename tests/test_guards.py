@@ -297,3 +297,24 @@ def test_in_loop_eval_of_learned_codebooks_serves_the_saved_codebooks(tiny_confi
   for codebooks, step in zip(evaluated[:2], (2, 3)):
     saved = restore_trained(workdir, step=step, extra=("index_params",))
     np.testing.assert_allclose(codebooks, saved["index_params"]["codebooks"], rtol=1e-6)
+
+
+def test_a_resume_elsewhere_reads_the_before_evaluation_back(tiny_config, tmp_path,
+                                                              monkeypatch):
+  """The saved "before" figures are keyed by what is computed: a resumed job on another
+  coordinator reads them back; another evaluation setting computes them again."""
+  monkeypatch.setattr(experiment, "has_checkpoint", lambda workdir: True)
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"eval": {"flat": {"nDCG@10": 0.5}}}
+
+  first = experiment._before_metrics(tiny_config, tmp_path, compute, lead=True)
+  tiny_config.distributed.coordinator_address = "localhost:12345"
+  tiny_config.distributed.timeout_seconds = 30
+  assert experiment._before_metrics(tiny_config, tmp_path, compute, lead=True) == first
+  assert len(calls) == 1
+  tiny_config.eval.depth = 200
+  experiment._before_metrics(tiny_config, tmp_path, compute, lead=True)
+  assert len(calls) == 2
