@@ -313,8 +313,7 @@ def driver_main(out: pathlib.Path) -> None:
       return True
     return False
 
-  # One coordinator address for both runs, as a rerun of the same command has: the
-  # resume then reads the before evaluation back (its key is the whole config).
+  # One coordinator address for both runs, as a rerun of the same command has.
   port = _free_port()
   job = Job(out, "first", train_commands(out, argv, port), env)
   job.run([("load", MARKS["load"]), ("eval_before", MARKS["eval_before"])],
