@@ -106,21 +106,18 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """``main`` reporting `user_errors()` as one-line messages and exiting with status 2."""
+  """``main`` reporting `user_errors()` as one-line messages and exiting with status 2
+  (process 0's failures in a multi-process job: the same, with status 1)."""
 
   def wrapped(argv: list[str]) -> Any:
     try:
       return main(argv)
-    except user_errors() as e:  # evaluated only once something is raised
+    # Evaluated only once something is raised.
+    except (*user_errors(), *_loaded(_ONE_LINE_FAILURES)) as e:
       if verbose():
         traceback.print_exc()
       print("\n".join(error_lines(e)), file=sys.stderr)
-      sys.exit(USER_ERROR_STATUS)
-    except tuple(_loaded(_ONE_LINE_FAILURES)) as e:
-      if verbose():
-        traceback.print_exc()
-      print("\n".join(error_lines(e)), file=sys.stderr)
-      sys.exit(FAILURE_STATUS)
+      sys.exit(USER_ERROR_STATUS if isinstance(e, user_errors()) else FAILURE_STATUS)
     except KeyboardInterrupt:
       # Training saves and returns on the first Ctrl-C when it checkpoints; anything else
       # stops where it is (atomic writes leave no half-written file).

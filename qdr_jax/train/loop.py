@@ -190,8 +190,7 @@ def _train(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders, ta
       stopping = True
       if not fetched:  # a stop saves this step: check it first
         metrics = _fetch_finite_metrics(config, done, metrics, watch, bar, ckpt)
-    if ckpt is not None and config.checkpoint.every and (
-        done % config.checkpoint.every == 0 or last or stopping):
+    if save_due or (stopping and ckpt is not None and config.checkpoint.every):
       # The index goes along (process 0 writes it): it may predate the table (built at
       # the last refresh), and so do the rows moved since, which its next incremental
       # refresh re-encodes.
