@@ -232,8 +232,7 @@ def _distribute(config, args: argparse.Namespace) -> None:
 
 def _tiny_config(args: argparse.Namespace):
   """The tests' tiny config (conftest) on this job's data, encoder and table cache."""
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-  from conftest import make_tiny_config
+  from conftest import make_tiny_config  # the script's directory heads sys.path
   config = make_tiny_config(args.beir, args.encoder, args.cache)
   config.sharding.num_devices = 0  # every device of every process
   _distribute(config, args)
