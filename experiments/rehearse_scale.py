@@ -55,6 +55,10 @@ _DIM = flags.DEFINE_integer("dim", 768, "Table width and the query encoder's hid
 _LAYERS = flags.DEFINE_integer("layers", 2, "Layers of the query encoder.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Training steps (killed after the first "
                               "checkpoint, a third of them, then resumed).")
+_RETAIN_HEAP = flags.DEFINE_bool(
+    "retain_heap", False, "Let the processes keep the heap they free (the CPU default, "
+    "for speed: up to 2 GiB a process, which each later phase's peak then includes). Off, "
+    "the peaks are what the code holds.")
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 TRAIN_QUERIES, TEST_QUERIES, WORDS_PER_PASSAGE, QUERY_WORDS = 1000, 500, 24, 5
@@ -264,6 +268,7 @@ def _env(devices: int) -> dict:
   env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
   env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
   env.setdefault("HF_HUB_OFFLINE", "1")
+  env["QDR_JAX_RETAIN_HEAP"] = "1" if _RETAIN_HEAP.value else "0"
   return env
 
 
@@ -332,7 +337,8 @@ def driver_main(out: pathlib.Path) -> None:
   result = {"entry": "experiments/train.py", "config": "configs/nq.py",
             "passages": _PASSAGES.value, "dim": _DIM.value, "layers": _LAYERS.value,
             "steps": _STEPS.value, "processes": PROCESSES,
-            "devices_per_process": DEVICES_PER_PROCESS, "argv": argv, "phases": phases,
+            "devices_per_process": DEVICES_PER_PROCESS, "retain_heap": _RETAIN_HEAP.value,
+            "argv": argv, "phases": phases,
             "faiss_index_bytes": faiss_index_bytes(out), "refreshes": refreshes(out),
             "results": {k: results.get(k) for k in ("before", "after", "seconds_per_step",
                                                     "train_seconds", "index")}}

@@ -214,3 +214,21 @@ def test_compile_then_meet_waits_only_for_cpu_collectives(accelerator, monkeypat
   assert int(fn(jnp.int32(1))) == 2 and met == ["step compiled"]  # CPU: compile, then meet
   with platform.forced(accelerator):
     assert int(fn(jnp.float32(1))) == 2 and met == ["step compiled"]  # no barrier, no flatten
+
+
+def test_bfloat16_row_scatter_writes_the_same_bits_on_every_branch():
+  # CPU scatters a bfloat16 table as uint16 bits (no float32 scratch); accelerators
+  # scatter bfloat16. Both must write exactly the rows given, including -0.0 and NaN.
+  from qdr_jax.train.step import _scatter_rows  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  table = jnp.asarray(rng.standard_normal((64, 8)), jnp.bfloat16)
+  rows = rng.standard_normal((5, 8)).astype(np.float32)
+  rows[0, :2] = (-0.0, np.nan)
+  ids = jnp.asarray([3, 0, 63, 17, 9])
+  expected = np.asarray(table).copy()
+  expected[np.asarray(ids)] = np.asarray(jnp.asarray(rows, jnp.bfloat16))
+  for name in ("cpu", "gpu"):
+    with platform.forced(name):
+      scatter = jax.jit(lambda *args: _scatter_rows(*args))  # a fresh trace per branch
+      got = np.asarray(scatter(table, ids, jnp.asarray(rows, jnp.bfloat16)))
+    np.testing.assert_array_equal(got.view(np.uint16), expected.view(np.uint16))

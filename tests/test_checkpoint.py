@@ -370,3 +370,55 @@ def test_resume_with_overlapped_search_differs_from_the_first_resumed_step(refre
   assert resumed[3]["loss"] != straight[3]["loss"]
   np.testing.assert_allclose([r["loss"] for r in resumed[3:]],
                              [r["loss"] for r in straight[3:]], rtol=0.05)
+
+
+
+_FINGERPRINT_SCRIPT = """
+import jax
+import ml_dtypes
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from qdr_jax.train import resume
+
+rng = np.random.default_rng(0)
+arrays = {
+    "f32": rng.standard_normal((3001, 24)).astype(np.float32),
+    "bf16": rng.standard_normal((1000, 8)).astype(ml_dtypes.bfloat16),
+    "int3d": rng.integers(-2**31, 2**31 - 1, (8, 5, 3), dtype=np.int64).astype(np.int32),
+    "count": rng.integers(0, 300, (1000,)).astype(np.int32),
+    "flag": rng.random((16, 3)) > 0.5,
+    "scalar": np.float32(3.5),
+}
+
+def expected(x):
+  x = np.asarray(x)
+  bits = x.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[x.dtype.itemsize])
+  weights = 2 * np.arange(bits.size, dtype=np.uint64) + 1  # uint64 wraps mod 2**64
+  return int((bits.reshape(-1).astype(np.uint64) * weights).sum() % 2**32)
+
+want = {name: expected(x) for name, x in arrays.items()}
+assert resume.fingerprints(arrays) == want  # small leaves: one program over all
+padded = np.concatenate([arrays["f32"], np.zeros((7, 24), np.float32)])
+assert resume.fingerprints({"f32": padded}) == {"f32": want["f32"]}
+# Large leaves go shard by shard in row blocks (here every leaf, in blocks of 50 rows or
+# fewer; the last block overlaps the one before): the same values, split over 4 devices by
+# rows or replicated, and with zero padding.
+resume._FINGERPRINT_ALONE_BYTES, resume._FINGERPRINT_BLOCK_ELEMENTS = 0, 1200
+mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+split = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+placed = {name: split(x, P("data") if np.ndim(x) and len(x) % 4 == 0 else P())
+          for name, x in arrays.items()}
+assert resume.fingerprints(placed) == want, (resume.fingerprints(placed), want)
+assert resume.fingerprints({"f32": split(padded[:3004], P("data"))}) == {"f32": want["f32"]}
+print("ok")
+"""
+
+
+def test_array_fingerprints_are_the_weighted_sum_of_their_bits():
+  # The definition, in numpy: sum of bits * (2 * flat_index + 1) mod 2**32, whatever the
+  # leaf's dtype, rank, sharding or padding with zero rows.
+  env = dict(os.environ, XLA_FLAGS=" ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]))
+  proc = subprocess.run([sys.executable, "-c", _FINGERPRINT_SCRIPT], capture_output=True,
+                        text=True, timeout=300, env=env)
+  assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

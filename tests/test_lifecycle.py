@@ -191,6 +191,7 @@ def test_encoded_like_index_matches_sa_encode_layout(factory, nbits):
 
 
 _EXACT_SEARCH_SCRIPT = r"""
+import jax
 import numpy as np
 from qdr_jax import sharding
 from qdr_jax.config import base_config
@@ -213,6 +214,21 @@ for block_rows in (60, 30):
   blocked = exact_search(device_table, queries, 50, mesh, 1001, block_rows=block_rows)
   np.testing.assert_array_equal(blocked[1], want)
   np.testing.assert_allclose(blocked[0], scores, rtol=1e-6)
+# A bfloat16 table is scored as its float32 values, one block converted at a time: the
+# compiled search needs no more scratch than for a float32 table (XLA would otherwise
+# hoist the cast of the whole shard out of the block loop).
+bf16_table = sharding.put_rows(table, mesh, True, device_table.shape[0], dtype="bfloat16")
+rounded = np.asarray(bf16_table, np.float32)[:1001]
+blocked = exact_search(bf16_table, queries, 50, mesh, 1001, block_rows=60)
+want = np.argsort(-(queries @ rounded.T), axis=1, kind="stable")[:, :50]
+np.testing.assert_array_equal(blocked[1], want)
+from qdr_jax.index import exact
+fn = exact._search_fn(mesh, 50, 80000, 20000, 1000)  # compiled only: large enough to hoist
+q = jax.ShapeDtypeStruct((256, 16), np.float32, sharding=sharding.replicated(mesh))
+temp = lambda dtype: fn.lower(jax.ShapeDtypeStruct(
+    (80000, 16), dtype, sharding=device_table.sharding), q).compile().memory_analysis(
+        ).temp_size_in_bytes
+assert temp("bfloat16") <= temp("float32"), (temp("bfloat16"), temp("float32"))
 print("ok")
 """
 

@@ -29,26 +29,30 @@ def _search_fn(mesh: Mesh, k: int, num_rows: int, shard_rows: int, block_rows: i
   def per_shard(table, queries):
     first_row = jax.lax.axis_index(DATA_AXIS) * shard_rows
 
-    def merge_block(i, best):
+    def merge_block(i, carry):
+      best, table = carry
+      # The table rides in the loop's carry behind a barrier: otherwise XLA hoists a
+      # bfloat16 table's cast out of the loop, a float32 copy of the whole shard.
+      table = jax.lax.optimization_barrier(table)
       # The shard is scored block by block, so the (queries x rows) scores never exceed
       # one block: scoring a whole shard at once grows with the corpus. The last block
       # ends at the shard's end; the rows it shares with the block before are masked.
       start = jnp.minimum(i * block, shard_rows - block)
       local = start + jnp.arange(block)
-      scores = queries @ jax.lax.dynamic_slice_in_dim(table, start, block).astype(
-          jnp.float32).T
+      rows = jax.lax.dynamic_slice_in_dim(table, start, block).astype(jnp.float32)
+      scores = queries @ rows.T
       keep = (local >= i * block) & (first_row + local < num_rows)  # padding never wins
       top, at = jax.lax.top_k(jnp.where(keep, scores, -jnp.inf), min(k, block))
       scores = jnp.concatenate([best[0], top], axis=1)
       ids = jnp.concatenate([best[1], (first_row + local)[at]], axis=1)
       top, at = jax.lax.top_k(scores, local_k)
-      return top, jnp.take_along_axis(ids, at, axis=1)
+      return (top, jnp.take_along_axis(ids, at, axis=1)), table
 
     none = (jnp.full((queries.shape[0], local_k), -jnp.inf, jnp.float32),
             jnp.zeros((queries.shape[0], local_k), jnp.int32))
     # Each device's running top-k differs: the carry varies over the data axis.
     none = jax.lax.pcast(none, (DATA_AXIS,), to="varying")
-    return jax.lax.fori_loop(0, blocks, merge_block, none)
+    return jax.lax.fori_loop(0, blocks, merge_block, (none, table))[0]
 
   sharded = jax.shard_map(per_shard, mesh=mesh, in_specs=(P(DATA_AXIS), P()),
                           out_specs=(P(None, DATA_AXIS), P(None, DATA_AXIS)))

@@ -279,12 +279,13 @@ def _start_run(config, mode: Mode, dataset: RetrievalDataset, encoders: Encoders
     quantizer = (placeholder_quantizer(config.index.factory, table0.shape[1])
                  if resuming else lifecycle.loss_inputs.quantizer)
   state = init_state(config, mode, encoders.query_params, table0, quantizer, mesh,
-                     encoder_tx, row_tx, index_tx)
+                     encoder_tx, row_tx, index_tx, abstract_rows=resuming)
   writer = MetricsWriter(workdir / "metrics.jsonl", enabled=lead)
   start_step = 0
   if resuming:
-    # Only the initial state's shapes and shardings are kept as the restore's target: the
-    # devices never hold the initial and the restored state together.
+    # Only the initial state's shapes and shardings are the restore's target (the rows
+    # were never placed): the devices never hold the initial and the restored state
+    # together.
     state = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     with timers.time("rebuild"):

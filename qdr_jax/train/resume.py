@@ -11,6 +11,7 @@ flipped byte after. The Orbax I/O that stores all this is `qdr_jax.train.checkpo
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable, Mapping, Sequence
@@ -245,23 +246,89 @@ def _fingerprint_leaves(leaves: list[jax.Array]) -> list[jax.Array]:
 
 
 def fingerprints(tree) -> dict[str, int]:
-  """``{path: fingerprint}`` of every array leaf of ``tree`` (typed keys as key data)."""
+  """``{path: fingerprint}`` of every array leaf of ``tree`` (typed keys as key data).
+
+  A collective in a multi-process job: every process passes its state.
+  """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   if not flat:
     return {}
-  # Row-sized leaves one program each: in one program over all leaves, XLA keeps the
-  # temporaries of every leaf's reduction alive together (a fraction of the state).
-  alone = [np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x))) >= _FINGERPRINT_ALONE_BYTES
-           for _, x in flat]
+  alone = [np.ndim(x) > 0 and np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x)))
+           >= _FINGERPRINT_ALONE_BYTES for _, x in flat]
   together = [x for (_, x), a in zip(flat, alone) if not a]
-  values = iter(_fingerprint_leaves(together) if together else [])
-  per_leaf = [_fingerprint_leaves([x])[0] if a else next(values)
-              for (_, x), a in zip(flat, alone)]
-  return {path_name(path): int(v) for (path, _), v in zip(flat, jax.device_get(per_leaf))}
+  values = iter(jax.device_get(_fingerprint_leaves(together)) if together else [])
+  large = [x for (_, x), a in zip(flat, alone) if a]
+  sums = iter(_fingerprints_by_shard(large) if large else [])
+  return {path_name(path): int(next(sums) if a else next(values))
+          for (path, _), a in zip(flat, alone)}
 
 
-# Leaves at least this large get their own fingerprint program (see `fingerprints`).
+# Leaves at least this large are fingerprinted shard by shard, a block of rows at a time
+# (`_fingerprints_by_shard`); the rest in one program.
 _FINGERPRINT_ALONE_BYTES = 16 << 20
+# Elements of a row block: its uint32 words are the fingerprint's only scratch (16 MiB).
+_FINGERPRINT_BLOCK_ELEMENTS = 1 << 22
+
+
+def _fingerprints_by_shard(leaves: list) -> list[int]:
+  """`_fingerprint_leaves`'s values for large arrays, with scratch independent of size.
+
+  Widening a whole table shard to uint32 words costs 2-4 times the shard. Instead each
+  process sums, for the shards it holds (one replica of each), the weighted bits of a
+  block of rows at a time, with the shard's offsets in the whole array; the partial sums
+  of all processes add up mod 2**32 to the same value.
+  """
+  partial = np.zeros(len(leaves), np.uint64)
+  for i, leaf in enumerate(leaves):
+    leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
+    strides = np.cumprod((leaf.shape[1:] + (1,))[::-1])[::-1].astype(np.uint32)
+    for shard in leaf.addressable_shards:
+      if shard.replica_id != 0 or shard.data.size == 0:
+        continue
+      starts = np.array([s.indices(n)[0] for s, n in zip(shard.index, leaf.shape)],
+                        np.uint32)
+      rows = max(1, min(shard.data.shape[0],
+                        _FINGERPRINT_BLOCK_ELEMENTS // max(1, int(np.prod(shard.data.shape[1:])))))
+      partial[i] += int(_shard_fingerprint(shard.data, starts, strides, rows))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    partial = np.asarray(multihost_utils.process_allgather(partial)).sum(0, dtype=np.uint64)
+  return [int(v) % 2**32 for v in partial]
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _shard_fingerprint(shard: jax.Array, starts: jax.Array, strides: jax.Array,
+                       block: int) -> jax.Array:
+  """Sum of (bits * (2 * flat_index + 1)) mod 2**32 over one shard, ``block`` rows at a time.
+
+  ``flat_index = sum over axes of (starts + local index) * strides`` (the whole array's
+  strides), so the sum splits into the bits' total and, per axis, their marginal weighted
+  by the index: per block, one fused reduction per axis over the block's uint32 words.
+  """
+  n = shard.shape[0]
+  blocks = -(-n // block)
+
+  def add_block(i, carry):
+    total, shard = carry
+    # The shard rides in the carry behind a barrier: otherwise XLA hoists the widening
+    # out of the loop, converting the whole shard at once.
+    shard = jax.lax.optimization_barrier(shard)
+    first = jnp.minimum(i * block, n - block)  # the last block overlaps the one before
+    local = first + jnp.arange(block, dtype=jnp.uint32)
+    keep = (local >= i * block).astype(jnp.uint32)
+    u = _unsigned(jax.lax.dynamic_slice_in_dim(shard, first, block))
+    u = u * keep.reshape((block,) + (1,) * (u.ndim - 1))
+    bits = jnp.sum(u, dtype=jnp.uint32)
+    weighted = jnp.uint32(0)
+    for axis in range(u.ndim):
+      others = tuple(a for a in range(u.ndim) if a != axis)
+      marginal = jnp.sum(u, axis=others, dtype=jnp.uint32)
+      index = (local if axis == 0 else jnp.arange(u.shape[axis], dtype=jnp.uint32)
+               ) + starts[axis]
+      weighted = weighted + strides[axis] * jnp.sum(marginal * index, dtype=jnp.uint32)
+    return total + bits + jnp.uint32(2) * weighted, shard
+
+  return jax.lax.fori_loop(0, blocks, add_block, (jnp.uint32(0), shard))[0]
 
 
 def structure(tree) -> dict[str, dict]:

@@ -47,7 +47,8 @@ class TrainState:
 
 
 def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table: np.ndarray,
-               quantizer: Quantizer | None, mesh, encoder_tx, row_tx, index_tx) -> TrainState:
+               quantizer: Quantizer | None, mesh, encoder_tx, row_tx, index_tx, *,
+               abstract_rows: bool = False) -> TrainState:
   """The initial state, placed on the mesh.
 
   The table and its per-row optimizer state are split by rows (``sharding.shard_table``);
@@ -56,22 +57,35 @@ def init_state(config: ml_collections.ConfigDict, mode: Mode, params: Any, table
   to its row shards (``sharding.put_rows``) and the per-row state is created sharded, so
   no device ever holds all rows. ``quantizer`` is the index's (or a placeholder of its
   shapes, for a restore); its ``mode.learn`` parameters start the learned ones.
+  ``abstract_rows``: the table and per-row state are only their shapes, dtypes and
+  shardings (``jax.ShapeDtypeStruct``), as a restore's target: nothing row-sized is
+  placed, and ``table`` is read only for its shape.
   """
   rows = sharding.padded_rows(table.shape[0], mesh)
   row_sh = sharding.row_sharding(mesh, config.sharding.shard_table)
   replicate = lambda tree: sharding.place(tree, lambda _: sharding.replicated(mesh))
   fsdp = bool(config.sharding.shard_params)
   by_shape = lambda leaf: sharding.param_sharding(np.shape(leaf), mesh, fsdp)
-  table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
-                                dtype=jnp.dtype(config.table.dtype))
-  # float32 master copies of a bfloat16 table start from the host's float32 rows, not
-  # from their rounding; that temporary is donated to become them.
   master = mode.update_rows and optim.bf16_update(config.table) == "master"
-  row_source = (sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
-                                  dtype=jnp.float32) if master else table_dev)
-  row_state = (jax.jit(lambda t: optim.init_row_state(row_tx, t, master),
-                       out_shardings=row_sh, donate_argnums=(0,) if master else ())(
-                           row_source) if mode.update_rows else None)
+  init_rows = lambda t: optim.init_row_state(row_tx, t, master)
+  if abstract_rows:
+    shaped = lambda dtype: jax.ShapeDtypeStruct((rows,) + table.shape[1:], dtype,
+                                                sharding=row_sh)
+    table_dev = shaped(jnp.dtype(config.table.dtype))
+    row_state = (jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=row_sh),
+                              jax.eval_shape(init_rows, shaped(
+                                  jnp.float32 if master else table_dev.dtype)))
+                 if mode.update_rows else None)
+  else:
+    table_dev = sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
+                                  dtype=jnp.dtype(config.table.dtype))
+    # float32 master copies of a bfloat16 table start from the host's float32 rows, not
+    # from their rounding; that temporary is donated to become them.
+    row_source = (sharding.put_rows(table, mesh, config.sharding.shard_table, rows,
+                                    dtype=jnp.float32) if master else table_dev)
+    row_state = (jax.jit(init_rows, out_shardings=row_sh,
+                         donate_argnums=(0,) if master else ())(row_source)
+                 if mode.update_rows else None)
   # Placed from host copies: the step donates the state, which must never delete the
   # caller's arrays.
   params = sharding.place(jax.device_get(params), by_shape)

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from qdr_jax.quant import Quantizer, decode, orthogonalize, quantize, with_index_params
 from qdr_jax.quant import rabitq
 from qdr_jax.quant.rabitq import RaBitQ
-from qdr_jax import distributed
+from qdr_jax import distributed, platform
 from qdr_jax.experimental.loss_terms import TermInputs, loss_terms
 from qdr_jax.sharding import DATA_AXIS
 from qdr_jax.train.loss import contrastive_loss
@@ -237,6 +237,21 @@ def _written_finite(new: dict[str, Any], row_ids: jax.Array) -> jax.Array:
 _ROUNDING_STREAM = 0x5B16
 
 
+def _scatter_rows(table: jax.Array, row_ids: jax.Array, rows: jax.Array) -> jax.Array:
+  """``table.at[row_ids].set(rows)``; on CPU a bfloat16 table is written as uint16 bits.
+
+  XLA:CPU has no bfloat16 scatter: it widens the whole operand to a float32 scratch of
+  the table's shard. The same scatter on the bits is exact, takes one bfloat16-sized
+  scratch instead (XLA:CPU copies in a bitcast-convert), and ran 2.7x faster at 200k
+  rows. Accelerators scatter bfloat16 natively.
+  """
+  if table.dtype != jnp.bfloat16 or not platform.is_cpu():
+    return table.at[row_ids].set(rows.astype(table.dtype))
+  bits = lambda x: jax.lax.bitcast_convert_type(x, jnp.uint16)
+  written = bits(table).at[row_ids].set(bits(rows.astype(jnp.bfloat16)))
+  return jax.lax.bitcast_convert_type(written, jnp.bfloat16)
+
+
 def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr,
                  rounding: str | None = None):
   """Applies the per-row optimizer to the pooled rows and scatters them back.
@@ -264,7 +279,7 @@ def _update_rows(state: TrainState, row_ids, valid, rows, g_rows, row_tx, lr,
     stored = optim.stochastic_round_bf16(new_rows, key)
   else:
     stored = new_rows.astype(state.table.dtype)
-  table = state.table.at[row_ids].set(stored)
+  table = _scatter_rows(state.table, row_ids, stored)
   row_opt_state = jax.tree.map(lambda s, n: s.at[row_ids].set(n), opt_state, new_state)
   if master:
     row_opt_state = optim.MasterRows(
