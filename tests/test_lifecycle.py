@@ -244,3 +244,33 @@ def test_exact_search_on_the_mesh_equals_brute_force():
   proc = subprocess.run([sys.executable, "-c", _EXACT_SEARCH_SCRIPT], capture_output=True,
                         text=True, timeout=300, env=env)
   assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def _resident_kib(table: np.memmap) -> int:
+  """KiB of ``table``'s file mapping counted in this process's RSS (Linux smaps)."""
+  address = np.frombuffer(table._mmap, np.uint8).ctypes.data  # pylint: disable=protected-access
+  inside = False
+  with open("/proc/self/smaps") as f:
+    for line in f:
+      head = line.split()[0]
+      if "-" in head and all(c in "0123456789abcdef-" for c in head):
+        start, stop = (int(x, 16) for x in head.split("-"))
+        inside = start <= address < stop
+      elif inside and head == "Rss:":
+        return int(line.split()[1])
+  raise AssertionError("the table's mapping is not in /proc/self/smaps")
+
+
+def test_a_build_over_a_memory_mapped_table_leaves_its_pages_unmapped(tmp_path):
+  # Before training, process 0 builds the first index from the host table (a memory-mapped
+  # .npy at scale): reading it chunk by chunk must not leave the whole file resident.
+  np.save(tmp_path / "table.npy", _table())
+  table = np.load(tmp_path / "table.npy", mmap_mode="r")
+  cfg = _index_cfg(train_size=2000)
+  lifecycle, _ = _lifecycle(cfg)
+  lifecycle.build(table)
+  assert _resident_kib(table) == 0
+  reference = build_quantized(_table(), cfg, cfg.seed)
+  queries = _table(1)[:50]
+  for got, want in zip(search(lifecycle.index, queries, 20), search(reference, queries, 20)):
+    np.testing.assert_array_equal(got, want)

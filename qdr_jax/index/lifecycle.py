@@ -295,7 +295,13 @@ class IndexLifecycle:
     if isinstance(table, jax.Array):
       part = sharding.rows_to_host(table, rows, self.mesh)
       return part if self.lead else None
-    return np.asarray(table[rows], np.float32) if self.lead else None
+    if not self.lead:
+      return None
+    part = np.asarray(table[rows], np.float32)
+    # A memory-mapped table's pages stay resident after the read: over a whole build they
+    # would add the file's size to process 0's RSS, so they go back chunk by chunk.
+    sharding.release_pages(table)
+    return part
 
   def _gather_chunks(self, table, rows: np.ndarray) -> np.ndarray | None:
     """``table[rows]`` as float32 on process 0 (None elsewhere), gathered in chunks."""
