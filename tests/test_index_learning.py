@@ -203,6 +203,23 @@ def test_lifecycle_refresh_writes_learned_parameters_and_reencodes_everything():
   assert (codes != np.asarray(want_codes)).mean() < 1e-3
 
 
+@pytest.mark.parametrize("factory", ["PQ8x4fs", "IVF16,PQ8x4fs"])
+def test_the_served_index_of_a_fast_scan_family_is_rewritten_and_refilled(factory):
+  # After training the served index takes the training's quantizer and every row again
+  # (`write_index_params`): FAISS's fast-scan indexes crash on the empty add in between.
+  table = _table()
+  mesh = sharding.make_mesh(base_config().sharding)
+  lifecycle = IndexLifecycle(_index_cfg(factory), mesh=mesh, num_rows=ROWS,
+                             padded_rows=sharding.padded_rows(ROWS, mesh), quantize=True,
+                             codes_from_index=True, learn_index=False)
+  device_table = sharding.put_rows(table, mesh, True, ROWS)
+  lifecycle.build(device_table)
+  before = faiss.serialize_index(lifecycle.index)
+  lifecycle.write_index_params(device_table, None, sync=False)
+  assert lifecycle.index.ntotal == ROWS
+  np.testing.assert_array_equal(faiss.serialize_index(lifecycle.index), before)
+
+
 def test_placeholder_quantizer_has_the_index_shapes():
   table = _table()
   q = quant.quantizer_from_faiss(build_quantized(table, _index_cfg("OPQ8,IVF16,PQ8x8"), 0))

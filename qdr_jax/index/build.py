@@ -212,6 +212,8 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, *, threads: int | None 
   x = as_matrix(vectors, "vectors", d=index.d)
   if not np.isfinite(x).all():
     raise ValueError("vectors contain NaN or infinite values.")
+  if not len(x):  # FAISS's fast-scan indexes crash on an empty add
+    return
   with num_threads(threads):
     index.add(x)
 

@@ -310,6 +310,8 @@ def _readd(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray | None) -> f
   parameters."""
   vectors = np.ascontiguousarray(vectors, np.float32)
   index.reset()
+  if not len(vectors):  # FAISS's fast-scan indexes crash on an empty add
+    return index
   if ids is None:
     index.add(vectors)
   else:
