@@ -129,11 +129,12 @@ def make_data(root: pathlib.Path, passages: int, dim: int, layers: int, seed: in
 
 
 def overrides(out: pathlib.Path, passages: int, steps: int) -> list[str]:
-  """``configs/nq.py`` pointed at the synthetic data, a bfloat16 table, with a few steps, a smaller index of
-  the same family (``IVF256_HNSW32,PQ32x8`` trained on 10,240 rows, nprobe 32; the
-  recipe's ``IVF4096_HNSW128,PQ128x8`` trains on 262,144: minutes on 2 cores), k = 500 and SGD on the rows: the per-row Adam moments of a float32 table
-  (twice its size, and an asynchronous save copies them too) do not fit in the 24 GiB
-  of the machine the rehearsal ran on at 1M x 768; they are added to the projection."""
+  """``configs/nq.py`` pointed at the synthetic data, with a few steps, a bfloat16 table,
+  a smaller index of the same family (``IVF256_HNSW32,PQ32x8`` trained on 10,240 rows,
+  nprobe 32; the recipe's ``IVF4096_HNSW128,PQ128x8`` trains on 262,144: minutes on 2
+  cores), k = 500 and SGD on the rows: a float32 table with per-row Adam moments (three
+  times the table, and an asynchronous save copies them too) does not fit in the 24 GiB
+  of the machine the rehearsal ran on at 2M x 768; the projection adds them."""
   data = out / "data"
   every = max(1, steps // 3)
   return [

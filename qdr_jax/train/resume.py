@@ -278,18 +278,22 @@ def _fingerprints_by_shard(leaves: list) -> list[int]:
   block of rows at a time, with the shard's offsets in the whole array; the partial sums
   of all processes add up mod 2**32 to the same value.
   """
-  partial = np.zeros(len(leaves), np.uint64)
+  per_shard: list[tuple[int, jax.Array]] = []  # dispatched together, fetched once
   for i, leaf in enumerate(leaves):
     leaf = leaf if isinstance(leaf, jax.Array) else jnp.asarray(leaf)
     strides = np.cumprod((leaf.shape[1:] + (1,))[::-1])[::-1].astype(np.uint32)
+    row_elements = max(1, int(np.prod(leaf.shape[1:])))
     for shard in leaf.addressable_shards:
       if shard.replica_id != 0 or shard.data.size == 0:
         continue
       starts = np.array([s.indices(n)[0] for s, n in zip(shard.index, leaf.shape)],
                         np.uint32)
-      rows = max(1, min(shard.data.shape[0],
-                        _FINGERPRINT_BLOCK_ELEMENTS // max(1, int(np.prod(shard.data.shape[1:])))))
-      partial[i] += int(_shard_fingerprint(shard.data, starts, strides, rows))
+      rows = max(1, min(shard.data.shape[0], _FINGERPRINT_BLOCK_ELEMENTS // row_elements))
+      per_shard.append((i, _shard_fingerprint(shard.data, starts, strides, rows)))
+  partial = np.zeros(len(leaves), np.uint64)
+  for (i, _), value in zip(per_shard, jax.device_get([v for _, v in per_shard])):
+    partial[i] += int(value)
+  partial = (partial % 2**32).astype(np.uint32)  # what each process adds, mod 2**32
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     partial = np.asarray(multihost_utils.process_allgather(partial)).sum(0, dtype=np.uint64)
